@@ -1,0 +1,147 @@
+"""Typed configuration for adapters.
+
+One dataclass per concern; every field has a docstring and `__post_init__` checks it, so a bad
+value fails where it is written, with the field's name, not deep inside training.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from lorafit.errors import LorafitError
+
+BIAS_MODES = ("none", "lora_only", "all")
+INIT_MODES = ("kaiming", "gaussian", "pissa", "zeros", "random")
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how.
+
+    The defaults give classic LoRA (Hu et al. 2021): rank 16, alpha = r (scaling 1), no dropout,
+    A kaiming-uniform and B zero so the adapted model equals the base at step 0.
+    """
+
+    r: int = 16
+    """Rank of the update BA. 4-64 is typical; memory and compute grow linearly with it."""
+
+    alpha: float | None = None
+    """Scaling numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA). None means alpha = r."""
+
+    dropout: float = 0.0
+    """Dropout on the adapter's input (not on the base path). 0.0-0.1 is typical."""
+
+    target_modules: list[str] | str | None = None
+    """Module names (a name matches itself or any path ending in '.name'), a regex string matched
+    against the full module path, or "all-linear" (every linear layer except the output head).
+    None picks the model family's defaults (see lorafit.lora.targets)."""
+
+    bias: str = "none"
+    """Which biases train: "none", "lora_only" (biases of adapted layers) or "all"."""
+
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski 2023): scaling alpha/sqrt(r), so larger ranks keep learning."""
+
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024): a learned per-output magnitude times the normalised W + scaling*BA."""
+
+    init: str = "kaiming"
+    """How A and B start: "kaiming" (A kaiming-uniform, B zero; PEFT's default), "gaussian"
+    (A ~ N(0, 1/r), B zero), "pissa" (A, B from the top-r singular vectors of W; W becomes the
+    residual, so the output is unchanged), "zeros" (both zero: a placeholder that a load fills),
+    "random" (both random: the model changes at init; for tests)."""
+
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: regex on the module path (matched at the end of the path) -> r."""
+
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, same matching as rank_pattern."""
+
+    layers_to_transform: list[int] | None = None
+    """Only adapt blocks with these indices (the number after `.layers.`, `.h.` or `.layer.`)."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a new classification head)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise LorafitError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if self.alpha is None:
+            self.alpha = float(self.r)
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise LorafitError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise LorafitError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise LorafitError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            raise LorafitError(f"LoraConfig.init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.init == "pissa" and self.use_dora:
+            raise LorafitError("LoraConfig.init='pissa' cannot be combined with use_dora=True")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise LorafitError("LoraConfig.target_modules must be a non-empty list of module names")
+        elif isinstance(self.target_modules, str):
+            _check_regex("target_modules", self.target_modules)
+        elif self.target_modules is not None:
+            raise LorafitError(
+                f"LoraConfig.target_modules must be a list of names, a regex or 'all-linear', got {self.target_modules!r}"
+            )
+        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
+            if not isinstance(pattern, dict):
+                raise LorafitError(f"LoraConfig.{name} must be a mapping of regex -> value, got {pattern!r}")
+            for key, value in pattern.items():
+                _check_regex(f"{name}[{key!r}]", key)
+                if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                    raise LorafitError(f"LoraConfig.{name}[{key!r}] must be a positive number, got {value!r}")
+        if self.layers_to_transform is not None:
+            if isinstance(self.layers_to_transform, int):
+                self.layers_to_transform = [self.layers_to_transform]
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
+                raise LorafitError(
+                    f"LoraConfig.layers_to_transform must be a list of non-negative ints, got {self.layers_to_transform!r}"
+                )
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank for one module path, honouring rank_pattern (first matching key wins)."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / (r**0.5) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LorafitError(f"LoraConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise LorafitError(f"LoraConfig.{name}: {pattern!r} is not a valid regex ({e})") from None
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's rule: a key matches when the module path ends with it (as a regex, on a '.' boundary)."""
+    for key in patterns:
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
+            return key
+    return None

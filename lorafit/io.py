@@ -1,0 +1,258 @@
+"""Adapter files in the PEFT format: `adapter_config.json` + `adapter_model.safetensors`.
+
+This is the only module that knows PEFT's names (`base_model.model.` prefixes, `lora_A.weight`,
+`lora_alpha`, ...), so adapters we write load in PEFT, vLLM and friends, and theirs load here.
+Files are written to a temporary name and renamed, so an interrupted save never leaves a
+half-written adapter where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorafit.config import LoraConfig
+from lorafit.errors import AdapterError, LorafitError
+from lorafit.lora.inject import adapter_configs, add_adapter, delete_adapter, lora_layers, set_adapter
+from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# A PiSSA adapter is always written as a plain LoRA update of the original base (see lora.state),
+# so no file of ours asks PEFT to run PiSSA again on load.
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True, "random": False, "zeros": True}
+# PEFT options that change the math; loading an adapter that uses them must not silently drop them.
+_UNSUPPORTED = {"lora_bias": False, "use_qalora": False, "layer_replication": None,
+                "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None}
+
+
+# -- atomic writes ----------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- config <-> PEFT json ---------------------------------------------------------------------
+def config_to_peft(config: LoraConfig, base_model: str | None, pissa_converted: bool = False,
+                   fan_in_fan_out: bool = False) -> dict[str, Any]:
+    r, alpha = config.r, config.alpha
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    init = _INIT_TO_PEFT[config.init]
+    if pissa_converted:
+        # Rank doubled (see lora.state); scale alpha so alpha/r (or alpha/sqrt(r)) is unchanged.
+        grow = math.sqrt(2) if config.use_rslora else 2.0
+        r, alpha = 2 * r, alpha * grow
+        rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+        alpha_pattern = {k: v * grow for k, v in alpha_pattern.items()}
+        alpha_pattern.update({k: config.alpha * grow for k in rank_pattern if k not in alpha_pattern})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.target_modules,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "init_lora_weights": init,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "layers_to_transform": config.layers_to_transform,
+        "modules_to_save": config.modules_to_save,
+        "fan_in_fan_out": fan_in_fan_out,  # PEFT's flag for GPT-2's transposed Conv1D weights
+        "inference_mode": True,
+        "lorafit_format_version": FORMAT_VERSION,
+    }
+
+
+def config_from_peft(data: dict[str, Any], source: str) -> LoraConfig:
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{source}: peft_type is {data.get('peft_type')!r}; lorafit loads LORA adapters")
+    version = data.get("lorafit_format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterError(f"{source}: lorafit_format_version {version!r} is newer than this lorafit "
+                           f"understands ({FORMAT_VERSION}); upgrade lorafit")
+    for key, default in _UNSUPPORTED.items():
+        if data.get(key, default) not in (default, None, False, {}, []):
+            raise AdapterError(f"{source}: field {key}={data[key]!r} is a PEFT option lorafit does not support")
+    init = data.get("init_lora_weights", True)
+    init = "pissa" if isinstance(init, str) and init.startswith("pissa") else {True: "kaiming", False: "random"}.get(
+        init, init if init in ("gaussian",) else "kaiming")
+    targets = data.get("target_modules")
+    if isinstance(targets, (list, set, tuple)):
+        targets = sorted(targets)
+    try:
+        return LoraConfig(
+            r=int(data["r"]),
+            alpha=data.get("lora_alpha", data["r"]),
+            dropout=data.get("lora_dropout", 0.0) or 0.0,
+            target_modules=targets,
+            bias=data.get("bias", "none"),
+            use_rslora=bool(data.get("use_rslora", False)),
+            use_dora=bool(data.get("use_dora", False)),
+            init=init,
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
+            layers_to_transform=data.get("layers_to_transform"),
+            modules_to_save=data.get("modules_to_save"),
+        )
+    except KeyError as e:
+        raise AdapterError(f"{source}: missing field {e.args[0]!r}") from None
+    except LorafitError as e:
+        raise AdapterError(f"{source}: {e}") from None
+
+
+# -- tensors <-> PEFT keys --------------------------------------------------------------------
+_LAYER_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+               "embedding_A": "lora_embedding_A", "embedding_B": "lora_embedding_B"}
+_KEY_PARTS = {v: k for k, v in _LAYER_KEYS.items()}
+
+
+def state_to_peft(state: AdapterState) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, entry in state.layers.items():
+        for key, tensor in entry.items():
+            out[f"{PREFIX}{path}.{_LAYER_KEYS[key]}"] = tensor
+    for name, tensor in state.biases.items():
+        out[PREFIX + name] = tensor
+    for path, sd in state.saved.items():
+        for key, tensor in sd.items():
+            out[f"{PREFIX}{path}.{key}"] = tensor
+    return out
+
+
+def state_from_peft(tensors: dict[str, torch.Tensor], config: LoraConfig, source: str) -> AdapterState:
+    state = AdapterState()
+    saved = sorted(config.modules_to_save or [], key=len, reverse=True)
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = name.replace(".default.", ".")  # some tools keep the adapter name in the key
+        part = next((p for p in _KEY_PARTS if name.endswith("." + p)), None)
+        if part is not None:
+            state.layers.setdefault(name[: -len(part) - 1], {})[_KEY_PARTS[part]] = tensor
+        elif name.endswith(".base_layer.weight"):
+            continue  # PEFT also stores the full base embedding next to an embedding adapter; the base is ours
+        elif name.endswith("bias") and not any(name.startswith(s + ".") or (("." + s + ".") in name) for s in saved):
+            state.biases[name] = tensor
+        else:
+            owner = _saved_owner(name, saved)
+            if owner is None:
+                raise AdapterError(f"{source}: key {key!r} is neither a LoRA weight nor part of a modules_to_save "
+                                   "module; the file is not a LoRA adapter lorafit understands")
+            state.saved.setdefault(owner, {})[name[len(owner) + 1:]] = tensor
+    return state
+
+
+def _saved_owner(name: str, saved: list[str]) -> str | None:
+    """The module path in `name` that ends with a modules_to_save entry (longest entry first)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:i])
+        if any(path == s or path.endswith("." + s) for s in saved):
+            return path
+    return None
+
+
+# -- public API -------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> Path:
+    """Write one adapter (a few MB) in PEFT's format; the base model is not saved."""
+    configs = adapter_configs(model)
+    if adapter not in configs:
+        raise LorafitError(f"no adapter named {adapter!r} to save; loaded adapters: {sorted(configs) or 'none'}")
+    config = configs[adapter]
+    state = get_adapter_state(model, adapter, bias=config.bias)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    conv1d = any(isinstance(layer.base_layer, Conv1D) for _, layer in lora_layers(model))
+    peft_config = config_to_peft(config, base_name, state.pissa_converted, fan_in_fan_out=conv1d)
+    atomic_save_safetensors(state_to_peft(state), directory / WEIGHTS_NAME,
+                            metadata={"format": "pt", "lorafit_format_version": str(FORMAT_VERSION)})
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, AdapterState]:
+    """Read and parse an adapter folder; every failure names the file and what to do."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: adapter folder not found (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)")
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: missing; an adapter folder needs {CONFIG_NAME} next to {WEIGHTS_NAME}")
+    if not weights_path.is_file():
+        legacy = directory / "adapter_model.bin"
+        hint = " (only a pickled adapter_model.bin is there: re-save it with PEFT's safe_serialization)" if legacy.exists() else ""
+        raise AdapterError(f"{weights_path}: missing{hint}")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_path}: not valid JSON ({e}); fix or re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    config = config_from_peft(data, str(config_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterError(f"{weights_path}: not a readable safetensors file ({reason}); "
+                           "the file is truncated or corrupted: re-save or re-download the adapter") from None
+    return config, state_from_peft(tensors, config, str(weights_path))
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+                 activate: bool = True) -> nn.Module:
+    """Load a PEFT-format adapter onto a model (bare or already adapted) under the name `adapter`.
+
+    Everything is read and checked against the model first; on any error the model is unchanged."""
+    config, state = read_adapter(directory)
+    ranks = check_fits(model, state, str(Path(directory) / WEIGHTS_NAME))
+    if not ranks and not state.saved:
+        raise AdapterError(f"{directory}: the adapter holds no LoRA weights")
+    load_config = LoraConfig(**{**config.to_dict(), "init": "zeros"})
+    add_adapter(model, load_config, adapter, ranks=ranks)
+    try:
+        set_adapter_state(model, adapter, state)
+    except Exception:
+        delete_adapter(model, adapter)
+        raise
+    adapter_configs(model)[adapter] = config
+    if activate:
+        set_adapter(model, adapter)
+    return model

@@ -1,0 +1,1 @@
+"""LoRA adapters: the layer (layer.py), putting it into a model (inject.py), its tensors (state.py)."""

@@ -1,0 +1,124 @@
+"""An adapter's tensors, apart from any module: extract them from a model, check, put them back.
+
+`AdapterState` uses module paths as they are in memory; `lorafit.io` alone turns them into (and
+out of) PEFT's file keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorafit.errors import AdapterError
+from lorafit.lora.inject import _saved_modules, lora_layers
+from lorafit.lora.layer import base_dims
+from lorafit.lora.targets import is_adaptable
+
+
+@dataclass
+class AdapterState:
+    """layers: path -> {"A": (r, in), "B": (out, r), "magnitude"?: (out,)}; embeddings use
+    "embedding_A" (r, num) / "embedding_B" (dim, r). biases: parameter path -> tensor.
+    saved: modules_to_save path -> that module's state dict. pissa_converted: ranks were doubled
+    to express a PiSSA adapter as a plain LoRA update of the original base weights."""
+
+    layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    pissa_converted: bool = False
+
+
+def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> AdapterState:
+    """Copy one adapter's tensors out of the model (detached, on CPU, contiguous).
+
+    A PiSSA adapter changed the base weights it sits on; to stay usable on the *original* base it
+    is written as the rank-2r update [B, -B0] @ [A; A0], exactly equal to what it learned."""
+    state = AdapterState()
+    for path, layer in lora_layers(model):
+        if adapter not in layer.lora_A:
+            continue
+        A, B = layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach()
+        if adapter in layer.pissa_init:
+            A0, B0 = layer.pissa_init[adapter]
+            A, B = torch.cat([A, A0]), torch.cat([B, -B0], dim=1)  # (2r, in), (out, 2r)
+            state.pissa_converted = True
+        if layer.is_embedding:
+            entry = {"embedding_A": A, "embedding_B": B}
+        else:
+            entry = {"A": A, "B": B}
+        if adapter in layer.lora_magnitude:
+            entry["magnitude"] = layer.lora_magnitude[adapter].detach()
+        state.layers[path] = {k: v.cpu().contiguous() for k, v in entry.items()}
+        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            state.biases[f"{path}.base_layer.bias"] = layer.base_layer.bias.detach().cpu().contiguous()
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and ".lora_" not in name and ".copies." not in name:
+                state.biases[name] = p.detach().cpu().contiguous()
+    for path, module in _saved_modules(model):
+        if adapter in module.copies:
+            state.saved[path] = {k: v.detach().cpu().contiguous() for k, v in module.copies[adapter].state_dict().items()}
+    return state
+
+
+def check_fits(model: nn.Module, state: AdapterState, source: str) -> dict[str, int]:
+    """Validate every tensor against the model before anything changes; return the rank per path.
+
+    Raises AdapterError naming the key and both shapes on the first mismatch."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    ranks = {}
+    for path, entry in state.layers.items():
+        module = modules.get(path)
+        base = getattr(module, "base_layer", module)
+        if module is None or not is_adaptable(base):
+            raise AdapterError(f"{source}: adapter weights for {path!r} but the model has no linear/embedding "
+                               f"module there; is this adapter for another base model?")
+        n_in, n_out = base_dims(base)
+        a_key, b_key = ("embedding_A", "embedding_B") if "embedding_A" in entry else ("A", "B")
+        if a_key not in entry or b_key not in entry:
+            raise AdapterError(f"{source}: {path} has only one of its two LoRA matrices")
+        r = entry[a_key].shape[0]
+        expected = {a_key: (r, n_in), b_key: (n_out, r), "magnitude": (n_out,)}
+        for key, tensor in entry.items():
+            if tuple(tensor.shape) != expected[key]:
+                raise AdapterError(f"{source}: {path}.{key} has shape {tuple(tensor.shape)} but the base model "
+                                   f"needs {expected[key]}; the adapter was trained on a different base model")
+        ranks[path] = r
+    for name, tensor in state.biases.items():
+        # before injection a wrapped layer's bias lives at path.bias rather than path.base_layer.bias
+        target = params.get(name) if name in params else params.get(name.replace(".base_layer.bias", ".bias"))
+        if target is None or target.shape != tensor.shape:
+            got = None if target is None else tuple(target.shape)
+            raise AdapterError(f"{source}: bias {name} of shape {tuple(tensor.shape)} does not fit the model ({got})")
+    for path, sd in state.saved.items():
+        module = modules.get(path)
+        module = getattr(module, "original", module)
+        if module is None:
+            raise AdapterError(f"{source}: modules_to_save entry {path!r} is not a module of this model")
+        own = module.state_dict()
+        for key, tensor in sd.items():
+            if key not in own or own[key].shape != tensor.shape:
+                got = None if key not in own else tuple(own[key].shape)
+                raise AdapterError(f"{source}: {path}.{key} has shape {tuple(tensor.shape)}, the model's is {got}")
+    return ranks
+
+
+@torch.no_grad()
+def set_adapter_state(model: nn.Module, adapter: str, state: AdapterState) -> None:
+    """Copy checked tensors into an adapter that `add_adapter` has already created."""
+    modules = dict(model.named_modules())
+    for path, entry in state.layers.items():
+        layer = modules[path]
+        a_key, b_key = ("embedding_A", "embedding_B") if layer.is_embedding else ("A", "B")
+        layer.lora_A[adapter].copy_(entry[a_key])
+        layer.lora_B[adapter].copy_(entry[b_key])
+        if "magnitude" in entry:
+            layer.lora_magnitude[adapter].copy_(entry["magnitude"])
+    params = dict(model.named_parameters())
+    for name, tensor in state.biases.items():
+        params[name].copy_(tensor)
+    for path, sd in state.saved.items():
+        modules[path].copies[adapter].load_state_dict(sd)

@@ -1,0 +1,116 @@
+"""Which modules to adapt: per-family defaults and name matching.
+
+A user who names no target gets every projection of attention and MLP for the families we know,
+since adapting all linear layers is what works best in practice (QLoRA, Dettmers et al. 2023).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorafit.errors import LorafitError
+
+_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "olmo": _LLAMA,
+    "gpt2": ["c_attn", "c_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "falcon": ["query_key_value", "dense"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+}
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Linear in the adapter sense: nn.Linear, GPT-2's Conv1D, or a quantized linear."""
+    return isinstance(module, (nn.Linear, Conv1D)) or (
+        hasattr(module, "dequantize") and hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return is_linear(module) or isinstance(module, nn.Embedding)
+
+
+def default_targets(model: nn.Module) -> list[str] | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return DEFAULT_TARGETS.get(model_type, "all-linear")
+
+
+def name_matches(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rules: a list entry matches a path equal to it or ending in '.entry'; a string is a
+    regex over the full path."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def find_targets(
+    model: nn.Module, targets: list[str] | str | None, layers_to_transform: list[int] | None = None
+) -> list[str]:
+    """Paths of the modules to adapt, in model order. Fails (naming the linear modules the model
+    has) when nothing matches or a matched module is of a kind we cannot adapt."""
+    from lorafit.lora.layer import LoraLayer  # a module already wrapped is matched by its own path
+
+    if targets is None:
+        targets = default_targets(model)
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found, unsupported = [], []
+    for name, module in model.named_modules():
+        if not name or ".base_layer" in name or ".original" in name or ".copies." in name:
+            continue
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if targets == "all-linear":
+            hit = is_linear(base) and module is not output_head
+        else:
+            hit = name_matches(name, targets)
+        if not hit:
+            continue
+        if layers_to_transform is not None and layer_index(name) not in layers_to_transform:
+            continue
+        if is_adaptable(base):
+            found.append(name)
+        elif targets != "all-linear":
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported:
+        raise LorafitError(
+            f"target_modules matched module(s) lorafit cannot adapt: {', '.join(unsupported[:5])}; "
+            "adapt Linear, Conv1D or Embedding modules (or list them in modules_to_save)"
+        )
+    if not found:
+        raise LorafitError(
+            f"target_modules {targets!r} matched no module of {type(model).__name__}"
+            + (f" in layers {layers_to_transform}" if layers_to_transform is not None else "")
+            + f"; its linear modules are: {', '.join(linear_names(model))}"
+        )
+    return found
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Distinct short names of the model's linear modules (what a user would put in target_modules)."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if is_linear(getattr(module, "base_layer", module)) and ".base_layer" not in name:
+            seen[name.rsplit(".", 1)[-1]] = None
+    return list(seen)
