@@ -187,7 +187,9 @@ class LoraLayer(nn.Module):
             else:
                 A = self.lora_A[name]
                 h = self.lora_dropout[name](x.to(A.dtype))
-                y = y + ops.lora_delta(h, A, self.lora_B[name], self.effective_scaling(name)).to(y.dtype)
+                delta = ops.lora_delta(h, A, self.lora_B[name], self.effective_scaling(name))
+                # in place: the base output is not saved for backward, so this spares one (..., out) buffer
+                y = y.add_(delta.to(y.dtype))
         return y
 
     def _embedding_delta(self, ids: torch.Tensor, name: str) -> torch.Tensor:

@@ -12,9 +12,10 @@ import torch
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """The low-rank update `scaling * x @ A^T @ B^T`, in two thin matmuls (never forms B @ A).
 
+    The scaling is applied to the thin (..., r) intermediate, not the wide (..., out) result.
     x: (..., in), A: (r, in), B: (out, r) -> (..., out)
     """
-    return (x @ A.t()) @ B.t() * scaling  # (..., r) -> (..., out)
+    return ((x @ A.t()) * scaling) @ B.t()  # (..., r) -> (..., out)
 
 
 def lora_rows(
