@@ -1,0 +1,1 @@
+"""Training room: data loading, memory estimates and the embedded demo task."""

@@ -1,0 +1,167 @@
+"""Memory estimator: hand arithmetic, peft's own parameter counts, monotonicity, calibration."""
+
+import json
+
+import pytest
+
+from lorafit.errors import LorafitError
+from lorafit.train.estimate import (
+    ALL_LINEAR,
+    GIB,
+    SIZES,
+    ModelShape,
+    TrainSetup,
+    activation_bytes,
+    estimate,
+    format_table,
+    lora_params,
+)
+
+
+def table_row(table: str, model: str, rank: str) -> list[str]:
+    rows = [line.split() for line in table.splitlines()[3:]]
+    (row,) = [r for r in rows if r[:2] == [model, rank]]
+    return row
+
+
+def llama_linears(h, i, heads, kv_heads):
+    """(in, out) of q, k, v, o, gate, up, down for a Llama block, written out by hand."""
+    hd = h // heads
+    return [(h, h), (h, kv_heads * hd), (h, kv_heads * hd), (h, h), (h, i), (h, i), (i, h)]
+
+
+@pytest.mark.parametrize(
+    "model,rank,h,i,layers,heads,kv,vocab,tied",
+    [
+        ("7B", "16", 4096, 11008, 32, 32, 32, 32000, False),  # Llama-2-7B
+        ("8B", "8", 4096, 14336, 32, 32, 8, 128256, False),  # Llama-3.1-8B (grouped-query attention)
+        ("1B", "64", 2048, 8192, 16, 32, 8, 128256, True),  # Llama-3.2-1B (tied embeddings)
+    ],
+)
+def test_table_rows_match_hand_arithmetic(model, rank, h, i, layers, heads, kv, vocab, tied):
+    r = int(rank)
+    linears = llama_linears(h, i, heads, kv)
+    trainable = layers * sum(r * (a + b) for a, b in linears)
+    params = layers * (sum(a * b for a, b in linears) + 2 * h) + h + vocab * h * (1 if tied else 2)
+    row = table_row(format_table("lora", batch=1, seq=512), model, rank)
+    assert row[3] == f"{trainable:,}"
+    assert row[2] == f"{params / 1e9:.2f}B"
+    assert float(row[4]) == pytest.approx(params * 2 / GIB, abs=0.005)  # bf16 base
+    # fp32 adapter + fp32 grad + two fp32 AdamW states = 16 bytes per trainable param
+    assert float(row[5]) == pytest.approx(trainable * 16 / GIB, abs=0.005)
+
+
+def test_published_parameter_counts():
+    # Llama-2-7B's and Llama-3.1-8B's well-known totals, and peft's printed trainable count for
+    # Llama-3-8B with r=8 on all linear layers.
+    assert SIZES["7B"].n_params == 6_738_415_616
+    assert SIZES["8B"].n_params == 8_030_261_248
+    assert lora_params(SIZES["8B"], 8) == 20_971_520
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=300,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "rank,targets", [(8, ALL_LINEAR), (4, ("q_proj", "v_proj")), (16, ("gate_proj", "up_proj", "down_proj"))]
+)
+def test_lora_count_matches_peft(tiny_config, rank, targets):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config)
+    shape = ModelShape.from_config(tiny_config)
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=rank, target_modules=list(targets), lora_dropout=0.0))
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_params(shape, rank, targets) == n_trainable
+    assert estimate(TrainSetup(model=shape, rank=rank, targets=targets)).n_trainable == n_trainable
+
+
+def test_config_sources_agree(tmp_path, tiny_config):
+    tiny_config.to_json_file(tmp_path / "config.json")
+    from_obj = ModelShape.from_config(tiny_config)
+    assert ModelShape.from_config(tmp_path) == from_obj  # directory
+    assert ModelShape.from_config(json.loads((tmp_path / "config.json").read_text())) == from_obj  # dict
+    assert TrainSetup(model=str(tmp_path / "config.json")).shape == from_obj  # path via the setup
+    assert from_obj.kv_heads == 2 and from_obj.head_dim == 8
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    with pytest.raises(LorafitError, match="model size '5B' is unknown"):
+        TrainSetup(model="5B")
+    with pytest.raises(LorafitError, match="method='dora' is unknown"):
+        TrainSetup(method="dora")
+    with pytest.raises(LorafitError, match="lm_head"):
+        TrainSetup(targets=("lm_head",))
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    with pytest.raises(LorafitError, match="config.json: field 'num_attention_heads' is missing"):
+        ModelShape.from_config(tmp_path)
+    (tmp_path / "config.json").write_text("{hidden_size: 64")
+    with pytest.raises(LorafitError, match="config.json:1: invalid JSON"):
+        ModelShape.from_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("size", ["135M", "1B", "7B", "70B"])
+def test_monotonic(size):
+    def total(**kw):
+        return estimate(TrainSetup(model=size, **kw)).total
+
+    ranks = [total(rank=r) for r in (4, 8, 16, 32, 64)]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    assert total(method="qlora") < total(method="lora") < total(method="full")
+    assert total(grad_checkpointing=True) < total(grad_checkpointing=False)
+    assert total(batch=1) < total(batch=2) and total(seq=256) < total(seq=512)
+    assert total(optimizer="adamw8bit") < total(optimizer="adamw")
+    assert total(method="qlora", double_quant=True) < total(method="qlora", double_quant=False)
+
+
+def test_qlora_weights_are_nf4_for_linears_only():
+    s = SIZES["8B"]
+    e = estimate(TrainSetup(model="8B", method="qlora"))
+    bits_per_linear_weight = 4 + 8 / 64 + 32 / (256 * 64)  # codes + 8-bit absmax + fp32 second level
+    assert e.weights == pytest.approx(
+        s.n_linear_params * bits_per_linear_weight / 8 + (s.n_params - s.n_linear_params) * 2
+    )
+
+
+def test_activation_formula_and_calibration_constant():
+    s, B, S = SIZES["7B"], 2, 256
+    e1 = estimate(TrainSetup(model="7B", batch=B, seq=S, rank=8, grad_checkpointing=False))
+    e2 = estimate(
+        TrainSetup(model="7B", batch=B, seq=S, rank=8, grad_checkpointing=False, activation_factor=2.5)
+    )
+    per_block = 4 * s.hidden + 2 * s.hidden + 2 * s.hidden + 4 * s.intermediate + 8 * 7  # MHA: q = kv = h
+    assert e1.activations == B * S * (s.layers * per_block + 2 * s.hidden) * 2
+    assert e2.activations == pytest.approx(2.5 * e1.activations)
+    assert e2.total - e1.total == pytest.approx(1.5 * e1.activations)  # only that term moves
+    assert e1.logits == 2 * B * S * s.vocab * 4
+    ckpt = activation_bytes(TrainSetup(model="7B", batch=B, seq=S, rank=8))
+    assert ckpt == B * S * (s.layers * s.hidden + per_block + 2 * s.hidden) * 2
+
+
+def test_fits_and_full_table():
+    e = estimate(TrainSetup(model="7B", method="qlora"))
+    assert e.fits(e.total_gb + 0.01) and not e.fits(e.total_gb - 0.01)
+    table = format_table("full", ranks=(8,), gpu_gb=24)
+    assert "fits 24 GB?" in table
+    row = table_row(table, "7B", "-")
+    n = SIZES["7B"].n_params
+    assert row[3] == f"{n:,}"  # everything trains
+    # bf16 grads (2) + fp32 master (4) + AdamW (8) = 14 bytes per param besides the weights
+    assert float(row[5]) == pytest.approx(n * 14 / GIB, abs=0.005) and row[-1] == "no"
+    assert "total" in estimate(TrainSetup(model="135M")).breakdown()
