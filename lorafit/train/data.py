@@ -217,9 +217,8 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 # ---------------------------------------------------------------------------------------------
 # Tokenizing records into (input_ids, labels)
 
-ALPACA_PROMPT = (
-    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"  # for tokenizers w/o template
-)
+# Alpaca prompt for tokenizers without a chat template; input_block is "### Input:\n...\n\n" or "".
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
 def _eos_id(tokenizer) -> int:
