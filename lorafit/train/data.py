@@ -217,9 +217,8 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 # ---------------------------------------------------------------------------------------------
 # Tokenizing records into (input_ids, labels)
 
-ALPACA_PROMPT = (
-    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"  # for tokenizers w/o template
-)
+# Alpaca prompt for tokenizers without a chat template; input_block is "### Input:\n...\n\n" or "".
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
 def _eos_id(tokenizer) -> int:
@@ -232,8 +231,16 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, source: str) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # templates reject what they do not support (e.g. roles out of order)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LorafitError(
+            f"{source}: field 'messages': the chat template rejects it ({reason}): fix the turns"
+        ) from e
     return _encode(tokenizer, text, special=False)  # the template writes its own special tokens
 
 
@@ -254,22 +261,28 @@ def _turn_end(tokenizer, ids: list[int], start: int) -> int:
     return len(ids)
 
 
-def _chat_sample(tokenizer, messages: list[dict], source: str) -> tuple[list[int], list[int]]:
+def _chat_sample(
+    tokenizer, messages: list[dict], source: str, spans: bool = True
+) -> tuple[list[int], list[int]]:
     """Render a conversation; labels = assistant content + end-of-turn token, IGNORE elsewhere.
 
     Turns after the last assistant message carry nothing to learn and are dropped, as is the
-    whitespace the template writes after the final end-of-turn token.
+    whitespace the template writes after the final end-of-turn token. `spans=False` skips the
+    per-turn span search (for train_on_prompt, where every token is trained anyway).
     """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages[: last + 1]]
-    full = _render(tokenizer, messages, generation_prompt=False)
+    full = _render(tokenizer, messages, False, source)
+    if not spans:  # train on everything: no per-turn spans needed
+        end = _turn_end(tokenizer, full, 0)
+        return full[:end], full[:end]
     labels = [IGNORE] * len(full)
     end = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
-        turn = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        prompt = _render(tokenizer, messages[:i], True, source)
+        turn = _render(tokenizer, messages[: i + 1], False, source)
         if not (_is_prefix(prompt, turn) and _is_prefix(turn, full)):
             raise LorafitError(
                 f"{source}: field 'messages[{i}]': the chat template does not render this turn as a token "
@@ -288,11 +301,11 @@ def tokenize_record(tokenizer, record: Record, train_on_prompt: bool = False) ->
         ids = _encode(tokenizer, f["text"], special=True)
         labels = list(ids)
     elif record.shape == "chat":
-        ids, labels = _chat_sample(tokenizer, f["messages"], record.source)
+        ids, labels = _chat_sample(tokenizer, f["messages"], record.source, spans=not train_on_prompt)
     elif tokenizer.chat_template:  # alpaca through the model's own chat format
         user = f["instruction"] + (f"\n\n{f['input']}" if f.get("input") else "")
         chat = [{"role": "user", "content": user}, {"role": "assistant", "content": f["output"]}]
-        ids, labels = _chat_sample(tokenizer, chat, record.source)
+        ids, labels = _chat_sample(tokenizer, chat, record.source, spans=not train_on_prompt)
     else:  # alpaca, plain prompt; prompt and output tokenized apart so the split is exact
         input_block = f"### Input:\n{f['input']}\n\n" if f.get("input") else ""
         prompt = _encode(
@@ -304,9 +317,8 @@ def tokenize_record(tokenizer, record: Record, train_on_prompt: bool = False) ->
         ids = prompt + output
         labels = [IGNORE] * len(prompt) + output
     # The model must learn to stop: end on EOS, or on the chat template's end-of-turn token.
-    stops = {eos} | (
-        set(tokenizer.all_special_ids) if record.shape == "chat" or tokenizer.chat_template else set()
-    )
+    templated = record.shape == "chat" or (record.shape == "alpaca" and tokenizer.chat_template)
+    stops = {eos} | (set(tokenizer.all_special_ids) if templated else set())
     if not ids or ids[-1] not in stops:
         ids, labels = ids + [eos], labels + [eos]
     if train_on_prompt:

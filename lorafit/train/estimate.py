@@ -248,7 +248,9 @@ def activation_bytes(setup: TrainSetup) -> float:
         checkpointing:     B*S * (L * h + per_block + 2h) * bytes
 
     where 2h is the final norm's input and output, and bytes is the activation dtype's width.
-    (Eager attention would add ~2*heads*S per token per block for scores and probabilities.)
+    Not counted (the calibration constant absorbs them when fitted on a setup that has them):
+    eager attention (~2*heads*S more per token per block, for scores and probabilities) and LoRA
+    dropout > 0 (a dropped copy of each adapted linear's input).
     """
     s = setup.shape
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim

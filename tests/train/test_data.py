@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 
@@ -292,6 +293,17 @@ def test_collate_right_pads_and_masks(tokenizer):
         assert batch["position_ids"][b, :n].tolist() == list(range(n))
     packed = collate(pack(make_samples([3, 2]), 8), pad)
     assert packed["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
+    assert pad_id_for(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7  # no pad token: pad with EOS
+
+
+def test_template_rejections_are_user_errors(tokenizer, monkeypatch):
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+    strict += "{% endif %}{{ m['content'] }}{% endfor %}"
+    monkeypatch.setattr(tokenizer, "chat_template", strict)
+    with pytest.raises(
+        LorafitError, match=r"mem:1: field 'messages': the chat template rejects it \(no system role"
+    ):
+        sample_of(tokenizer, "chat")
 
 
 def test_load_data_end_to_end(tmp_path, tokenizer):
@@ -319,3 +331,16 @@ def test_describe_sample_marks_trained_text(tokenizer):
     assert "Capital of France?" in body and "«Capital" not in body  # masked text is shown plain
     packed = describe_sample(tokenizer, pack([sample_of(tokenizer, "text")] * 2, 64)[0])
     assert packed.count("next packed sample") == 1
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tokenizer, monkeypatch):
+    # This template marks only the last message, so a turn rendered alone is not a prefix of the chat.
+    marks_last = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} END{% endif %}\n"
+    )
+    marks_last += "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    monkeypatch.setattr(tokenizer, "chat_template", marks_last)
+    with pytest.raises(LorafitError, match=r"mem:1: field 'messages\[2\]': .* not .* token prefix"):
+        sample_of(tokenizer, "chat")
+    s = sample_of(tokenizer, "chat", train_on_prompt=True)  # the suggested way out works
+    assert s.labels == s.input_ids and s.input_ids[-1] == tokenizer.eos_token_id
