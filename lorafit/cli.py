@@ -1,0 +1,115 @@
+"""The `lorafit` command: one function per subcommand.
+
+A user's mistake (a missing file, a bad field) is a `LorafitError`: printed as one line, exit
+status 2, no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lorafit.errors import LorafitError
+from lorafit.model import DEFAULT_MODEL
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from lorafit.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lorafit.generate import generate, render_prompt
+    from lorafit.io import load_adapter
+    from lorafit.model import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    prompts = [render_prompt(tokenizer, p, chat=not args.no_chat) for p in args.prompt]
+    for text in generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature):
+        print(text)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lorafit.io import load_adapter
+    from lorafit.lora.inject import merge_and_unload
+    from lorafit.model import load_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LorafitError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    model, tokenizer = load_model(args.model)
+    load_adapter(model, args.adapter)
+    merged = merge_and_unload(model)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged {args.adapter} into {args.model}: a plain transformers checkpoint in {out}")
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from lorafit.train.estimate import TrainSetup, estimate, format_table
+
+    if args.model:
+        setup = TrainSetup(model=args.model, method=args.method, rank=args.rank, batch=args.batch, seq=args.seq)
+        result = estimate(setup)
+        print(result.breakdown())
+        verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
+        print(f"{result.total_gb:.1f} GB: {verdict} a {args.gpu_memory:g} GB GPU")
+    else:
+        print(format_table(method=args.method, batch=args.batch, seq=args.seq, gpu_gb=args.gpu_memory))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on a generated task and show the effect")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--steps", type=int, default=80)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text with a model, optionally with an adapter")
+    p.add_argument("prompt", nargs="+", help="one or more prompts")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, .gguf file or the default name")
+    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers checkpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA or QLoRA")
+    p.add_argument("--model", help="a size (1B, 7B, 70B, ...) or a model folder; omit for the table of sizes")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--gpu-memory", type=float, default=16.0, help="GB")
+    p.set_defaults(func=cmd_estimate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LorafitError as e:
+        print(f"lorafit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorafit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
