@@ -1,0 +1,77 @@
+"""NF4 quantize/dequantize throughput, lorafit vs bitsandbytes, on the same tensors.
+
+Prints the machine, then for each shape parameters/s and GB/s (bytes of the dense fp32 tensor) and the
+lorafit/bitsandbytes speed ratio; on CUDA it also prints the measured device copy bandwidth as the limit.
+Run: python bench/nf4.py [--repeat N] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from lorafit.quant.nf4 import quantize_nf4
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _best(fn, repeat: int, sync) -> float:
+    fn()  # warm-up (and compile, for the fused path)
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    import bitsandbytes.functional as bnb
+
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    print(f"date {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {dev}")
+    print(f"cpu {_cpu_model()}  cores {os.cpu_count()}  torch threads {torch.get_num_threads()}")
+    if dev.type == "cuda":
+        x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+        t = _best(lambda: x.clone(), args.repeat, sync)
+        print(f"gpu {torch.cuda.get_device_name(dev)}  measured copy bandwidth {2 * x.numel() / t / 1e9:.0f} GB/s")
+    print(f"{'shape':>14} {'op':>6} {'lorafit Mp/s':>13} {'GB/s':>6} {'bnb Mp/s':>10} {'GB/s':>6} {'ratio':>6}")
+    for shape in [(576, 1536), (2048, 2048), (4096, 4096)]:
+        torch.manual_seed(0)
+        w = torch.randn(shape, device=dev)
+        n = w.numel()
+        ours = quantize_nf4(w)
+        p, s = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        rows = [
+            ("quant", lambda w=w: quantize_nf4(w),
+             lambda w=w: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)),
+            ("dequant", lambda t=ours: t.dequantize(), lambda p=p, s=s: bnb.dequantize_4bit(p, s)),
+        ]
+        for op, f_ours, f_bnb in rows:
+            t_ours, t_bnb = _best(f_ours, args.repeat, sync), _best(f_bnb, args.repeat, sync)
+            print(f"{str(shape):>14} {op:>6} {n / t_ours / 1e6:13.0f} {4 * n / t_ours / 1e9:6.2f} "
+                  f"{n / t_bnb / 1e6:10.0f} {4 * n / t_bnb / 1e9:6.2f} {t_bnb / t_ours:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Triton kernels. Nothing here imports triton until a kernel is called."""

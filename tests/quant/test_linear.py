@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+from lorafit.errors import LorafitError
+from lorafit.quant.linear import NF4Linear, weight_storage_bytes
+
+
+def _layer():
+    torch.manual_seed(0)
+    return nn.Linear(130, 70)
+
+
+def test_forward_backward_match_dense_dequantized():
+    lin = _layer()
+    q = NF4Linear.from_linear(lin)
+    dense = nn.Linear(130, 70)
+    dense.weight.data = q.dequantize(torch.float32)
+    dense.bias.data = lin.bias.data.clone()
+    x1 = torch.randn(3, 5, 130, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = q(x1), dense(x2)
+    assert (y1 - y2).abs().max() < 1e-6
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert (x1.grad - x2.grad).abs().max() < 1e-6
+    assert all(not p.requires_grad for p in q.parameters())
+
+
+def test_no_dense_weight_saved_for_backward():
+    q = NF4Linear.from_linear(_layer())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        q(torch.randn(2, 130, requires_grad=True)).sum()
+    assert (70, 130) not in saved
+
+
+def test_to_dtype_keeps_codes_and_computes_in_input_dtype():
+    q = NF4Linear.from_linear(_layer())
+    before = {k: v.clone() for k, v in q.state_dict().items() if k != "bias"}
+    q = q.to(torch.bfloat16)
+    for k, v in before.items():
+        assert torch.equal(q.state_dict()[k], v), k
+    assert q(torch.randn(2, 130, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_set_weight_requantizes_in_place():
+    q = NF4Linear.from_linear(_layer())
+    w = torch.randn(70, 130)
+    q.set_weight(w)
+    assert (q.dequantize() - w).abs().max() < 0.2 * w.abs().max()
+    with pytest.raises(LorafitError):
+        q.set_weight(torch.randn(3, 3))
+
+
+def test_storage_bytes_per_param():
+    q = NF4Linear.from_linear(nn.Linear(576, 1536))
+    nbytes, params = weight_storage_bytes(q)
+    assert params == 576 * 1536 and nbytes / params <= 0.6
