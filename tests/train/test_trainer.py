@@ -19,7 +19,7 @@ import lorafit as lf
 from lorafit.lora.inject import lora_layers
 from lorafit.train.data import DataConfig, collate, load_data
 from lorafit.train.demo_task import make_dataset, write_jsonl
-from lorafit.train.trainer import Trainer, TrainConfig, latest_checkpoint, lr_factor
+from lorafit.train.trainer import TrainConfig, Trainer, latest_checkpoint, lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def test_resume_is_exact(tokenizer, samples, tmp_path):
 def test_kill_during_training_leaves_a_usable_checkpoint(tmp_path):
     """SIGKILL a real training process while it checkpoints every step; what is left resumes."""
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, {!r})\n"
         "from tests.train.test_trainer import tiny_llama, _config\n"
         "from lorafit.train.data import DataConfig, load_data\n"
         "from lorafit.train.demo_task import make_dataset, write_jsonl\n"
@@ -123,10 +123,10 @@ def test_kill_during_training_leaves_a_usable_checkpoint(tmp_path):
         "from transformers import AutoTokenizer\n"
         "from lorafit.model import default_gguf\n"
         "g = default_gguf(); tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)\n"
-        "p = write_jsonl(%r, make_dataset(48, seed=3))\n"
+        "p = write_jsonl({!r}, make_dataset(48, seed=3))\n"
         "s = load_data(tok, DataConfig(path=str(p)))\n"
-        "Trainer(_config(%r, max_steps=10000, save_steps=1), tiny_llama(), tok, s.train).train()\n"
-    ) % (str(ROOT), str(tmp_path / "d.jsonl"), str(tmp_path / "run"))
+        "Trainer(_config({!r}, max_steps=10000, save_steps=1), tiny_llama(), tok, s.train).train()\n"
+    ).format(str(ROOT), str(tmp_path / "d.jsonl"), str(tmp_path / "run"))
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
