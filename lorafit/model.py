@@ -88,14 +88,22 @@ def _clear_quantized_mark(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a folder, a .gguf or the default name; the model is in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a folder, a .gguf or the default name; the model is in eval mode.
+
+    quantize="nf4" or "ternary" quantizes the linear layers layer by layer while loading (the
+    full-precision model never exists); a bitsandbytes 4-bit checkpoint always loads as NF4."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.quant.load import is_bnb_4bit, load_quantized
 
     folder = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if quantize is not None or is_bnb_4bit(AutoConfig.from_pretrained(folder)):
+        model = load_quantized(folder, quantize or "nf4", dtype=dtype).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

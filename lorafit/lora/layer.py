@@ -229,17 +229,19 @@ class LoraLayer(nn.Module):
         for name in names if names is not None else self.active:
             if name in self.merged or name not in self.lora_A:
                 continue
-            W = dense_weight(self.base_layer, torch.float32)
-            dW = self.delta_weight(name)
-            factor = None
-            if name in self.lora_magnitude:
-                norm = torch.linalg.vector_norm(W + dW, dim=1)
-                factor = self.lora_magnitude[name].detach().float() / norm  # (out,)
-                W_new = factor[:, None] * (W + dW)
-            else:
-                W_new = W + dW
+            W_new, factor = self.merged_weight(name, dense_weight(self.base_layer, torch.float32))
             write_weight(self.base_layer, W_new)
             self.merged[name] = factor
+
+    def merged_weight(self, name: str, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W with adapter `name` folded in, DoRA's per-row factor or None), in fp32, exact.
+
+        LoRA: W + s*BA. DoRA: m / ||W + s*BA||_row * (W + s*BA)."""
+        dW = self.delta_weight(name)
+        if name not in self.lora_magnitude:
+            return W + dW, None
+        factor = self.lora_magnitude[name].detach().float() / torch.linalg.vector_norm(W + dW, dim=1)  # (out,)
+        return factor[:, None] * (W + dW), factor
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Undo `merge` in reverse order, restoring the base weight (to float rounding)."""
