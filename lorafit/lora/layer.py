@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorafit.ops import fused_lora
 from lorafit.ops import reference as ops
 
 
@@ -172,6 +173,8 @@ class LoraLayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_lora.ENABLED and (name := fused_lora.applies(self)) is not None:
+            return fused_lora.lora_layer_forward(self, x, name)  # one autograd node; same numbers
         y = self.base_layer(x)
         if self.disabled:
             return y
