@@ -47,8 +47,11 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Highest resident set size this process has had so far, in MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Highest resident set size this process has had so far, in MiB.
+
+    VmHWM rather than ru_maxrss: a child's ru_maxrss starts at its parent's peak at fork time."""
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
 
 
 def median(values: list[float]) -> float:

@@ -32,6 +32,8 @@ from lorafit.errors import LorafitError
 from lorafit.io import read_adapter, save_adapter
 from lorafit.lora.inject import adapter_configs, adapter_parameters, apply_lora
 from lorafit.lora.state import set_adapter_state
+from lorafit.ops.chunked_loss import causal_lm_loss
+from lorafit.ops.offload import enable_checkpointing
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -68,6 +70,8 @@ class TrainConfig:
     """Clip the adapter gradients' global norm (None: no clipping)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward: much less memory for ~30% more compute."""
+    offload_activations: bool = False
+    """With gradient checkpointing, keep each block's saved input in CPU memory (GPU runs)."""
     eval_steps: int | None = None
     """Evaluate on the validation samples every N steps (and at the end)."""
     save_steps: int | None = None
@@ -117,13 +121,28 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses over target tokens, number of target tokens) for one batch."""
+    """(sum of next-token losses over target tokens, number of target tokens) for one batch.
+
+    When the output head is a plain nn.Linear, the loss is computed from the last hidden states in
+    chunks of tokens (lorafit.ops.chunked_loss), so the (B, T, V) fp32 logits never exist at once.
+    """
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    n_target = int((targets != IGNORE).sum())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    plain_head = (isinstance(head, nn.Linear) and getattr(config, "final_logit_softcapping", None) is None
+                  and getattr(config, "logit_scale", None) is None and hasattr(model, "base_model"))
+    if plain_head:
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+        loss = causal_lm_loss(hidden, head.weight, batch["labels"], bias=head.bias, reduction="sum",
+                              ignore_index=IGNORE)
+        return loss, n_target
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits  # (B, T, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    return loss, n_target
 
 
 @torch.no_grad()
@@ -167,7 +186,7 @@ class Trainer:
         if "default" not in adapter_configs(model):
             apply_lora(model, config.lora)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, offload=config.offload_activations)
             model.config.use_cache = False
         self.params = adapter_parameters(model)
         self.optimizer = _make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
