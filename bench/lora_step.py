@@ -39,23 +39,38 @@ import tempfile
 import time
 
 SIDES = ("lorafit", "peft")
-QUANT_MODES = ("none",)  # "nf4" goes here once build_base knows how to quantize each side
+QUANT_MODES = ("none", "nf4")
 
 
 # -- child: build one side's model ----------------------------------------------------------------
 def build_base(side: str, quant: str, seed: int):
     """The frozen base model for one side. Both sides get the same fp32 weights from the same seed.
 
-    The seam for quantized bases: for "nf4", lorafit would swap its linears for its own NF4 layers
-    and PEFT's side would use bitsandbytes Linear4bit (as a QLoRA user would load it); the rest of
-    the benchmark does not change.
+    "nf4": lorafit swaps its linears for its own NF4 layers (lorafit.quant.quantize_model); PEFT's
+    side gets bitsandbytes Linear4bit layers (nf4, double quant, fp32 compute), which is what
+    BitsAndBytesConfig(load_in_4bit=True) builds. Both quantize the same fp32 weights to the same bytes.
     """
     from bench.common import build_smollm2_shaped
 
     model = build_smollm2_shaped(seed)
     if quant == "none":
         return model
-    raise NotImplementedError(f"--quant {quant} for {side}")
+    if side == "lorafit":
+        from lorafit.quant.apply import quantize_model
+
+        return quantize_model(model, "nf4")
+    import bitsandbytes as bnb
+    import torch
+
+    for name, old in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]:
+        parent_name, _, child = name.rpartition(".")
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4", blocksize=64)
+        setattr(model.get_submodule(parent_name), child, new.to("cpu"))
+    model.is_loaded_in_4bit = True
+    return model
 
 
 def add_lora(side: str, model, rank: int):
@@ -101,6 +116,21 @@ def make_batch(seed: int, batch: int, seq: int, vocab: int):
     return torch.randint(0, vocab, (batch, seq), generator=generator)
 
 
+def step_loss(side: str, model, input_ids):
+    """Each library's own training loss: lorafit's trainer computes it from the last hidden states
+    in chunks (lorafit.train.trainer.token_loss_sum); a PEFT user gets transformers' loss on full logits."""
+    if side == "lorafit":
+        import torch
+
+        from lorafit.train.trainer import token_loss_sum
+
+        batch = {"input_ids": input_ids, "labels": input_ids, "attention_mask": torch.ones_like(input_ids),
+                 "position_ids": torch.arange(input_ids.shape[1]).expand_as(input_ids)}
+        loss_sum, n = token_loss_sum(model, batch)
+        return loss_sum / n
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
 # -- child: time the step -------------------------------------------------------------------------
 def run_side(args: argparse.Namespace) -> dict:
     """Build one side, run warmup + timed steps, return its numbers (the child's whole job)."""
@@ -124,7 +154,7 @@ def run_side(args: argparse.Namespace) -> dict:
     for _ in range(args.warmup + args.steps):
         start, start_cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss = step_loss(args.side, model, input_ids)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
