@@ -49,6 +49,10 @@ class PromptTooLong(LorafitError):
     """The prompt does not fit the model's context (HTTP 400)."""
 
 
+class ServerBusy(LorafitError):
+    """Too many requests are waiting (HTTP 429)."""
+
+
 class AdapterExists(LorafitError):
     """A load under a name that is already taken (HTTP 409)."""
 
@@ -306,7 +310,7 @@ class Engine:
                 self._refs[request.internal] += 1
             if len(self._waiting) >= self.max_waiting:
                 self._release(request)
-                raise LorafitError("the server is busy (too many waiting requests); retry later")
+                raise ServerBusy("the server is busy (too many waiting requests); retry later")
             self._waiting.append(request)
             self._state.notify_all()
         return request
