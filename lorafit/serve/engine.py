@@ -479,6 +479,8 @@ class Engine:
         if r.done:
             end = len(r.text)
             r.t_done = now
+            with self._state:  # give the adapter back before the caller hears the request is done
+                self._release(r)
         else:  # hold back what may be the start of a stop string or half of a UTF-8 character
             hold = max((len(s) - 1 for s in r.params.stop), default=0)
             end = len(r.text) - hold
