@@ -173,16 +173,20 @@ class _Job:
         """Events until every request has finished. With `http`, a client that hangs up cancels
         the requests (streams are cancelled by the server closing the generator instead)."""
         left = len(self.requests)
+        checked = time.monotonic()
         try:
             while left:
                 try:
                     index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
                 except TimeoutError:
-                    if http is not None and await http.is_disconnected():
+                    event = None
+                if http is not None and time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if await http.is_disconnected():
                         return
-                    continue
-                left -= event.finish_reason is not None
-                yield index, event
+                if event is not None:
+                    left -= event.finish_reason is not None
+                    yield index, event
         finally:
             self.cancel()  # no-op for finished requests; frees the slots of abandoned ones
 
