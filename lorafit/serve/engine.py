@@ -89,6 +89,7 @@ class Request:
     sent: int = 0  # characters of `text` already handed to the sink
     finish_reason: str | None = None
     cancelled: bool = False
+    settled: bool = False  # counted out of the running set
     generator: torch.Generator | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
@@ -321,6 +322,14 @@ class Engine:
             self._refs[request.internal] -= 1
             request.internal = None
 
+    def _settle(self, request: Request) -> None:
+        """Count a running request out, once (caller holds `_state`)."""
+        if not request.settled:
+            request.settled = True
+            self._release(request)
+            self._running -= 1
+            self.completed += request.done
+
     def stats(self) -> dict[str, int]:
         with self._state:
             return {"running": self._running, "waiting": len(self._waiting), "adapters": len(self._adapters),
@@ -399,9 +408,7 @@ class Engine:
         """Give back finished rows' adapters and delete doomed adapters nobody holds any more."""
         with self._state:
             for r in gone:
-                self._release(r)
-                self.completed += r.done
-            self._running -= len(gone)
+                self._settle(r)
         self._collect()
 
     @torch.inference_mode()
@@ -479,8 +486,8 @@ class Engine:
         if r.done:
             end = len(r.text)
             r.t_done = now
-            with self._state:  # give the adapter back before the caller hears the request is done
-                self._release(r)
+            with self._state:  # settle before the caller hears the request is done
+                self._settle(r)
         else:  # hold back what may be the start of a stop string or half of a UTF-8 character
             hold = max((len(s) - 1 for s in r.params.stop), default=0)
             end = len(r.text) - hold
