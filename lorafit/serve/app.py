@@ -249,8 +249,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_root: str 
         except UnknownAdapter as e:
             raise ApiError(404, str(e), param="model", code="model_not_found") from None
 
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    def encode(text: str, param: str = "prompt") -> list[int]:
+        if len(text) > 32 * engine.context_length:  # surely too long: don't spend time tokenizing it
+            raise ApiError(400, f"the prompt ({len(text)} characters) cannot fit this model's context of "
+                           f"{engine.context_length} tokens", param=param, code="context_length_exceeded")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param=param)
+        return ids
 
     def check_ids(ids: list[int]) -> list[int]:
         if any(i < 0 or i >= len(tokenizer) for i in ids):
@@ -339,6 +345,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_root: str 
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # template errors (e.g. a role the template rejects) are the client's
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        if len(text) > 32 * engine.context_length:
+            raise ApiError(400, f"the messages ({len(text)} characters) cannot fit this model's context of "
+                           f"{engine.context_length} tokens", param="messages", code="context_length_exceeded")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         params = _params(body, body.max_completion_tokens or body.max_tokens, 256)
         job = _Job(engine, [ids], adapter, params, "messages")

@@ -20,6 +20,7 @@ row's rotary positions independent of the padding.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import os
@@ -203,6 +204,8 @@ class Engine:
                  max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # the scheduler decodes with its own copy, so it never shares tokenizer state with the HTTP thread
+        self._detokenizer = copy.deepcopy(tokenizer)
         self.base_name = base_name
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -302,7 +305,8 @@ class Engine:
         request = Request(list(prompt_ids), adapter, params, sink)
         if params.temperature > 0:
             request.generator = torch.Generator(device=self.device)
-            request.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+            request.generator.manual_seed(seed)
         with self._state:
             if adapter is not None:
                 if adapter not in self._adapters:
@@ -472,7 +476,7 @@ class Engine:
             else:
                 r.output_ids.append(token)
                 new_ids = [token]
-                r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+                r.text = self._detokenizer.decode(r.output_ids, skip_special_tokens=True)
                 self.tokens_generated += 1
                 cuts = [i for i in (r.text.find(s) for s in r.params.stop if s) if i >= 0]
                 if cuts:  # (text already sent cannot be taken back)

@@ -111,6 +111,8 @@ def test_unknown_adapter_404(server):
     (b'{"model": "alpha", "prompt": 5}', "prompt"),
     (b'{"prompt": "x"}', "model"),
     (b'{"model": "alpha", "prompt": [999999]}', "prompt"),
+    (b'{"model": "alpha", "prompt": ""}', "prompt"),
+    (b'{"model": "alpha", "prompt": "x", "n": 2}', "n"),
 ])
 def test_malformed_requests_400(server, body, field):
     r = httpx.post(server.base_url + "/completions", content=body, timeout=30,
