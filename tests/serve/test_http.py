@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY
+from tests.serve.live import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

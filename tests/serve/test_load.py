@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY
+from tests.serve.live import API_KEY
 
 CLIENTS, PER_ROUND, MAX_TOKENS, ROUND_BOUND_S = 64, 192, 8, 90
 MODELS = ["model", "alpha", "beta", "gamma", "load-delta"]
