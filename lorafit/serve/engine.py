@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 import lorafit as lf
 from lorafit.errors import AdapterError, LorafitError
-from lorafit.lora.inject import adapter_configs
+from lorafit.io import read_adapter
 
 log = logging.getLogger("lorafit.serve")
 
@@ -185,6 +185,18 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
+def check_servable(path: str | Path) -> None:
+    """Refuse adapters that cannot share a batch: per-row routing covers LoRA A/B only, and an
+    adapter's trained biases or full module copies would change the base under every row."""
+    config, state = read_adapter(path)
+    problem = ("it is a DoRA adapter" if config.use_dora else
+               "it trains biases (bias != 'none')" if state.biases else
+               "it has modules_to_save" if state.saved or config.modules_to_save else None)
+    if problem:
+        raise AdapterError(f"{path}: cannot be served alongside other adapters: {problem}; "
+                           "merge it into the base instead (lorafit merge)")
+
+
 def rss_bytes() -> int:
     """Resident memory of this process from /proc (Linux); 0 where there is no /proc."""
     try:
@@ -236,22 +248,19 @@ class Engine:
         with self._state:
             if name in self._adapters or name in ("base", self.base_name):
                 raise AdapterExists(f"an adapter named {name!r} is already loaded; delete it first")
+        check_servable(path)
         with self.model_lock:
             self._router.close()
             lf.load_adapter(self.model, path, adapter=internal, activate=False)
-            config = adapter_configs(self.model)[internal]
-            problem = ("DoRA adapters cannot share a batch with others (per-row routing is LoRA only)"
-                       if config.use_dora else
-                       "adapters with modules_to_save cannot be served per row" if config.modules_to_save else None)
-            if problem:
-                lf.delete_adapter(self.model, internal)
-                raise AdapterError(f"{path}: {problem}")
         with self._state:
-            if name in self._adapters:  # lost a race with a concurrent load of the same name
+            lost = name in self._adapters  # a concurrent load of the same name won
+            if lost:
                 self._doomed.add(internal)
-                self._collect()
-                raise AdapterExists(f"an adapter named {name!r} is already loaded; delete it first")
-            self._adapters[name], self._paths[name] = internal, str(path)
+            else:
+                self._adapters[name], self._paths[name] = internal, str(path)
+        if lost:
+            self._collect()
+            raise AdapterExists(f"an adapter named {name!r} is already loaded; delete it first")
 
     def unload_adapter(self, name: str) -> int:
         """Hide `name` from new requests; its weights go once the requests using it end.

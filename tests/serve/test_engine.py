@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import lorafit as lf
+from lorafit.errors import AdapterError
 from lorafit.lora.inject import adapter_configs
 from lorafit.model import load_model
-from lorafit.serve.engine import Engine, Event, SamplingParams, UnknownAdapter
+from lorafit.serve.engine import Engine, Event, SamplingParams, UnknownAdapter, check_servable
 from tests.serve.tiny import randomize
 
 PROMPTS = ["hello world", "the quick brown fox jumps", "a", "a server answers many clients at once, and then"]
@@ -187,3 +188,12 @@ def test_cancelled_request_frees_its_slot(tiny_engine):
     while tiny_engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert tiny_engine.stats()["running"] == 0 and len(request.output_ids) < 400
+
+
+def test_adapters_that_train_biases_are_refused(tmp_path):
+    from tests.conftest import make_gpt2
+
+    model = lf.apply_lora(make_gpt2(), lf.LoraConfig(r=2, bias="all"))
+    lf.save_adapter(model, tmp_path / "biased")
+    with pytest.raises(AdapterError, match="trains biases"):
+        check_servable(tmp_path / "biased")

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.serve.live import API_KEY
+from tests.serve.tiny import save_adapter
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -158,6 +159,17 @@ def test_adapter_paths_outside_root_403(server, tmp_path):
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"
     r = httpx.post(server.base_url + "/adapters", json={"name": "alpha", "path": "alpha"}, headers=AUTH, timeout=30)
     assert r.status_code == 409
+    still_serves(server)
+
+
+@pytest.mark.parametrize("config", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}])
+def test_adapters_that_cannot_share_a_batch_400(server, tiny, config):
+    folder = server.adapter_root / f"unservable-{next(iter(config))}"
+    save_adapter(tiny[0], folder, rank=2, seed=1, **config)
+    r = httpx.post(server.base_url + "/adapters", json={"name": folder.name, "path": folder.name}, headers=AUTH,
+                   timeout=30)
+    assert r.status_code == 400 and "cannot be served alongside" in r.json()["error"]["message"], r.text
+    assert folder.name not in [m.id for m in server.client().models.list().data]
     still_serves(server)
 
 

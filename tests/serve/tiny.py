@@ -53,10 +53,10 @@ def randomize(model, adapter: str, seed: int, std: float = 0.3) -> None:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def save_adapter(model_dir: Path, out: Path, rank: int, seed: int, target_modules="all-linear") -> Path:
+def save_adapter(model_dir: Path, out: Path, rank: int, seed: int, **config) -> Path:
     """An adapter for the model in `model_dir`, written in PEFT's format to `out`."""
     model = LlamaForCausalLM.from_pretrained(model_dir)
-    lf.apply_lora(model, lf.LoraConfig(r=rank, target_modules=target_modules))
+    lf.apply_lora(model, lf.LoraConfig(r=rank, **{"target_modules": "all-linear", **config}))
     randomize(model, "default", seed)
     return lf.save_adapter(model, out)
 
