@@ -47,6 +47,7 @@ from lorafit.serve.engine import (
 
 log = logging.getLogger("lorafit.serve")
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -177,10 +178,10 @@ class _Job:
         try:
             while left:
                 try:
-                    index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                    index, event = await asyncio.wait_for(self.queue.get(), timeout=_POLL_S)
                 except TimeoutError:
                     event = None
-                if http is not None and time.monotonic() - checked >= 0.5:
+                if http is not None and time.monotonic() - checked >= _POLL_S:
                     checked = time.monotonic()
                     if await http.is_disconnected():
                         return

@@ -379,14 +379,18 @@ class Engine:
                         break
                     self._state.wait(left)
             taken: list[Request] = []
+            dropped = False
             while self._waiting and len(taken) < free:
                 request = self._waiting.popleft()
-                if request.cancelled:
+                if request.cancelled:  # its client left while it waited
                     self._release(request)
+                    dropped = True
                     continue
                 taken.append(request)
             self._running += len(taken)
-            return taken
+        if dropped:
+            self._collect()
+        return taken
 
     def _loop(self) -> None:
         batch: _Batch | None = None

@@ -21,14 +21,15 @@ CLIENTS, PER_ROUND, MAX_TOKENS, ROUND_BOUND_S = 64, 192, 8, 90
 MODELS = ["model", "alpha", "beta", "gamma", "load-delta"]
 
 
-async def _round(base_url: str) -> tuple[list[float], int, int, float]:
+async def _round(base_url: str) -> tuple[list[float], list[str], int, float]:
     """(latencies, errors, completion tokens, seconds) for PER_ROUND requests from CLIENTS clients."""
     todo = list(range(PER_ROUND))
     latencies: list[float] = []
-    errors = tokens = 0
+    errors: list[str] = []
+    tokens = 0
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal errors, tokens
+        nonlocal tokens
         while todo:
             i = todo.pop()
             body = {"model": MODELS[i % len(MODELS)], "prompt": f"request {i}: the quick brown fox",
@@ -37,7 +38,7 @@ async def _round(base_url: str) -> tuple[list[float], int, int, float]:
             try:
                 r = await http.post("/completions", json=body)
                 if r.status_code != 200:
-                    errors += 1
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
                     continue
                 if body["stream"]:
                     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
@@ -45,8 +46,8 @@ async def _round(base_url: str) -> tuple[list[float], int, int, float]:
                     tokens += json.loads(events[-2])["usage"]["completion_tokens"]
                 else:
                     tokens += r.json()["usage"]["completion_tokens"]
-            except (httpx.HTTPError, AssertionError):
-                errors += 1
+            except (httpx.HTTPError, AssertionError, ValueError, KeyError) as e:
+                errors.append(repr(e))
                 continue
             latencies.append(time.perf_counter() - t)
 
@@ -72,6 +73,6 @@ def test_load_two_rounds_no_errors_no_growth(server):
         print(f"\nround {n}: {PER_ROUND} requests, {CLIENTS} clients, {len(MODELS)} models in {seconds:.1f}s: "
               f"{PER_ROUND / seconds:.1f} req/s, {tokens / seconds:.0f} tok/s, p50 {q[9] * 1000:.0f} ms, "
               f"p95 {q[18] * 1000:.0f} ms, rss {health['rss_bytes'] / 2**20:.0f} MiB")
-        assert errors == 0 and len(latencies) == PER_ROUND
+        assert not errors and len(latencies) == PER_ROUND, (errors[:5], server.log.read_text()[-3000:])
         assert health["running"] == 0 and health["waiting"] == 0
     assert rss[1] - rss[0] < 32 * 2**20, rss  # round 2 runs in the memory round 1 left
