@@ -53,12 +53,22 @@ def _adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def served_name(model: str | None) -> str:
+    """The base model's name in /v1/models: what the user would call it, not a cache folder."""
+    from lorafit.model import DEFAULT_MODEL
+
+    if model is None or model in (DEFAULT_MODEL, "default"):
+        return DEFAULT_MODEL
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
 def run(args: argparse.Namespace) -> None:
     """Load, bind, print the address, serve until interrupted."""
     import torch
     import uvicorn
 
-    from lorafit.model import load_model, resolve_model
+    from lorafit.model import load_model
     from lorafit.serve.app import create_app
     from lorafit.serve.engine import Engine
 
@@ -68,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     if args.adapter_root and not Path(args.adapter_root).is_dir():
         raise LorafitError(f"--adapter-root {args.adapter_root}: not a directory")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    name = args.served_name or (Path(resolve_model(args.model)).name if args.model else "SmolLM2-135M-Instruct")
+    name = args.served_name or served_name(args.model)
     engine = Engine(model, tokenizer, base_name=name, max_batch_size=args.max_batch_size,
                     max_wait_ms=args.max_wait_ms)
     for adapter, path in adapters:
