@@ -20,6 +20,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from lorafit.train.run import apply_override, load_yaml, parse_run_config, run
+
+    raw = load_yaml(args.config) if args.config else {}
+    for dotted, value in args.overrides:
+        apply_override(raw, dotted, value)
+    run(parse_run_config(raw, args.config or "flags"), resume=args.resume)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lorafit.generate import generate, render_prompt
     from lorafit.io import load_adapter
@@ -62,6 +71,12 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         print(format_table(method=args.method, batch=args.batch, seq=args.seq, gpu_gb=args.gpu_memory))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lorafit.serve.__main__ import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--steps", type=int, default=80)
     p.set_defaults(func=cmd_demo)
+
+    from lorafit.train.run import override_flags
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config and/or flags")
+    p.add_argument("config", nargs="?", help="YAML file (see lorafit/train/run.py); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    for name, text in override_flags():
+        p.add_argument(f"--{name.replace('_', '-')}", dest="overrides", action="append", metavar="VALUE",
+                       type=lambda v, n=name: (n, v), help=text or None)
+    p.set_defaults(func=cmd_train, overrides=[])
 
     p = sub.add_parser("generate", help="generate text with a model, optionally with an adapter")
     p.add_argument("prompt", nargs="+", help="one or more prompts")
@@ -95,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--gpu-memory", type=float, default=16.0, help="GB")
     p.set_defaults(func=cmd_estimate)
+
+    from lorafit.serve.__main__ import add_arguments as add_serve_arguments
+
+    p = sub.add_parser("serve", help="serve one base model with many adapters over an OpenAI-compatible HTTP API")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -91,7 +91,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> DoRA factor used when merging
         self.disabled = False
-        self.routing: tuple | None = None  # (index (B,), A_stack, B_stack, scale) while serving
+        self.routing: list[tuple[str, torch.Tensor]] | None = None  # (adapter, its batch rows) while serving
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A0, B0)
 
     # -- adapters ---------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return y
         if self.routing is not None:
-            return y + self._routed_delta(x).to(y.dtype)
+            return y + self._routed_delta(x).to(y.dtype) if self.routing else y
         for name in self.active:
             if name in self.merged or name not in self.lora_A:
                 continue
@@ -217,14 +217,16 @@ class LoraLayer(nn.Module):
         return y + (factor - 1) * base_out + factor * lora_out
 
     def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        index, A_stack, B_stack, scale = self.routing
+        groups = [(rows, self.lora_A[n], self.lora_B[n], self.effective_scaling(n)) for n, rows in self.routing]
         if self.is_embedding:
-            h = torch.stack([F.embedding(x[i], A_stack[j].t()) for i, j in enumerate(index.tolist())])
-            return torch.bmm(h, B_stack[index].transpose(1, 2)) * scale[index].view(-1, 1, 1)
-        squeeze = x.dim() == 2
-        x3 = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        y = ops.lora_rows(x3.to(A_stack.dtype), A_stack, B_stack, scale, index)
-        return y.squeeze(1) if squeeze else y.reshape(*x.shape[:-1], self.out_features)
+            out = torch.zeros(*x.shape, self.out_features, dtype=self._adapter_dtype(), device=x.device)  # (B, T, dim)
+            for rows, A, B, s in groups:
+                out.index_copy_(0, rows, (F.embedding(x.index_select(0, rows), A.t()) @ B.t()) * s)
+            return out
+        return ops.lora_rows(x.to(self._adapter_dtype()), groups)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return next(iter(self.lora_A.values())).dtype
 
     # -- merge ------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
@@ -259,25 +261,18 @@ class LoraLayer(nn.Module):
 
     # -- per-row routing (serving) ----------------------------------------------------------
     def route(self, row_adapters: list[str | None]) -> None:
-        """Give each batch row its own adapter (None = base only) until `unroute()`."""
+        """Give each batch row its own adapter (None = base only) until `unroute()`.
+
+        Only the row indices of each adapter are kept; the forward reads the adapters' own
+        weights, so routing copies nothing and a new batch composition costs next to nothing."""
         names = sorted({n for n in row_adapters if n is not None and n in self.lora_A})
         if any(n in self.lora_magnitude for n in names):
             raise ValueError("per-row routing supports LoRA adapters, not DoRA")
         if any(n in self.merged for n in names):
             raise ValueError("unmerge adapters before per-row routing")
-        slot = {n: i + 1 for i, n in enumerate(names)}  # slot 0 is the all-zero 'no adapter'
-        r_max = max([self.lora_A[n].shape[0] for n in names], default=1)
-        ref = next(iter(self.lora_A.values()))
-        A_stack = ref.new_zeros(len(names) + 1, r_max, self.in_features)  # (n, r, in)
-        B_stack = ref.new_zeros(len(names) + 1, self.out_features, r_max)  # (n, out, r)
-        scale = ref.new_zeros(len(names) + 1)
-        for n, i in slot.items():
-            r = self.lora_A[n].shape[0]
-            A_stack[i, :r] = self.lora_A[n].detach()
-            B_stack[i, :, :r] = self.lora_B[n].detach()
-            scale[i] = self.effective_scaling(n)
-        index = torch.tensor([slot.get(n, 0) for n in row_adapters], device=ref.device)
-        self.routing = (index, A_stack, B_stack, scale)
+        device = self.lora_A[names[0]].device if names else torch.device("cpu")
+        self.routing = [(n, torch.tensor([i for i, r in enumerate(row_adapters) if r == n], device=device))
+                        for n in names]
 
     def unroute(self) -> None:
         self.routing = None

@@ -18,21 +18,19 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     return ((x @ A.t()) * scaling) @ B.t()  # (..., r) -> (..., out)
 
 
-def lora_rows(
-    x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, scale: torch.Tensor, index: torch.Tensor
-) -> torch.Tensor:
-    """Per-row adapters: row b of the batch uses adapter `index[b]` (Punica's SGMV idea, gathered).
+def lora_rows(x: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """Per-row adapters: each group (rows, A, B, scaling) adds its low-rank update to its rows only.
 
-    One base matmul serves the whole batch elsewhere; this adds each row's own low-rank update.
-    x: (B, T, in); A_stack: (n, r, in); B_stack: (n, out, r); scale: (n,); index: (B,) long.
-    Ranks below r are zero-padded, and a row with no adapter points at an all-zero slot, so both
-    cost a little compute but need no branching.
+    One base matmul serves the whole batch elsewhere; this adds each row's own update, one pair of
+    thin matmuls per adapter present (Punica's SGMV idea, grouped rather than gathered, so no
+    adapter weight is copied per row). Rows in no group get zero.
+    x: (B, ..., in); rows: (n,) long; A: (r, in); B: (out, r) -> (B, ..., out)
     """
-    A = A_stack[index]  # (B, r, in)
-    B = B_stack[index]  # (B, out, r)
-    h = torch.bmm(x, A.transpose(1, 2))  # (B, T, r)
-    y = torch.bmm(h, B.transpose(1, 2))  # (B, T, out)
-    return y * scale[index].view(-1, 1, 1).to(y.dtype)
+    out_features = groups[0][2].shape[0] if groups else 0
+    out = x.new_zeros(*x.shape[:-1], out_features)  # (B, ..., out)
+    for rows, A, B, scaling in groups:
+        out.index_copy_(0, rows, lora_delta(x.index_select(0, rows), A, B, scaling))
+    return out
 
 
 def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.serve.live import REPO, start_server
+from tests.serve.live import start_server
 from tests.serve.tiny import build
 
 
@@ -20,19 +19,6 @@ def pytest_configure(config) -> None:
 def tiny(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     """(model folder, {adapter name: folder}) for the tiny Llama; adapters live under one root."""
     return build(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    """The bundled SmolLM2-135M-Instruct (as the root conftest's fixture, for branches without it)."""
-    from lorafit.errors import LorafitError
-    from lorafit.model import resolve_model
-
-    os.environ.setdefault("LORAFIT_CACHE", str(REPO / ".pytest_cache" / "lorafit"))
-    try:
-        return resolve_model(None)
-    except LorafitError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
