@@ -1,0 +1,105 @@
+"""The `lorafit` command end to end: a real (tiny) training run from YAML, and user mistakes that
+must end in one line naming the file/line/field, a non-zero exit, and nothing written over."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from lorafit.model import default_gguf
+from lorafit.train.demo_task import make_dataset, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lorafit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafit.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+                               "TQDM_DISABLE": "1"})
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with the real SmolLM2 tokenizer, saved as an HF folder."""
+    out = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out)
+    gguf = default_gguf()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lorafit ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_train_from_yaml_with_flag_override(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", make_dataset(24, seed=0))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {{path: {data}, val_fraction: 0.25}}\n"
+                      f"lora: {{r: 4}}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 50\nbatch_size: 4\n")
+    result = lorafit("train", str(config), "--max-steps", "3", "--lora.alpha", "8", "--eval-steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "«" in result.stdout  # the pre-flight sample with its trained span marked
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and "val_loss" in metrics[-1]
+    adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("case", ["malformed_json", "missing_field", "empty", "missing_file", "unknown_key",
+                                  "bad_model", "bad_value"])
+def test_user_mistakes_are_one_line(case, tiny_model_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    lines = [json.dumps(r) for r in make_dataset(4, seed=0)]
+    extra: list[str] = []
+    model = str(tiny_model_dir)
+    if case == "malformed_json":
+        lines[2] = '{"instruction": "x", "output": '
+    elif case == "missing_field":
+        lines[1] = json.dumps({"instruction": "x", "input": "y"})
+    elif case == "unknown_key":
+        extra = ["--lora.rnk", "4"]
+    elif case == "bad_model":
+        model = str(tmp_path / "no-such-model")
+    elif case == "bad_value":
+        extra = ["--schedule", "exponential"]
+    data.write_text("" if case == "empty" else "\n".join(lines) + "\n")
+    if case == "missing_file":
+        data.unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    line = _error_line(lorafit("train", "--model", model, "--data.path", str(data), "--output-dir", str(out), *extra))
+    expected = {"malformed_json": f"{data}:3", "missing_field": f"{data}:2", "empty": str(data),
+                "missing_file": str(data), "unknown_key": "rnk", "bad_model": "no-such-model",
+                "bad_value": "schedule"}[case]
+    assert expected in line, line
+    assert (out / "keep.txt").read_text() == "precious" and not (out / "adapter").exists()
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {path: x.jsonl}\nlearning_rat: 1.0e-4\n")
+    assert "did you mean 'learning_rate'" in _error_line(lorafit("train", str(config)))
+
+
+def test_adapter_errors_through_the_cli(tiny_model_dir, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    line = _error_line(lorafit("generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), "hi"))
+    assert "adapter_model.safetensors" in line and "corrupted" in line
+
+
+def test_estimate_table():
+    result = lorafit("estimate")
+    assert result.returncode == 0 and "70B" in result.stdout and "fits 16 GB?" in result.stdout
