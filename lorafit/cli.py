@@ -7,6 +7,7 @@ status 2, no traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate.")
+    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on a generated task and show the effect")
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lorafit.train.run import override_flags
 
-    p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config and/or flags")
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config and/or flags", allow_abbrev=False)
     p.add_argument("config", nargs="?", help="YAML file (see lorafit/train/run.py); flags override it")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     for name, text in override_flags():
@@ -129,8 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_options(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """One line for flags no subcommand knows, with the nearest known flag as a hint."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [o for a in sub._actions for o in a.option_strings]
+    flag = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=")[0]
+    close = difflib.get_close_matches(flag, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; see `lorafit {command} --help`"
+    return f"lorafit {command}: error: unknown option {flag}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(_unknown_options(parser, args.command, unknown), file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except LorafitError as e:

@@ -24,9 +24,9 @@ from lorafit.train.trainer import TrainConfig, Trainer, latest_checkpoint, lr_fa
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(config)
 
@@ -171,3 +171,50 @@ def test_bad_train_config_names_the_field():
         TrainConfig(schedule="exp")
     with pytest.raises(lf.LorafitError, match="TrainConfig.batch_size"):
         TrainConfig(batch_size=0)
+
+
+def _bnb_nf4(model):
+    """PEFT's QLoRA base: bitsandbytes Linear4bit (nf4, double quant, fp32 compute) for every linear
+    but the head, quantizing the same fp32 weights (so the same bytes as lorafit's NF4)."""
+    import bitsandbytes as bnb
+
+    for name, old in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]:
+        parent, _, child = name.rpartition(".")
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4", blocksize=64)
+        setattr(model.get_submodule(parent), child, new.to("cpu"))
+    return model
+
+
+def test_qlora_losses_match_peft_with_bitsandbytes(tokenizer, samples, tmp_path):
+    from lorafit.quant.apply import quantize_model
+
+    # width 64: bitsandbytes' CPU dequantize is wrong for 32-wide rows (its own statistics disagree)
+    ours = Trainer(_config(tmp_path), quantize_model(tiny_llama(hidden=64), "nf4"), tokenizer, samples.train)
+    init = {path: (layer.lora_A["default"].detach().clone(), layer.lora_B["default"].detach().clone())
+            for path, layer in lora_layers(ours.model)}
+    history = ours.train()
+
+    peft_model = get_peft_model(_bnb_nf4(tiny_llama(hidden=64)), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    named = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for path, (A, B) in init.items():
+            named[f"base_model.model.{path}.lora_A.default.weight"].copy_(A)
+            named[f"base_model.model.{path}.lora_B.default.weight"].copy_(B)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    assert len(params) == 2 * len(init)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 20, 2, "cosine"))
+    peft_model.train()  # also keeps bitsandbytes off its lossy CPU inference repacking
+    for step in range(20):
+        batch = ours._micro_batch(step)
+        loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        assert abs(loss.item() - history[step]["loss"]) <= 1e-3, step
