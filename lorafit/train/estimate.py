@@ -66,9 +66,9 @@ CUDA_OVERHEAD_GB = 1.0
 # 424 MiB measured with VmRSS on Linux x86-64 (torch 2.x CPU build). Pass the value measured on
 # your machine as `overhead_gb` when it matters.
 CPU_BASELINE_GB = 424 / 1024
-# The activation formula counts what a fused GPU block saves; eager CPU fp32 blocks save more (HF's
-# RMSNorm keeps its fp32 intermediates, RoPE keeps rotate_half copies, GQA repeats k/v to all heads,
-# SDPA's math path keeps attention weights, and glibc malloc keeps freed blocks resident). Fitted once
+# The activation formula counts what a fused GPU block saves; eager CPU fp32 blocks save more (likely
+# sources, not measured one by one: HF's RMSNorm keeps its fp32 intermediates, RoPE keeps rotate_half
+# copies, GQA repeats k/v to all heads, and glibc malloc keeps freed blocks resident). Fitted once
 # to the peak RSS (VmHWM) of SmolLM2-135M, LoRA r=16 on all linears, 2 AdamW steps of lorafit's
 # Trainer, seq 256, no gradient checkpointing, fp32 (LoRA) and NF4 (QLoRA) base, batch 1, 2 and 4:
 # the factor that makes each estimate exact was 1.60 / 1.45 / 1.38 (LoRA) and 1.67 / 1.59 / 1.50
