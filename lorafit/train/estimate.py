@@ -1,21 +1,33 @@
-"""How much accelerator memory a fine-tune needs: full fine-tuning vs LoRA vs QLoRA.
+"""How much memory a fine-tune needs: full fine-tuning vs LoRA vs QLoRA, on a GPU or on the CPU.
 
 Pure arithmetic over a Llama-style decoder shape, so it runs anywhere (no torch) and answers
 "does a 7B LoRA at rank 16 fit my 16 GB card?" before anything is downloaded.
+
+`device="cuda"` (the default) describes accelerator memory of a 16-bit run; `device="cpu"` describes
+the peak resident memory (RSS) of a CPU process running lorafit's trainer in fp32: the weights
+default to fp32, the overhead is the resident size of the Python process with torch + transformers
++ lorafit imported, and the activation term uses `CPU_ACTIVATION_FACTOR`, fitted to measured peaks
+(tests/train/test_estimate_measured.py).
 
 Units: bytes everywhere, except names ending in `_gb`, which are GiB (2**30 bytes).
 
 The total is a sum of independent terms (see `MemoryEstimate`):
 
     weights      base model: dtype bytes/param (full, LoRA) or NF4 for the linear layers (QLoRA)
-    master       fp32 copies of what is trained: LoRA adapters live in fp32; full fine-tuning in a
-                 16-bit dtype keeps an fp32 master copy of every weight
+    master       fp32 copies of what is trained: LoRA adapters live in fp32 (this term is the
+                 adapters themselves); full fine-tuning in a 16-bit dtype keeps an fp32 master copy
+                 of every weight, and none when the weights already are fp32 (no duplicate)
     gradients    one per trainable param, in the dtype of that param (fp32 adapters; 16-bit weights)
     optimizer    AdamW: two fp32 states = 8 B per trainable param; 8-bit AdamW ~2 B
     activations  saved for backward; formula in `activation_bytes` (scaled by `activation_factor`,
                  the one constant to calibrate against a measured peak)
-    logits       fp32 logits and their gradient: 2 * B*S*vocab*4
-    overhead     a constant for the CUDA context, allocator slack and kernels' workspaces
+    logits       two (tokens x vocab) fp32 buffers: with the plain loss (`loss_chunk=None`) the full
+                 logits and their gradient, tokens = B*S; with lorafit's chunked loss
+                 (lorafit.ops.chunked_loss, `loss_chunk=1024` as the Trainer uses) only one chunk's
+                 logits and the softmax temporary exist at once, tokens = min(B*S, loss_chunk)
+    overhead     cuda: a constant for the CUDA context, allocator slack and kernels' workspaces
+                 (1 GiB); cpu: the process baseline, python + torch + transformers + lorafit
+                 resident before the model loads (measure it, or take `CPU_BASELINE_GB`)
 """
 
 from __future__ import annotations
@@ -45,6 +57,25 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / 256), "sgd": 0.0}
 #   double quant: absmax in 8 bits (1/64 B), plus one fp32 scale per 256 absmax blocks
 NF4_BYTES = 0.5 + 4 / 64
 NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (256 * 64)
+
+DEVICES = ("cuda", "cpu")
+# Defaults that depend on the device (TrainSetup fields left as None take these).
+DEFAULT_DTYPE = {"cuda": "bf16", "cpu": "fp32"}  # lorafit loads fp32 weights on the CPU
+CUDA_OVERHEAD_GB = 1.0
+# Resident size of `python -c "import torch, transformers, lorafit; <llama modeling imported>"`:
+# 424 MiB measured with VmRSS on Linux x86-64 (torch 2.x CPU build). Pass the value measured on
+# your machine as `overhead_gb` when it matters.
+CPU_BASELINE_GB = 424 / 1024
+# The activation formula counts what a fused GPU block saves; eager CPU fp32 blocks save more (likely
+# sources, not measured one by one: HF's RMSNorm keeps its fp32 intermediates, RoPE keeps rotate_half
+# copies, GQA repeats k/v to all heads, and glibc malloc keeps freed blocks resident). Fitted once
+# to the peak RSS (VmHWM) of SmolLM2-135M, LoRA r=16 on all linears, 2 AdamW steps of lorafit's
+# Trainer, seq 256, no gradient checkpointing, fp32 (LoRA) and NF4 (QLoRA) base, batch 1, 2 and 4:
+# the factor that makes each estimate exact was 1.60 / 1.45 / 1.38 (LoRA) and 1.67 / 1.59 / 1.50
+# (QLoRA); 1.5, rounded from their middle, keeps all six within 5% of the measured peak.
+CPU_ACTIVATION_FACTOR = 1.5
+# Tokens per chunk of lorafit's chunked cross-entropy (lorafit.ops.chunked_loss default, used by the Trainer).
+LORAFIT_LOSS_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -197,22 +228,41 @@ class TrainSetup:
     """Sequences per step (micro-batch; gradient accumulation does not add memory)."""
     seq: int = 512
     """Tokens per sequence."""
-    dtype: str = "bf16"
-    """Dtype of the (unquantized) weights and of the activations: 'bf16', 'fp16' or 'fp32'."""
+    dtype: str | None = None
+    """Dtype of the (unquantized) weights and of the activations: 'bf16', 'fp16' or 'fp32'.
+    None: 'bf16' on cuda, 'fp32' on cpu."""
     grad_checkpointing: bool = True
     """Keep only each block's input and recompute the block in backward."""
     optimizer: str = "adamw"
     """'adamw' (two fp32 states), 'adamw8bit' (two 8-bit states), or 'sgd' (none)."""
     double_quant: bool = True
     """QLoRA: quantize the NF4 block scales too (~0.127 instead of 0.5 extra bits per weight)."""
-    activation_factor: float = 1.0
-    """Calibration constant multiplying the activation term (fit it to one measured peak)."""
-    overhead_gb: float = 1.0
-    """Fixed framework overhead in GiB: CUDA context, allocator slack, workspaces."""
+    device: str = "cuda"
+    """'cuda': accelerator memory of the run; 'cpu': peak RSS of a CPU process (see the module doc)."""
+    loss_chunk: int | None = None
+    """None: the plain loss materializes the full (B*S, vocab) logits; an int: lorafit's chunked loss
+    with that many tokens per chunk (LORAFIT_LOSS_CHUNK = 1024 is what lorafit's Trainer uses)."""
+    activation_factor: float | None = None
+    """Calibration constant multiplying the activation term (fit it to one measured peak).
+    None: 1.0 on cuda, CPU_ACTIVATION_FACTOR on cpu."""
+    overhead_gb: float | None = None
+    """Fixed overhead in GiB. cuda: CUDA context, allocator slack, workspaces (None: 1.0). cpu: the
+    process baseline before the model loads (None: CPU_BASELINE_GB)."""
     shape: ModelShape = field(init=False)
 
     def __post_init__(self) -> None:
         self.shape = model_shape(self.model)
+        if self.device not in DEVICES:
+            raise LorafitError(f"device={self.device!r} is unknown: use one of {', '.join(DEVICES)}")
+        cpu = self.device == "cpu"
+        if self.dtype is None:
+            self.dtype = DEFAULT_DTYPE[self.device]
+        if self.activation_factor is None:
+            self.activation_factor = CPU_ACTIVATION_FACTOR if cpu else 1.0
+        if self.overhead_gb is None:
+            self.overhead_gb = CPU_BASELINE_GB if cpu else CUDA_OVERHEAD_GB
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise LorafitError(f"loss_chunk={self.loss_chunk} must be at least 1 (or None for full logits)")
         self.targets = tuple(self.targets)
         choices = {"method": METHODS, "dtype": tuple(DTYPE_BYTES), "optimizer": tuple(OPTIMIZER_BYTES)}
         for name, allowed in choices.items():
@@ -307,6 +357,16 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+def logits_bytes(setup: TrainSetup) -> int:
+    """Two fp32 (tokens x vocab) buffers alive at the loss: the full logits and their gradient with
+    the plain loss; with the chunked loss one chunk's logits and the exp temporary of its
+    logsumexp (backward recomputes one chunk at a time, in place)."""
+    tokens = setup.batch * setup.seq
+    if setup.loss_chunk is not None:
+        tokens = min(tokens, setup.loss_chunk)
+    return 2 * tokens * setup.shape.vocab * 4
+
+
 def estimate(setup: TrainSetup) -> MemoryEstimate:
     """The memory breakdown of `setup` (see the module docstring for what each term counts)."""
     s, dtype_b = setup.shape, DTYPE_BYTES[setup.dtype]
@@ -334,7 +394,7 @@ def estimate(setup: TrainSetup) -> MemoryEstimate:
         gradients=gradients,
         optimizer=n_trainable * OPTIMIZER_BYTES[setup.optimizer],
         activations=activation_bytes(setup),
-        logits=2 * setup.batch * setup.seq * s.vocab * 4,
+        logits=logits_bytes(setup),
         overhead=setup.overhead_gb * GIB,
     )
 
