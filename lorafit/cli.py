@@ -18,7 +18,8 @@ from lorafit.model import DEFAULT_MODEL
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorafit.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps))
+    run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps,
+                        quantize=None if args.quantize == "none" else args.quantize))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on a generated task and show the effect")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--quantize", choices=["nf4", "ternary", "none"], default="nf4", help="base format (QLoRA: nf4)")
     p.set_defaults(func=cmd_demo)
 
     from lorafit.train.run import override_flags

