@@ -67,22 +67,23 @@ def test_grad_accumulation_is_exact(tokenizer, samples, tmp_path):
         torch.testing.assert_close(grads_acc[name], grads_full[name], atol=1e-5, rtol=0)
 
 
-def test_losses_match_a_plain_peft_loop(tokenizer, samples, tmp_path):
-    ours = Trainer(_config(tmp_path), tiny_llama(), tokenizer, samples.train)
+def _compare_with_plain_peft_loop(ours: Trainer, base, tol: float) -> None:
+    """Train `ours` for 20 steps, then run a plain loop over a PEFT model on `base` from the same
+    initial adapters, with the same batches, optimizer, schedule and clipping; losses must agree."""
     init = {path: (layer.lora_A["default"].detach().clone(), layer.lora_B["default"].detach().clone())
             for path, layer in lora_layers(ours.model)}
     history = ours.train()
-
-    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peft_model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     named = dict(peft_model.named_parameters())
     with torch.no_grad():
         for path, (A, B) in init.items():
             named[f"base_model.model.{path}.lora_A.default.weight"].copy_(A)
             named[f"base_model.model.{path}.lora_B.default.weight"].copy_(B)
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    assert len(params) == 2 * len(init)
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 20, 2, "cosine"))
-    peft_model.train()
+    peft_model.train()  # for bitsandbytes also: no lossy CPU inference repacking
     for step in range(20):
         batch = ours._micro_batch(step)  # the same samples in the same order
         loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -92,7 +93,12 @@ def test_losses_match_a_plain_peft_loop(tokenizer, samples, tmp_path):
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        assert abs(loss.item() - history[step]["loss"]) <= 1e-4, step
+        assert abs(loss.item() - history[step]["loss"]) <= tol, step
+
+
+def test_losses_match_a_plain_peft_loop(tokenizer, samples, tmp_path):
+    ours = Trainer(_config(tmp_path), tiny_llama(), tokenizer, samples.train)
+    _compare_with_plain_peft_loop(ours, tiny_llama(), tol=1e-4)
 
 
 def test_resume_is_exact(tokenizer, samples, tmp_path):
@@ -193,28 +199,4 @@ def test_qlora_losses_match_peft_with_bitsandbytes(tokenizer, samples, tmp_path)
 
     # width 64: bitsandbytes' CPU dequantize is wrong for 32-wide rows (its own statistics disagree)
     ours = Trainer(_config(tmp_path), quantize_model(tiny_llama(hidden=64), "nf4"), tokenizer, samples.train)
-    init = {path: (layer.lora_A["default"].detach().clone(), layer.lora_B["default"].detach().clone())
-            for path, layer in lora_layers(ours.model)}
-    history = ours.train()
-
-    peft_model = get_peft_model(_bnb_nf4(tiny_llama(hidden=64)), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    named = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for path, (A, B) in init.items():
-            named[f"base_model.model.{path}.lora_A.default.weight"].copy_(A)
-            named[f"base_model.model.{path}.lora_B.default.weight"].copy_(B)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    assert len(params) == 2 * len(init)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 20, 2, "cosine"))
-    peft_model.train()  # also keeps bitsandbytes off its lossy CPU inference repacking
-    for step in range(20):
-        batch = ours._micro_batch(step)
-        loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        assert abs(loss.item() - history[step]["loss"]) <= 1e-3, step
+    _compare_with_plain_peft_loop(ours, _bnb_nf4(tiny_llama(hidden=64)), tol=1e-3)
