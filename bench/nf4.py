@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import time
 
 import torch
 
 from lorafit.quant.nf4 import quantize_nf4
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _best(fn, repeat: int, sync) -> float:
@@ -47,10 +36,12 @@ def main() -> None:
     args = ap.parse_args()
     import bitsandbytes.functional as bnb
 
+    from bench.common import cpu_model
+
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print(f"date {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {dev}")
-    print(f"cpu {_cpu_model()}  cores {os.cpu_count()}  torch threads {torch.get_num_threads()}")
+    print(f"cpu {cpu_model()}  cores {os.cpu_count()}  torch threads {torch.get_num_threads()}")
     if dev.type == "cuda":
         x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
         t = _best(lambda: x.clone(), args.repeat, sync)
@@ -74,4 +65,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if __package__ in (None, ""):  # run as a file: make `bench.common` importable
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from lorafit.config import LoraConfig
-from lorafit.generate import alpaca_user_text, generate, render_prompt
+from lorafit.generate import generate, render_prompt
 from lorafit.lora.inject import print_trainable_parameters
 from lorafit.model import DEFAULT_MODEL, load_model
-from lorafit.train.data import DataConfig, describe_sample, load_data
+from lorafit.train.data import DataConfig, alpaca_user_text, describe_sample, load_data
 from lorafit.train.demo_task import accuracy, make_splits, write_jsonl
 from lorafit.train.trainer import TrainConfig, Trainer, evaluate
 

@@ -14,11 +14,6 @@ def render_prompt(tokenizer, user_text: str, chat: bool = True) -> str:
     return user_text
 
 
-def alpaca_user_text(instruction: str, input: str = "") -> str:
-    """The user turn of an Alpaca record, rendered as `lorafit.train.data` renders it for training."""
-    return instruction + (f"\n\n{input}" if input else "")
-
-
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, batch_size: int = 16) -> list[str]:

@@ -293,6 +293,11 @@ def _chat_sample(
     return full[:end], labels[:end]
 
 
+def alpaca_user_text(instruction: str, input: str = "") -> str:
+    """The user turn of an Alpaca record (also what generation must send to match training)."""
+    return instruction + (f"\n\n{input}" if input else "")
+
+
 def tokenize_record(tokenizer, record: Record, train_on_prompt: bool = False) -> Sample:
     """Token ids and labels of one record (see the module docstring for what is trained)."""
     eos = _eos_id(tokenizer)
@@ -303,7 +308,7 @@ def tokenize_record(tokenizer, record: Record, train_on_prompt: bool = False) ->
     elif record.shape == "chat":
         ids, labels = _chat_sample(tokenizer, f["messages"], record.source, spans=not train_on_prompt)
     elif tokenizer.chat_template:  # alpaca through the model's own chat format
-        user = f["instruction"] + (f"\n\n{f['input']}" if f.get("input") else "")
+        user = alpaca_user_text(f["instruction"], f.get("input", ""))
         chat = [{"role": "user", "content": user}, {"role": "assistant", "content": f["output"]}]
         ids, labels = _chat_sample(tokenizer, chat, record.source, spans=not train_on_prompt)
     else:  # alpaca, plain prompt; prompt and output tokenized apart so the split is exact
