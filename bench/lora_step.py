@@ -79,8 +79,10 @@ def add_lora(side: str, model, rank: int):
     if side == "lorafit":
         import lorafit as lf
         from lorafit.lora.layer import LoraLayer
+        from lorafit.ops.gated_mlp import fuse_gated_mlps
 
         lf.apply_lora(model, lf.LoraConfig(r=rank, alpha=rank, dropout=0.0, target_modules="all-linear"))
+        fuse_gated_mlps(model)  # as lorafit's Trainer does (TrainConfig.fused_mlp)
         lora_A = {path: m.lora_A["default"] for path, m in model.named_modules() if isinstance(m, LoraLayer)}
         return model, lf.adapter_parameters(model), lora_A
 

@@ -21,10 +21,10 @@ The total is a sum of independent terms (see `MemoryEstimate`):
     optimizer    AdamW: two fp32 states = 8 B per trainable param; 8-bit AdamW ~2 B
     activations  saved for backward; formula in `activation_bytes` (scaled by `activation_factor`,
                  the one constant to calibrate against a measured peak)
-    logits       two (tokens x vocab) fp32 buffers: with the plain loss (`loss_chunk=None`) the full
-                 logits and their gradient, tokens = B*S; with lorafit's chunked loss
-                 (lorafit.ops.chunked_loss, `loss_chunk=1024` as the Trainer uses) only one chunk's
-                 logits and the softmax temporary exist at once, tokens = min(B*S, loss_chunk)
+    logits       with the plain loss (`loss_chunk=None`) two (B*S x vocab) fp32 buffers, the full
+                 logits and their gradient; with lorafit's chunked loss (lorafit.ops.chunked_loss,
+                 `loss_chunk="auto"` as the Trainer uses it) one (min(B*S, chunk) x vocab) fp32 buffer,
+                 reused for every chunk and turned into the gradient in place
     overhead     cuda: a constant for the CUDA context, allocator slack and kernels' workspaces
                  (1 GiB); cpu: the process baseline, python + torch + transformers + lorafit
                  resident before the model loads (measure it, or take `CPU_BASELINE_GB`)
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import LorafitError
+from lorafit.ops.chunked_loss import default_chunk_size
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -74,8 +75,6 @@ CPU_BASELINE_GB = 424 / 1024
 # the factor that makes each estimate exact was 1.60 / 1.45 / 1.38 (LoRA) and 1.67 / 1.59 / 1.50
 # (QLoRA); 1.5, rounded from their middle, keeps all six within 5% of the measured peak.
 CPU_ACTIVATION_FACTOR = 1.5
-# Tokens per chunk of lorafit's chunked cross-entropy (lorafit.ops.chunked_loss default, used by the Trainer).
-LORAFIT_LOSS_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -239,9 +238,9 @@ class TrainSetup:
     """QLoRA: quantize the NF4 block scales too (~0.127 instead of 0.5 extra bits per weight)."""
     device: str = "cuda"
     """'cuda': accelerator memory of the run; 'cpu': peak RSS of a CPU process (see the module doc)."""
-    loss_chunk: int | None = None
+    loss_chunk: int | str | None = None
     """None: the plain loss materializes the full (B*S, vocab) logits; an int: lorafit's chunked loss
-    with that many tokens per chunk (LORAFIT_LOSS_CHUNK = 1024 is what lorafit's Trainer uses)."""
+    with that many tokens per chunk; "auto": its default chunk for the vocabulary (what the Trainer uses)."""
     activation_factor: float | None = None
     """Calibration constant multiplying the activation term (fit it to one measured peak).
     None: 1.0 on cuda, CPU_ACTIVATION_FACTOR on cpu."""
@@ -261,8 +260,10 @@ class TrainSetup:
             self.activation_factor = CPU_ACTIVATION_FACTOR if cpu else 1.0
         if self.overhead_gb is None:
             self.overhead_gb = CPU_BASELINE_GB if cpu else CUDA_OVERHEAD_GB
-        if self.loss_chunk is not None and self.loss_chunk < 1:
-            raise LorafitError(f"loss_chunk={self.loss_chunk} must be at least 1 (or None for full logits)")
+        if self.loss_chunk == "auto":
+            self.loss_chunk = default_chunk_size(self.shape.vocab)
+        if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk < 1):
+            raise LorafitError(f"loss_chunk={self.loss_chunk!r} must be at least 1 ('auto', or None for full logits)")
         self.targets = tuple(self.targets)
         choices = {"method": METHODS, "dtype": tuple(DTYPE_BYTES), "optimizer": tuple(OPTIMIZER_BYTES)}
         for name, allowed in choices.items():
@@ -358,13 +359,12 @@ class MemoryEstimate:
 
 
 def logits_bytes(setup: TrainSetup) -> int:
-    """Two fp32 (tokens x vocab) buffers alive at the loss: the full logits and their gradient with
-    the plain loss; with the chunked loss one chunk's logits and the exp temporary of its
-    logsumexp (backward recomputes one chunk at a time, in place)."""
+    """fp32 (tokens x vocab) buffers alive at the loss: the full logits and their gradient with the
+    plain loss; with the chunked loss one chunk's buffer (logits, then softmax, then gradient, in place)."""
     tokens = setup.batch * setup.seq
-    if setup.loss_chunk is not None:
-        tokens = min(tokens, setup.loss_chunk)
-    return 2 * tokens * setup.shape.vocab * 4
+    if setup.loss_chunk is None:
+        return 2 * tokens * setup.shape.vocab * 4
+    return min(tokens, setup.loss_chunk) * setup.shape.vocab * 4
 
 
 def estimate(setup: TrainSetup) -> MemoryEstimate:

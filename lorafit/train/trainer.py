@@ -33,6 +33,7 @@ from lorafit.io import read_adapter, save_adapter
 from lorafit.lora.inject import adapter_configs, adapter_parameters, apply_lora
 from lorafit.lora.state import set_adapter_state
 from lorafit.ops.chunked_loss import causal_lm_loss
+from lorafit.ops.gated_mlp import fuse_gated_mlps
 from lorafit.ops.offload import enable_checkpointing
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
 
@@ -72,6 +73,9 @@ class TrainConfig:
     """Recompute block activations in backward: much less memory for ~30% more compute."""
     offload_activations: bool = False
     """With gradient checkpointing, keep each block's saved input in CPU memory (GPU runs)."""
+    fused_mlp: bool = True
+    """Run SiLU-gated MLPs (Llama, Mistral, Qwen...) as lorafit.ops.gated_mlp.GatedMLP: same weights and
+    numbers, two fewer (tokens x intermediate) activations kept per layer for backward."""
     eval_steps: int | None = None
     """Evaluate on the validation samples every N steps (and at the end)."""
     save_steps: int | None = None
@@ -185,6 +189,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         if "default" not in adapter_configs(model):
             apply_lora(model, config.lora)
+        if config.fused_mlp:
+            fuse_gated_mlps(model)
         if config.gradient_checkpointing:
             enable_checkpointing(model, offload=config.offload_activations)
             model.config.use_cache = False

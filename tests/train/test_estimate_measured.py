@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from lorafit.errors import LorafitError
+from lorafit.ops.chunked_loss import default_chunk_size
 from lorafit.train.estimate import (
     CPU_ACTIVATION_FACTOR,
     CPU_BASELINE_GB,
     GIB,
-    LORAFIT_LOSS_CHUNK,
     NF4_DOUBLE_QUANT_BYTES,
     SIZES,
     TrainSetup,
@@ -84,7 +84,7 @@ def test_estimate_matches_measured_cpu_peak(smollm2_dir, tmp_path):
         measured = _measure(method, batch, smollm2_dir, tmp_path / f"{method}-{batch}")
         setup = TrainSetup(model=str(smollm2_dir), method=method, rank=RANK, batch=batch, seq=SEQ,
                            device="cpu", grad_checkpointing=False, optimizer="adamw",
-                           loss_chunk=LORAFIT_LOSS_CHUNK, overhead_gb=measured["baseline_mib"] * MIB / 2**30)
+                           loss_chunk="auto", overhead_gb=measured["baseline_mib"] * MIB / 2**30)
         e = estimate(setup)
         est, peak, base = e.total / MIB, measured["peak_mib"], measured["baseline_mib"]
         error = (est - peak) / peak
@@ -104,14 +104,17 @@ def test_cpu_terms_arithmetic():
     s = SIZES["135M"]
     gpu = TrainSetup(model="135M", batch=4, seq=256)
     assert (gpu.dtype, gpu.activation_factor, gpu.overhead_gb, gpu.loss_chunk) == ("bf16", 1.0, 1.0, None)
-    cpu = TrainSetup(model="135M", batch=4, seq=256, device="cpu", loss_chunk=LORAFIT_LOSS_CHUNK)
+    cpu = TrainSetup(model="135M", batch=4, seq=256, device="cpu", loss_chunk="auto")
     assert (cpu.dtype, cpu.activation_factor, cpu.overhead_gb) == ("fp32", CPU_ACTIVATION_FACTOR, CPU_BASELINE_GB)
     e, n = estimate(cpu), lora_params(s, 16)
     assert e.weights == s.n_params * 4 and e.master == n * 4 and e.gradients == n * 4 and e.optimizer == n * 8
-    assert e.logits == 2 * 1024 * s.vocab * 4  # B*S = 1024 tokens fill exactly one chunk
-    assert estimate(TrainSetup(model="135M", batch=8, seq=256, device="cpu", loss_chunk=1024)).logits == e.logits
+    assert cpu.loss_chunk == default_chunk_size(s.vocab)
+    assert e.logits == cpu.loss_chunk * s.vocab * 4  # one chunk's buffer, reused
+    assert estimate(TrainSetup(model="135M", batch=8, seq=256, device="cpu", loss_chunk=1024)).logits == (
+        1024 * s.vocab * 4
+    )
     assert estimate(TrainSetup(model="135M", batch=1, seq=256, device="cpu", loss_chunk=1024)).logits == (
-        2 * 256 * s.vocab * 4
+        256 * s.vocab * 4  # fewer tokens than a chunk
     )
     assert estimate(gpu).logits == 2 * 4 * 256 * s.vocab * 4  # plain loss: all logits
     assert e.activations == pytest.approx(

@@ -1,0 +1,158 @@
+"""A gated (SwiGLU) MLP that keeps two activations per layer instead of four for backward.
+
+Llama-style MLPs compute `down(silu(gate(x)) * up(x))`. Under plain autograd, backward keeps four
+(tokens x intermediate) tensors per layer: g = gate(x), silu(g) and u = up(x) for the product, and
+a = silu(g) * u, the input of `down` (its LoRA A-gradient needs it). With g and u kept, the other two
+are one elementwise pass away, so here:
+
+    a = SwiGLUFunction(g, u)        saves g and u; silu(g) is recomputed in its backward
+    y = down(a)                     whatever `down` saves of `a` is replaced by a marker while it
+                                    runs, and recomputed from g and u when backward unpacks it
+
+For SmolLM2-135M at 4 x 256 tokens that is 360 MB less kept for backward, at the price of two
+elementwise passes per layer in backward. The numbers are the plain path's: forward is the same
+operations in the same order; backward differs only in rounding (tests/ops/test_gated_mlp.py).
+
+`fuse_gated_mlps(model)` swaps each matching MLP module for a `GatedMLP` holding the *same* gate/up/
+down submodules (so parameter names, adapters and checkpoints are unchanged), and only after checking on
+a probe input that the swap computes exactly what the original module did; other MLPs are left alone.
+On CUDA with triton installed the SwiGLU runs as the Triton kernel (lorafit.ops.triton.swiglu).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """a = silu(g) * u, saving only g and u. With s = sigmoid(g):
+    dL/dg = dL/da * u * s * (1 + g (1 - s)),  dL/du = dL/da * g * s."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u  # the same two ops as the plain MLP: identical forward numbers
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g, u = ctx.saved_tensors
+        s = torch.sigmoid(g)
+        silu = g * s
+        grad_u = grad * silu if ctx.needs_input_grad[1] else None
+        grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_g = (grad * u).mul_(s).mul_(silu.neg_().add_(g).add_(1.0))  # 1 + g - g s = 1 + g (1 - s)
+        return grad_g, grad_u
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u for autograd, keeping only g and u (Triton kernel on CUDA when available)."""
+    if g.is_cuda and _has_triton():
+        from lorafit.ops.triton.swiglu import swiglu as swiglu_triton
+
+        return swiglu_triton(g, u)
+    return SwiGLUFunction.apply(g, u)
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
+    """While active, any tensor saved for backward that is (a view of) `target` is stored as a marker
+    and rebuilt with `recompute()` when backward needs it; everything else is saved as usual."""
+
+    def __init__(self, target: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> None:
+        # plain values only: a reference to `target` here would keep it alive until backward
+        key = (target.untyped_storage().data_ptr(), target.device, target.dtype)
+
+        def pack(t: torch.Tensor):
+            if (t.untyped_storage().data_ptr(), t.device, t.dtype) == key:
+                return (_RECOMPUTE, t.shape, t.stride(), t.storage_offset())
+            return t
+
+        def unpack(packed):
+            if isinstance(packed, tuple) and packed[0] is _RECOMPUTE:
+                _, shape, stride, offset = packed
+                return recompute().as_strided(shape, stride, offset)
+            return packed
+
+        super().__init__(pack, unpack)
+
+
+_RECOMPUTE = object()
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with the memory behaviour of the module docstring.
+
+    Holds the original gate_proj / up_proj / down_proj modules (plain, quantized or LoRA-wrapped)."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if not torch.is_grad_enabled():
+            return self.down_proj(F.silu(g) * u)
+        a = swiglu(g, u)
+        if _outer_hooks_active():  # someone else (e.g. torch.utils.checkpoint) manages saved tensors
+            return self.down_proj(a)
+        with recompute_saved(a, lambda: F.silu(g.detach()) * u.detach()):
+            return self.down_proj(a)
+
+
+def _outer_hooks_active() -> bool:
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError):  # private API moved: assume hooks are active and stay plain
+        return True
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Swap every SiLU-gated MLP of `model` for a `GatedMLP` over the same submodules; returns how many.
+
+    An MLP qualifies when it has gate_proj, up_proj and down_proj children and its output on a probe
+    input equals `GatedMLP`'s bit for bit (so Gemma's GELU MLP, or any MLP that does more, stays)."""
+    swaps = []
+    for name, module in model.named_modules():
+        if isinstance(module, GatedMLP) or not all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        fused = GatedMLP(module.gate_proj, module.up_proj, module.down_proj)
+        if _same_output(module, fused):
+            swaps.append((name, fused))
+    for name, fused in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, fused)
+    return len(swaps)
+
+
+@torch.no_grad()
+def _same_output(module: nn.Module, fused: GatedMLP) -> bool:
+    """Compare on a small random input in eval mode (no dropout), restoring the training flags."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        in_features = getattr(fused.gate_proj, "in_features", None)
+        base = [t for n, t in module.named_parameters() if "lora_" not in n and t.is_floating_point()]
+        device = next((t.device for t in module.parameters()), None)
+        if in_features is None or device is None:
+            return False
+        dtype = base[0].dtype if base else torch.float32  # a quantized base computes in fp32 on CPU
+        x = torch.randn(2, 3, in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        try:
+            return torch.equal(module(x), fused(x))
+        except Exception:  # an MLP with another signature: not ours to swap
+            return False
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
