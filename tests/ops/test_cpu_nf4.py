@@ -104,6 +104,24 @@ def test_zero_and_constant_blocks(lib, numel, blocksize):
     _check_dequantize(lib, torch.zeros(numel), blocksize, double_quant=True)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_nan_and_inf_follow_reference(lib, blocksize):
+    """Broken weights behave as in torch: NaN propagates into the absmax (code 15), inf zeroes its block."""
+    w = _weights(64 * 40 + 9, seed=5)
+    w[3], w[600], w[-2] = float("nan"), float("inf"), float("nan")  # -2: inside the partial last block
+    w[1000] = -float("inf")
+    ref = quantize_nf4(w, blocksize, double_quant=False, backend="torch")
+    packed, absmax = cnf4.quantize_4bit(w, blocksize, lib)
+    assert torch.equal(packed, ref.packed)
+    assert torch.allclose(absmax, ref.absmax, rtol=0, atol=0, equal_nan=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = cnf4.dequantize_4bit(packed, ref.shape, blocksize, dtype, lib, absmax=absmax)
+        want = ref.dequantize(dtype, backend="torch")
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+    codes, absmax2 = cnf4.quantize_stats(absmax, float("nan"), _dynamic_lut(torch.device("cpu")), STATS_BLOCKSIZE, lib)
+    assert codes.eq(0).all() and absmax2.isnan().all()  # the reference would index out of range here
+
+
 def test_threads_split_on_block_boundaries(lib, monkeypatch):
     """Three threads over an odd count, so chunks are uneven and the last block is partial."""
     monkeypatch.setattr(cnf4, "_threads", lambda numel: 3)

@@ -118,9 +118,10 @@ static inline float block_absmax(const dequant_args *a, int64_t b) {
     return centred + a->offset;
 }
 
-/* fp32 -> bf16 with round-to-nearest-even, as torch's .to(torch.bfloat16) for finite values. */
+/* fp32 -> bf16 with round-to-nearest-even, NaN -> 0x7FC0, as torch's .to(torch.bfloat16). */
 static inline uint16_t to_bf16(float v) {
     uint32_t u;
+    if (v != v) return 0x7FC0;
     memcpy(&u, &v, 4);
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
@@ -149,7 +150,9 @@ static void dequant_block_vec(const dequant_args *a, int64_t e0, float scale, in
             __m512i u = _mm512_castps_si512(v);
             __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-            __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16));
+            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+            r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+            __m256i h = _mm512_cvtepi32_epi16(r);
             _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + e0 + i), h);
         } else {
             _mm512_storeu_ps((float *)a->out + e0 + i, v);
@@ -233,7 +236,9 @@ void lf_nf4_dequantize(const uint8_t *packed, int64_t n, int64_t blocksize, cons
 /* ------------------------------------------------------------------------------------------------
  * Quantize: per block absmax = max |x|, scaled = x * (1 / max(absmax, 1e-38)) (x / absmax in the
  * last, partial block, which stores the clamped absmax), code = number of MIDS strictly below
- * scaled. Clamping scaled to [-1, 1] (as the reference does) cannot change that count. */
+ * scaled. Clamping scaled to [-1, 1] (as the reference does) cannot change that count.
+ * NaN follows torch: it propagates through the absmax and the clamp, and a NaN value gets code 15
+ * (torch.bucketize puts it past every boundary), hence "not (s <= mid)" rather than "s > mid". */
 
 typedef struct {
     const float *x;
@@ -244,15 +249,31 @@ typedef struct {
 
 static inline uint8_t code_of(float s) {
     uint8_t c = 0;
-    for (int k = 0; k < 15; k++) c += s > MIDS[k];
+    for (int k = 0; k < 15; k++) c += !(s <= MIDS[k]);
     return c;
 }
+
+static inline float abs_max_scalar(const float *x, int64_t len) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < len; i++) {
+        float v = x[i] < 0 ? -x[i] : x[i];
+        m = (v > m || v != v) ? v : m; /* once NaN, stays NaN */
+    }
+    return m;
+}
+
+static inline float clamp_tiny(float amax) { return amax < 1e-38f ? 1e-38f : amax; } /* keeps NaN */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 static float abs_max_vec(const float *x, int64_t len) {
     __m512 m = _mm512_setzero_ps();
-    for (int64_t i = 0; i < len; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
-    return _mm512_reduce_max_ps(m);
+    __mmask16 nan = 0; /* vmaxps drops NaN, so track it apart */
+    for (int64_t i = 0; i < len; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    }
+    return nan ? __builtin_nanf("") : _mm512_reduce_max_ps(m);
 }
 
 /* Codes by a branch-free binary search over the 16-entry midpoint table (one vpermps per step),
@@ -265,7 +286,7 @@ static void codes_vec(const float *x, int64_t len, float inv, uint8_t *out) {
         for (int step = 8; step >= 1; step >>= 1) {
             __m512i probe = _mm512_add_epi32(c, _mm512_set1_epi32(step));
             __m512 mid = _mm512_permutexvar_ps(_mm512_sub_epi32(probe, _mm512_set1_epi32(1)), mids);
-            c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(s, mid, _CMP_GT_OQ), probe);
+            c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(s, mid, _CMP_NLE_UQ), probe);
         }
         __m512i pair = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
         _mm_storel_epi64((__m128i *)(out + i / 2), _mm512_cvtepi64_epi8(pair));
@@ -275,12 +296,15 @@ static void codes_vec(const float *x, int64_t len, float inv, uint8_t *out) {
 #elif defined(__AVX2__)
 static float abs_max_vec(const float *x, int64_t len) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 m = _mm256_setzero_ps();
-    for (int64_t i = 0; i < len; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-    float tmp[8], r = 0.0f;
+    __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps(); /* vmaxps drops NaN, so track it apart */
+    for (int64_t i = 0; i < len; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+    }
+    float tmp[8];
     _mm256_storeu_ps(tmp, m);
-    for (int k = 0; k < 8; k++) r = tmp[k] > r ? tmp[k] : r;
-    return r;
+    return _mm256_movemask_ps(nan) ? __builtin_nanf("") : abs_max_scalar(tmp, 8);
 }
 
 /* Codes by counting: each comparison yields -1 where a midpoint is below, so subtract them. */
@@ -292,7 +316,7 @@ static void codes_vec(const float *x, int64_t len, float inv, uint8_t *out) {
         __m256 s = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
         __m256i c = _mm256_setzero_si256();
         for (int k = 0; k < 15; k++) {
-            c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_set1_ps(MIDS[k]), _CMP_GT_OQ)));
+            c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_set1_ps(MIDS[k]), _CMP_NLE_UQ)));
         }
         __m256i pair = _mm256_or_si256(_mm256_slli_epi64(c, 4), _mm256_srli_epi64(c, 32));
         __m256i bytes = _mm256_shuffle_epi8(pair, gather_bytes);
@@ -311,30 +335,20 @@ static void quant_blocks(const void *args, int64_t b0, int64_t b1) {
         const float *x = a->x + e0;
         uint8_t *out = a->packed + e0 / 2;
         if (len == a->blocksize) {
-            float amax;
 #ifdef HAVE_QUANT_VEC
-            amax = abs_max_vec(x, len);
+            float amax = abs_max_vec(x, len);
 #else
-            amax = 0.0f;
-            for (int64_t i = 0; i < len; i++) {
-                float v = x[i] < 0 ? -x[i] : x[i];
-                amax = v > amax ? v : amax;
-            }
+            float amax = abs_max_scalar(x, len);
 #endif
             a->absmax[b] = amax;
-            float inv = 1.0f / (amax > 1e-38f ? amax : 1e-38f);
+            float inv = 1.0f / clamp_tiny(amax);
 #ifdef HAVE_QUANT_VEC
             codes_vec(x, len, inv, out);
 #else
             for (int64_t i = 0; i < len; i += 2) out[i / 2] = (uint8_t)(code_of(x[i] * inv) << 4 | code_of(x[i + 1] * inv));
 #endif
         } else { /* the last, partial block: divide, and pad an odd count with 0.0 (code 7) */
-            float amax = 0.0f;
-            for (int64_t i = 0; i < len; i++) {
-                float v = x[i] < 0 ? -x[i] : x[i];
-                amax = v > amax ? v : amax;
-            }
-            amax = amax > 1e-38f ? amax : 1e-38f;
+            float amax = clamp_tiny(abs_max_scalar(x, len));
             a->absmax[b] = amax;
             for (int64_t i = 0; i < len; i += 2) {
                 uint8_t second = i + 1 < len ? code_of(x[i + 1] / amax) : code_of(0.0f);
@@ -354,17 +368,15 @@ void lf_nf4_quantize(const float *x, int64_t n, int64_t blocksize, uint8_t *pack
  * Double quantization of the block absmax values (quantize_blockwise_8bit in nf4.py): centre on the
  * offset, scale each run of 256 by its absmax, map [-1, 1] to one of 65536 bins and read the code
  * from `lut` (65536 entries). The bin index is trunc(fp32(double(v) * 65535 + 0.5)), the reference's
- * emulation of bitsandbytes' fused multiply-add. A run whose absmax is 0 gets code 0. */
+ * emulation of bitsandbytes' fused multiply-add. A run whose absmax is 0 (or NaN) gets code 0, and so
+ * does a NaN value (where the reference would index out of range), so the table is never overread. */
 void lf_quantize_stats(const float *absmax, int64_t n, float offset, const uint8_t *lut, uint8_t *codes,
                        float *absmax2) {
     for (int64_t b0 = 0; b0 < n; b0 += 256) {
         int64_t len = n - b0 < 256 ? n - b0 : 256;
-        float centred[256], m = 0.0f;
-        for (int64_t i = 0; i < len; i++) {
-            centred[i] = absmax[b0 + i] - offset;
-            float v = centred[i] < 0 ? -centred[i] : centred[i];
-            m = v > m ? v : m;
-        }
+        float centred[256];
+        for (int64_t i = 0; i < len; i++) centred[i] = absmax[b0 + i] - offset;
+        float m = abs_max_scalar(centred, len);
         absmax2[b0 / 256] = m;
         float inv = m > 0 ? 1.0f / m : 0.0f;
         for (int64_t i = 0; i < len; i++) {
@@ -372,7 +384,7 @@ void lf_quantize_stats(const float *absmax, int64_t n, float offset, const uint8
             s = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
             float half = (s + 1.0f) * 0.5f;
             double bin = (double)half * 65535.0 + 0.5;
-            codes[b0 + i] = m > 0 ? lut[(int64_t)(float)bin] : 0;
+            codes[b0 + i] = (m > 0 && half == half) ? lut[(int64_t)(float)bin] : 0;
         }
     }
 }
