@@ -123,9 +123,9 @@ def test_nan_and_inf_follow_reference(lib, blocksize):
 
 
 def test_threads_split_on_block_boundaries(lib, monkeypatch):
-    """Three threads over an odd count, so chunks are uneven and the last block is partial."""
+    """Three threads taking ~10 chunks of an odd count: the last chunk is short, the last block partial."""
     monkeypatch.setattr(cnf4, "_threads", lambda numel: 3)
-    w = _weights(64 * 1001 + 33, seed=3)
+    w = _weights(64 * 5001 + 33, seed=3)
     for blocksize in (32, 64, 256):
         _check_quantize(lib, w, blocksize)
         _check_dequantize(lib, w, blocksize, double_quant=True)
@@ -142,6 +142,14 @@ def test_public_api_uses_kernel_and_matches():
             assert torch.equal(getattr(a, field), getattr(b, field)), field
         assert b.shape == w.shape and b.dtype == dtype
         assert torch.equal(b.dequantize(dtype, backend="c"), a.dequantize(dtype, backend="torch"))
+
+
+def test_large_output_matches_reference():
+    """A >= 32 MiB output (the kernel asks for huge pages there) split over threads."""
+    if cnf4.library() is None:
+        pytest.skip("the C kernel is unavailable here")
+    t = quantize_nf4(_weights((8 << 20) + 33, seed=2), backend="c")
+    assert torch.equal(t.dequantize(backend="c"), t.dequantize(backend="torch"))
 
 
 def test_undersized_tensors_are_refused():

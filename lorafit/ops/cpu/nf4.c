@@ -14,7 +14,9 @@
  */
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -49,7 +51,12 @@ int lf_simd_level(void) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Threads: fn(args, b0, b1) processes blocks [b0, b1); the caller's thread takes the first chunk. */
+ * Threads: fn(args, b0, b1) processes blocks [b0, b1). The calling thread and n_threads - 1 helpers
+ * take chunks of about 32K elements from a shared counter until none are left, so a helper that
+ * starts late or is preempted (the cores may be busy with other work) leaves its share to the others
+ * instead of holding up the call. Helpers are detached; the caller waits only for chunks that were
+ * taken. The shared state is on the heap and freed by whichever thread leaves it last, since a helper
+ * may first look at it after the caller has returned. */
 
 #define LF_MAX_THREADS 64
 
@@ -57,37 +64,56 @@ typedef void (*block_fn)(const void *args, int64_t b0, int64_t b1);
 
 typedef struct {
     block_fn fn;
-    const void *args;
-    int64_t b0, b1;
-} job_t;
+    const void *args; /* only read by a thread that took a chunk, so the caller is still waiting */
+    int64_t n_blocks, chunk;
+    int64_t next, done; /* atomics: first block not yet taken; blocks finished */
+    int refs;           /* atomic: threads still using this struct */
+} work_t;
 
-static void *run_job(void *p) {
-    job_t *j = (job_t *)p;
-    j->fn(j->args, j->b0, j->b1);
+static void take_chunks(work_t *w) {
+    for (;;) {
+        int64_t b0 = __atomic_fetch_add(&w->next, w->chunk, __ATOMIC_RELAXED);
+        if (b0 >= w->n_blocks) return;
+        int64_t b1 = b0 + w->chunk < w->n_blocks ? b0 + w->chunk : w->n_blocks;
+        w->fn(w->args, b0, b1);
+        __atomic_fetch_add(&w->done, b1 - b0, __ATOMIC_RELEASE);
+    }
+}
+
+static void release(work_t *w) {
+    if (__atomic_sub_fetch(&w->refs, 1, __ATOMIC_ACQ_REL) == 0) free(w);
+}
+
+static void *helper(void *p) {
+    take_chunks((work_t *)p);
+    release((work_t *)p);
     return NULL;
 }
 
-static void parallel_blocks(block_fn fn, const void *args, int64_t n_blocks, int n_threads) {
+static void parallel_blocks(block_fn fn, const void *args, int64_t n_blocks, int64_t blocksize, int n_threads) {
+    int64_t chunk = blocksize >= 32768 ? 1 : 32768 / blocksize;
     if (n_threads > LF_MAX_THREADS) n_threads = LF_MAX_THREADS;
-    if (n_threads > n_blocks) n_threads = (int)n_blocks;
-    if (n_threads <= 1) {
+    work_t *w = n_threads > 1 && n_blocks > chunk ? malloc(sizeof(work_t)) : NULL;
+    if (w == NULL) {
         fn(args, 0, n_blocks);
         return;
     }
-    job_t jobs[LF_MAX_THREADS];
-    pthread_t tids[LF_MAX_THREADS];
-    int started[LF_MAX_THREADS] = {0};
-    for (int t = 0; t < n_threads; t++) {
-        jobs[t] = (job_t){fn, args, n_blocks * t / n_threads, n_blocks * (t + 1) / n_threads};
-    }
+    *w = (work_t){fn, args, n_blocks, chunk, 0, 0, 1};
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     for (int t = 1; t < n_threads; t++) {
-        started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+        pthread_t tid;
+        __atomic_add_fetch(&w->refs, 1, __ATOMIC_RELAXED);
+        if (pthread_create(&tid, &attr, helper, w) != 0) {
+            __atomic_sub_fetch(&w->refs, 1, __ATOMIC_RELAXED); /* no thread: the others share its work */
+            break;
+        }
     }
-    run_job(&jobs[0]);
-    for (int t = 1; t < n_threads; t++) {
-        if (started[t]) pthread_join(tids[t], NULL);
-        else run_job(&jobs[t]); /* could not start a thread: do its share here */
-    }
+    pthread_attr_destroy(&attr);
+    take_chunks(w);
+    while (__atomic_load_n(&w->done, __ATOMIC_ACQUIRE) < n_blocks) sched_yield(); /* a helper's last chunk */
+    release(w);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -230,7 +256,7 @@ void lf_nf4_dequantize(const uint8_t *packed, int64_t n, int64_t blocksize, cons
     dequant_args a = {packed, n, blocksize, absmax, qabsmax, code2, absmax2, offset, out};
     advise_huge_pages(out, (size_t)n * (out_bf16 ? 2 : 4));
     int64_t n_blocks = (n + blocksize - 1) / blocksize;
-    parallel_blocks(out_bf16 ? dequant_blocks_bf16 : dequant_blocks_f32, &a, n_blocks, n_threads);
+    parallel_blocks(out_bf16 ? dequant_blocks_bf16 : dequant_blocks_f32, &a, n_blocks, blocksize, n_threads);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -361,7 +387,7 @@ static void quant_blocks(const void *args, int64_t b0, int64_t b1) {
 /* x: n floats -> packed: ceil(n / 2) bytes, absmax: ceil(n / blocksize) floats. */
 void lf_nf4_quantize(const float *x, int64_t n, int64_t blocksize, uint8_t *packed, float *absmax, int n_threads) {
     quant_args a = {x, n, blocksize, packed, absmax};
-    parallel_blocks(quant_blocks, &a, (n + blocksize - 1) / blocksize, n_threads);
+    parallel_blocks(quant_blocks, &a, (n + blocksize - 1) / blocksize, blocksize, n_threads);
 }
 
 /* ------------------------------------------------------------------------------------------------

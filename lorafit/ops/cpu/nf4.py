@@ -20,9 +20,11 @@ from lorafit.ops.cpu import build
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("nf4.c")
-# Below this many elements (about 60 us of single-thread dequantization) starting a second thread costs
-# about as much as it saves.
+# Threads only pay for their start-up (tens of microseconds) above about 2**20 elements, and each
+# one needs about 2**19 elements of work; the kernel hands out work in small chunks, so a thread that
+# starts late on a busy machine does not delay the call.
 PARALLEL_MIN_NUMEL = 1 << 20
+NUMEL_PER_THREAD = 1 << 19
 
 _p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -65,7 +67,9 @@ def describe() -> str:
 
 
 def _threads(numel: int) -> int:
-    return torch.get_num_threads() if numel >= PARALLEL_MIN_NUMEL else 1
+    if numel < PARALLEL_MIN_NUMEL:
+        return 1
+    return max(1, min(torch.get_num_threads(), numel // NUMEL_PER_THREAD))
 
 
 def quantize_4bit(flat: torch.Tensor, blocksize: int, lib: ctypes.CDLL) -> tuple[torch.Tensor, torch.Tensor]:
