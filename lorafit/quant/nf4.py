@@ -29,6 +29,7 @@ fails; set LORAFIT_NO_COMPILE=1 to skip it). All paths give the same bytes.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.ops.cpu import nf4 as cnf4
 
 # The 16 NF4 levels from the QLoRA paper (quantiles of N(0, 1), normalized to [-1, 1], exact zero).
 NF4_LEVELS: tuple[float, ...] = (
@@ -152,8 +154,6 @@ class NF4Tensor:
         lib = _cpu_kernel(self.packed.device, backend)
         if lib is None:
             return dequantize_nf4_packed(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
-        from lorafit.ops.cpu import nf4 as cnf4
-
         packed = self.packed.contiguous()
         if not self.double_quant:
             return cnf4.dequantize_4bit(packed, self.shape, self.blocksize, dtype, lib,
@@ -280,14 +280,12 @@ def _quantize_4bit_torch(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tens
     return packed, absmax
 
 
-def _cpu_kernel(device: torch.device, backend: str):
+def _cpu_kernel(device: torch.device, backend: str) -> ctypes.CDLL | None:
     """The NF4 C kernel library when `backend` allows it for tensors on `device`, else None."""
     if backend not in BACKENDS:
         raise LorafitError(f"unknown NF4 backend {backend!r}; use one of {BACKENDS}")
     if backend == "torch" or device.type != "cpu":
         return None
-    from lorafit.ops.cpu import nf4 as cnf4
-
     lib = cnf4.library()
     if lib is None and backend == "c":
         raise LorafitError("the NF4 C kernel is unavailable (LORAFIT_NO_CKERNEL=1, no C compiler, or it failed to build)")
@@ -310,8 +308,6 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     flat = weight.detach().reshape(-1).float()
     lib = _cpu_kernel(flat.device, backend)
     if lib is not None:
-        from lorafit.ops.cpu import nf4 as cnf4
-
         packed, absmax = cnf4.quantize_4bit(flat.contiguous(), blocksize, lib)
     else:
         packed, absmax = _quantize_4bit_torch(flat, blocksize)

@@ -103,9 +103,11 @@ def dequantize_4bit(packed: torch.Tensor, shape: torch.Size | tuple[int, ...], b
     out = torch.empty(shape, dtype=dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
     n = out.numel()
     n_blocks = -(-n // blocksize)
-    sizes = [(packed, (n + 1) // 2), (absmax, n_blocks), (qabsmax, n_blocks), (code2, 256), (absmax2, -(-n_blocks // 256))]
-    if any(t is not None and t.numel() < size for t, size in sizes):  # the kernel must not read past them
-        raise LorafitError(f"NF4 tensors too small for shape {tuple(shape)}: {[None if t is None else t.numel() for t, _ in sizes]}")
+    needed = {"packed": (packed, (n + 1) // 2), "absmax": (absmax, n_blocks), "qabsmax": (qabsmax, n_blocks),
+              "code2": (code2, 256), "absmax2": (absmax2, -(-n_blocks // 256))}
+    for name, (t, size) in needed.items():  # the kernel must not read past the end of any of them
+        if t is not None and t.numel() < size:
+            raise LorafitError(f"NF4 {name} has {t.numel()} elements, shape {tuple(shape)} needs {size}")
 
     def ptr(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
