@@ -1,7 +1,8 @@
 """NF4 quantize/dequantize throughput, lorafit vs bitsandbytes, on the same tensors.
 
-Prints the machine, then for each shape parameters/s and GB/s (bytes of the dense fp32 tensor) and the
-lorafit/bitsandbytes speed ratio; on CUDA it also prints the measured device copy bandwidth as the limit.
+Prints the machine (on CPU also lorafit's backend: its C kernel or the PyTorch fallback), then for each
+shape parameters/s and GB/s (bytes of the dense fp32 tensor) and the lorafit/bitsandbytes speed ratio;
+on CUDA it also prints the measured device copy bandwidth as the limit.
 Run: python bench/nf4.py [--repeat N] [--device cpu|cuda]
 """
 
@@ -42,6 +43,10 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print(f"date {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {dev}")
     print(f"cpu {cpu_model()}  cores {os.cpu_count()}  torch threads {torch.get_num_threads()}")
+    if dev.type == "cpu":
+        from lorafit.ops.cpu.nf4 import describe
+
+        print(f"lorafit NF4 CPU backend: {describe()}")
     if dev.type == "cuda":
         x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
         t = _best(lambda: x.clone(), args.repeat, sync)

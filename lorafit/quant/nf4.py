@@ -19,13 +19,17 @@ Everything here reproduces bitsandbytes' CPU results byte for byte (tests/parity
   below it. We build the same table and emulate the fused multiply-add in float64 followed by one
   rounding to fp32, which gives the same truncation. A block whose absmax is 0 gets code 0.
 
-The hot loops are plain vectorized PyTorch. For tensors of 2**20 elements or more, quantization runs a
+On CPU both directions run a small C kernel (lorafit/ops/cpu/nf4.c, compiled on first use) that
+repeats this arithmetic in the same order; the PyTorch code here is the reference it is tested against
+and the fallback (no compiler, other devices, LORAFIT_NO_CKERNEL=1, or backend="torch"). Its hot loops
+are plain vectorized PyTorch; for tensors of 2**20 elements or more, quantization runs a
 `torch.compile`d version of the same arithmetic fused into one pass (falling back to eager if compiling
-fails; set LORAFIT_NO_COMPILE=1 to skip it); both give the same bytes.
+fails; set LORAFIT_NO_COMPILE=1 to skip it). All paths give the same bytes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.ops.cpu import nf4 as cnf4
 
 # The 16 NF4 levels from the QLoRA paper (quantiles of N(0, 1), normalized to [-1, 1], exact zero).
 NF4_LEVELS: tuple[float, ...] = (
@@ -61,6 +66,7 @@ _NF4_MIDPOINTS: tuple[float, ...] = tuple(
 )
 _LUT_BINS = 65536
 _COMPILE_MIN_NUMEL = 1 << 20  # below this, eager is fast enough and compiling is not worth its start-up
+BACKENDS = ("auto", "c", "torch")
 
 
 @functools.cache
@@ -140,9 +146,23 @@ class NF4Tensor:
         assert self.code2 is not None and self.offset is not None and self.state2 is not None
         return dequantize_blockwise_8bit(self.absmax, self.state2, self.code2) + self.offset
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as a dense `dtype` tensor of the original shape (computed in fp32, then cast)."""
-        return dequantize_nf4_packed(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+        """The weight as a dense `dtype` tensor of the original shape (computed in fp32, then cast).
+
+        backend: as in `quantize_nf4`; the C kernel and the PyTorch reference give equal tensors.
+        """
+        lib = _cpu_kernel(self.packed.device, backend)
+        if lib is None:
+            return dequantize_nf4_packed(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+        packed = self.packed.contiguous()
+        if not self.double_quant:
+            return cnf4.dequantize_4bit(packed, self.shape, self.blocksize, dtype, lib,
+                                        absmax=self.absmax.float().contiguous())
+        assert self.code2 is not None and self.offset is not None and self.state2 is not None
+        return cnf4.dequantize_4bit(packed, self.shape, self.blocksize, dtype, lib,
+                                    qabsmax=self.absmax.to(torch.uint8).contiguous(),
+                                    code2=self.code2.float().contiguous(), absmax2=self.state2.float().contiguous(),
+                                    offset=float(self.offset))
 
     def storage_tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.packed, self.absmax, self.state2, self.code2, self.offset) if t is not None]
@@ -236,15 +256,8 @@ def _pack_full_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (codes[:, 0] << 4) | codes[:, 1], absmax
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """Quantize `weight` (fp32/bf16/fp16, any shape) to NF4; byte-identical to bitsandbytes on CPU."""
-    if blocksize not in VALID_BLOCKSIZES:
-        raise LorafitError(f"NF4 blocksize {blocksize} is not supported; use one of {VALID_BLOCKSIZES}")
-    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise LorafitError(f"NF4 quantization needs a float32/bfloat16/float16 tensor, got {weight.dtype}")
-    if weight.numel() == 0:
-        raise LorafitError(f"cannot NF4-quantize an empty tensor of shape {tuple(weight.shape)}")
-    flat = weight.detach().reshape(-1).float()
+def _quantize_4bit_torch(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: (n,) fp32 -> ((ceil(n / 2),) packed uint8, (n_blocks,) fp32 absmax)."""
     n = flat.numel()
     rem = n % blocksize
     full = n - rem
@@ -264,10 +277,48 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         absmaxes.append(am.reshape(1))
     packed = torch.cat(parts) if len(parts) > 1 else parts[0]
     absmax = torch.cat(absmaxes) if len(absmaxes) > 1 else absmaxes[0]
+    return packed, absmax
+
+
+def _cpu_kernel(device: torch.device, backend: str) -> ctypes.CDLL | None:
+    """The NF4 C kernel library when `backend` allows it for tensors on `device`, else None."""
+    if backend not in BACKENDS:
+        raise LorafitError(f"unknown NF4 backend {backend!r}; use one of {BACKENDS}")
+    if backend == "torch" or device.type != "cpu":
+        return None
+    lib = cnf4.library()
+    if lib is None and backend == "c":
+        raise LorafitError("the NF4 C kernel is unavailable (LORAFIT_NO_CKERNEL=1, no C compiler, or it failed to build)")
+    return lib
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 backend: str = "auto") -> NF4Tensor:
+    """Quantize `weight` (fp32/bf16/fp16, any shape) to NF4; byte-identical to bitsandbytes on CPU.
+
+    backend: "auto" uses the C kernel (lorafit.ops.cpu) for CPU tensors when it is available, "c"
+    requires it, "torch" runs the PyTorch reference. All give the same bytes.
+    """
+    if blocksize not in VALID_BLOCKSIZES:
+        raise LorafitError(f"NF4 blocksize {blocksize} is not supported; use one of {VALID_BLOCKSIZES}")
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise LorafitError(f"NF4 quantization needs a float32/bfloat16/float16 tensor, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise LorafitError(f"cannot NF4-quantize an empty tensor of shape {tuple(weight.shape)}")
+    flat = weight.detach().reshape(-1).float()
+    lib = _cpu_kernel(flat.device, backend)
+    if lib is not None:
+        packed, absmax = cnf4.quantize_4bit(flat.contiguous(), blocksize, lib)
+    else:
+        packed, absmax = _quantize_4bit_torch(flat, blocksize)
     out = NF4Tensor(packed=packed, absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean()
-        out.absmax, out.state2 = quantize_blockwise_8bit(absmax - offset, STATS_BLOCKSIZE)
+        if lib is not None:
+            out.absmax, out.state2 = cnf4.quantize_stats(absmax, offset.item(), _dynamic_lut(flat.device),
+                                                         STATS_BLOCKSIZE, lib)
+        else:
+            out.absmax, out.state2 = quantize_blockwise_8bit(absmax - offset, STATS_BLOCKSIZE)
         out.code2 = dynamic_map(flat.device).clone()
         out.offset = offset
     return out

@@ -11,38 +11,42 @@ F = pytest.importorskip("bitsandbytes.functional")
 from lorafit.quant.nf4 import dynamic_map, quantize_nf4  # noqa: E402
 
 
-def _check(w: torch.Tensor) -> None:
+def _check(w: torch.Tensor, backend: str = "auto") -> None:
+    """backend "auto" runs the C kernel where it builds (lorafit/ops/cpu), "torch" the reference."""
     p, s = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    t = quantize_nf4(w)
+    t = quantize_nf4(w, backend=backend)
     assert torch.equal(t.packed, p.view(-1))
     assert torch.equal(t.absmax, s.absmax)
     assert torch.equal(t.state2, s.state2.absmax)
     assert torch.equal(t.offset, s.offset)
     assert torch.equal(t.code2, s.state2.code)
     ref = F.dequantize_4bit(p, s)
-    assert (t.dequantize(w.dtype).float() - ref.float()).abs().max() <= 1e-6
+    assert (t.dequantize(w.dtype, backend=backend).float() - ref.float()).abs().max() <= 1e-6
 
 
 def test_dynamic_map_matches():
     assert torch.equal(dynamic_map(), F.create_dynamic_map())
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 64), (3, 5), (7,), (300, 777), (576, 1536), (129, 257)])
-def test_random_weights_byte_identical(shape, dtype):
+def test_random_weights_byte_identical(shape, dtype, backend):
     torch.manual_seed(0)
-    _check((torch.randn(shape) * 0.02).to(dtype))
+    _check((torch.randn(shape) * 0.02).to(dtype), backend)
 
 
-def test_compiled_path_byte_identical(monkeypatch):
-    """Tensors >= 2**20 elements take the fused (torch.compile) path; it must give the same bytes."""
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_large_tensor_byte_identical(backend):
+    """>= 2**20 elements: the reference takes its fused (torch.compile) path, the C kernel uses threads."""
     torch.manual_seed(1)
-    _check(torch.randn(1024, 1030) * 0.05)  # 1024*1030 = 2**20 + 6144, not a multiple of 64*256
+    _check(torch.randn(1024, 1030) * 0.05, backend)  # 1024*1030 = 2**20 + 6144, not a multiple of 64*256
 
 
-def test_zero_and_constant_blocks():
-    _check(torch.zeros(128, 64))
-    _check(torch.ones(64, 70))
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_zero_and_constant_blocks(backend):
+    _check(torch.zeros(128, 64), backend)
+    _check(torch.ones(64, 70), backend)
 
 
 @pytest.fixture(scope="module")
