@@ -71,10 +71,10 @@ CPU_BASELINE_GB = 424 / 1024
 # sources, not measured one by one: HF's RMSNorm keeps its fp32 intermediates, RoPE keeps rotate_half
 # copies, GQA repeats k/v to all heads, and glibc malloc keeps freed blocks resident). Fitted once
 # to the peak RSS (VmHWM) of SmolLM2-135M, LoRA r=16 on all linears, 2 AdamW steps of lorafit's
-# Trainer, seq 256, no gradient checkpointing, fp32 (LoRA) and NF4 (QLoRA) base, batch 1, 2 and 4:
-# the factor that makes each estimate exact was 1.60 / 1.45 / 1.38 (LoRA) and 1.67 / 1.59 / 1.50
-# (QLoRA); 1.5, rounded from their middle, keeps all six within 5% of the measured peak.
-CPU_ACTIVATION_FACTOR = 1.5
+# Trainer (GatedMLP, chunked loss), seq 256, no gradient checkpointing, fp32 (LoRA) and NF4 (QLoRA)
+# base, batch 1 and 2 (2026-11-23): the factor that makes each estimate exact was 1.74 / 1.67 (LoRA)
+# and 2.04 / 1.99 (QLoRA); 1.85, from their middle, keeps all four within 5% of the measured peak.
+CPU_ACTIVATION_FACTOR = 1.85
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,8 @@ class TrainSetup:
     loss_chunk: int | str | None = None
     """None: the plain loss materializes the full (B*S, vocab) logits; an int: lorafit's chunked loss
     with that many tokens per chunk; "auto": its default chunk for the vocabulary (what the Trainer uses)."""
+    fused_mlp: bool = True
+    """lorafit's GatedMLP (TrainConfig.fused_mlp): two, not four, (tokens x intermediate) tensors per block."""
     activation_factor: float | None = None
     """Calibration constant multiplying the activation term (fit it to one measured peak).
     None: 1.0 on cuda, CPU_ACTIVATION_FACTOR on cpu."""
@@ -289,7 +291,8 @@ def activation_bytes(setup: TrainSetup) -> float:
 
         4h       inputs and outputs of its two RMSNorms (the outputs feed the projections)
         2q+2kv   q, k, v after RoPE and the attention output (input of o_proj)
-        4i       gate, up, silu(gate) and silu(gate)*up (the input of down_proj)
+        4i       gate, up, silu(gate) and silu(gate)*up (the input of down_proj); 2i (gate and up)
+                 with lorafit's GatedMLP (`fused_mlp`, the Trainer's default), which recomputes the others
         r*n      LoRA only: the rank-r intermediate x@A of each of the n adapted linears
 
     Without checkpointing all L blocks keep that; with checkpointing each block keeps only its
@@ -305,7 +308,7 @@ def activation_bytes(setup: TrainSetup) -> float:
     """
     s = setup.shape
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    per_block = 4 * s.hidden + 2 * q + 2 * kv + 4 * s.intermediate
+    per_block = 4 * s.hidden + 2 * q + 2 * kv + (2 if setup.fused_mlp else 4) * s.intermediate
     if setup.method != "full":
         per_block += setup.rank * len(setup.targets)
     kept = s.layers * s.hidden + per_block if setup.grad_checkpointing else s.layers * per_block

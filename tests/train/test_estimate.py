@@ -145,8 +145,10 @@ def test_activation_formula_and_calibration_constant():
     e2 = estimate(
         TrainSetup(model="7B", batch=B, seq=S, rank=8, grad_checkpointing=False, activation_factor=2.5)
     )
-    per_block = 4 * s.hidden + 2 * s.hidden + 2 * s.hidden + 4 * s.intermediate + 8 * 7  # MHA: q = kv = h
+    per_block = 4 * s.hidden + 2 * s.hidden + 2 * s.hidden + 2 * s.intermediate + 8 * 7  # MHA: q = kv = h
     assert e1.activations == B * S * (s.layers * per_block + 2 * s.hidden) * 2
+    plain_mlp = estimate(TrainSetup(model="7B", batch=B, seq=S, rank=8, grad_checkpointing=False, fused_mlp=False))
+    assert plain_mlp.activations - e1.activations == B * S * s.layers * 2 * s.intermediate * 2  # silu, product
     assert e2.activations == pytest.approx(2.5 * e1.activations)
     assert e2.total - e1.total == pytest.approx(1.5 * e1.activations)  # only that term moves
     assert e1.logits == 2 * B * S * s.vocab * 4
