@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.ops import fused_lora
+from lorafit.ops import fused_lora, multi_lora
 from lorafit.ops import reference as ops
 
 
@@ -92,6 +92,9 @@ class LoraLayer(nn.Module):
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> DoRA factor used when merging
         self.disabled = False
         self.routing: list[tuple[str, torch.Tensor]] | None = None  # (adapter, its batch rows) while serving
+        self.row_plan: multi_lora.RowPlan | None = None  # the fast layout of `routing`, when it pays
+        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, A^T stack, B^T stack)
+        self._stack_trainable = False  # some stacked weight requires grad: train through the grouped path
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A0, B0)
 
     # -- adapters ---------------------------------------------------------------------------
@@ -99,6 +102,7 @@ class LoraLayer(nn.Module):
             use_dora: bool = False, init: str = "kaiming") -> None:
         if self.is_embedding and use_dora:
             raise ValueError("DoRA on embedding layers is not supported")
+        self._stacked = None
         dtype, device = _adapter_dtype(self.base_layer), _device(self.base_layer)
         A = torch.zeros(r, self.in_features, dtype=dtype, device=device)
         B = torch.zeros(self.out_features, r, dtype=dtype, device=device)
@@ -146,6 +150,7 @@ class LoraLayer(nn.Module):
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
+        self._stacked = None
         for store in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout):
             if name in store:
                 del store[name]
@@ -217,6 +222,9 @@ class LoraLayer(nn.Module):
         return y + (factor - 1) * base_out + factor * lora_out
 
     def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_plan is not None and not (torch.is_grad_enabled() and self._stack_trainable):
+            _, At, Bt = self._stacked  # a detached copy: only when no gradient should reach A and B
+            return multi_lora.lora_rows_stacked(x.to(At.dtype), At, Bt, self.row_plan)
         groups = [(rows, self.lora_A[n], self.lora_B[n], self.effective_scaling(n)) for n, rows in self.routing]
         if self.is_embedding:
             out = torch.zeros(*x.shape, self.out_features, dtype=self._adapter_dtype(), device=x.device)  # (B, T, dim)
@@ -260,11 +268,17 @@ class LoraLayer(nn.Module):
             write_weight(self.base_layer, W - self.delta_weight(name))
 
     # -- per-row routing (serving) ----------------------------------------------------------
-    def route(self, row_adapters: list[str | None]) -> None:
+    def route(self, row_adapters: list[str | None], plans: dict | None = None) -> None:
         """Give each batch row its own adapter (None = base only) until `unroute()`.
 
-        Only the row indices of each adapter are kept; the forward reads the adapters' own
-        weights, so routing copies nothing and a new batch composition costs next to nothing."""
+        Keeps each adapter's row indices (the grouped reference path, and embeddings) and, for
+        linear layers, the slot layout of `multi_lora` plus the present adapters' stacked weights.
+        The stack is cached across routes and rebuilt only when the set of adapters present or
+        their weights change, so a new batch composition over the same adapters copies no weight.
+        The stack is a detached copy, so a forward that may need gradients for A and B (grad
+        enabled, adapter trainable) takes the grouped path instead.
+        Scalings are read here: a scale change applies from the next `route`. `plans` lets
+        layers with the same adapters and scalings share one layout (`adapter_per_row` passes it)."""
         names = sorted({n for n in row_adapters if n is not None and n in self.lora_A})
         if any(n in self.lora_magnitude for n in names):
             raise ValueError("per-row routing supports LoRA adapters, not DoRA")
@@ -273,9 +287,36 @@ class LoraLayer(nn.Module):
         device = self.lora_A[names[0]].device if names else torch.device("cpu")
         self.routing = [(n, torch.tensor([i for i, r in enumerate(row_adapters) if r == n], device=device))
                         for n in names]
+        self.row_plan = self._plan(row_adapters, names, plans if plans is not None else {}) \
+            if names and not self.is_embedding else None
+
+    def _plan(self, row_adapters: list[str | None], names: list[str], plans: dict) -> multi_lora.RowPlan | None:
+        """The fast layout for this routing (None: keep the grouped path), stacking weights if needed."""
+        scales = [self.effective_scaling(n) for n in names]
+        A0 = self.lora_A[names[0]]
+        key = (tuple(row_adapters), tuple(names), tuple(scales), A0.dtype, A0.device)
+        if key not in plans:
+            index = {n: g for g, n in enumerate(names)}
+            plans[key] = multi_lora.plan_rows([index.get(r) for r in row_adapters], scales, dtype=A0.dtype,
+                                              device=A0.device, max_padding=multi_lora.MAX_PADDING)
+        if plans[key] is not None:
+            self._stack(names)
+        return plans[key]
+
+    def _stack(self, names: list[str]) -> None:
+        """Refresh the stacked A/B of `names` unless the cached stack is of exactly these weights."""
+        weights = [(self.lora_A[n], self.lora_B[n]) for n in names]
+        key = tuple((n, A.data_ptr(), A._version, B.data_ptr(), B._version) for n, (A, B) in zip(names, weights))
+        if self._stacked is None or self._stacked[0] != key:
+            # not an inference tensor even when routed under inference_mode: the cache outlives the call
+            with torch.inference_mode(False), torch.no_grad():
+                At, Bt = multi_lora.stack_adapters([A for A, _ in weights], [B for _, B in weights])
+            self._stacked = (key, At, Bt)
+        self._stack_trainable = any(A.requires_grad or B.requires_grad for A, B in weights)
 
     def unroute(self) -> None:
         self.routing = None
+        self.row_plan = None
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
