@@ -94,7 +94,7 @@ class LoraLayer(nn.Module):
         self.routing: list[tuple[str, torch.Tensor]] | None = None  # (adapter, its batch rows) while serving
         self.row_plan: multi_lora.RowPlan | None = None  # the fast layout of `routing`, when it pays
         self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, A^T stack, B^T stack)
-        self._stack_trainable = False  # some stacked weight requires grad: train through the grouped path
+        self._routing_trainable = False  # a routed adapter requires grad: the differentiable reference path
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A0, B0)
 
     # -- adapters ---------------------------------------------------------------------------
@@ -184,7 +184,7 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return y
         if self.routing is not None:
-            return y + self._routed_delta(x).to(y.dtype) if self.routing else y
+            return self._routed(x, y) if self.routing else y
         for name in self.active:
             if name in self.merged or name not in self.lora_A:
                 continue
@@ -221,17 +221,24 @@ class LoraLayer(nn.Module):
         lora_out = ops.lora_delta(h, A, B, s).to(y.dtype)
         return y + (factor - 1) * base_out + factor * lora_out
 
-    def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_plan is not None and not (torch.is_grad_enabled() and self._stack_trainable):
-            _, At, Bt = self._stacked  # a detached copy: only when no gradient should reach A and B
-            return multi_lora.lora_rows_stacked(x.to(At.dtype), At, Bt, self.row_plan)
-        groups = [(rows, self.lora_A[n], self.lora_B[n], self.effective_scaling(n)) for n, rows in self.routing]
+    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus each row's own adapter update (see `route`)."""
         if self.is_embedding:
             out = torch.zeros(*x.shape, self.out_features, dtype=self._adapter_dtype(), device=x.device)  # (B, T, dim)
-            for rows, A, B, s in groups:
+            for rows, A, B, s in self._row_groups():
                 out.index_copy_(0, rows, (F.embedding(x.index_select(0, rows), A.t()) @ B.t()) * s)
-            return out
-        return ops.lora_rows(x.to(self._adapter_dtype()), groups)
+            return y + out.to(y.dtype)
+        x = x.to(self._adapter_dtype())
+        if torch.is_grad_enabled() and self._routing_trainable:  # gradients for A and B: the reference
+            return y + ops.lora_rows(x, self._row_groups()).to(y.dtype)
+        if self.row_plan is not None and x.shape[:-1].numel() <= multi_lora.MAX_STACKED_TOKENS:
+            _, At, Bt = self._stacked  # decode: a few ops per layer for any number of adapters
+            return multi_lora.add_lora_rows_stacked_(y, x, At, Bt, self.row_plan)
+        return multi_lora.add_lora_rows_grouped_(y, x, self._row_groups())  # prefill: big matmuls, no padding
+
+    def _row_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """(rows, A, B, scaling) of each routed adapter, as `reference.lora_rows` takes them."""
+        return [(rows, self.lora_A[n], self.lora_B[n], self.effective_scaling(n)) for n, rows in self.routing]
 
     def _adapter_dtype(self) -> torch.dtype:
         return next(iter(self.lora_A.values())).dtype
@@ -275,8 +282,9 @@ class LoraLayer(nn.Module):
         linear layers, the slot layout of `multi_lora` plus the present adapters' stacked weights.
         The stack is cached across routes and rebuilt only when the set of adapters present or
         their weights change, so a new batch composition over the same adapters copies no weight.
-        The stack is a detached copy, so a forward that may need gradients for A and B (grad
-        enabled, adapter trainable) takes the grouped path instead.
+        The stack is a detached copy and the fast paths add into the base output in place, so a
+        forward that may need gradients for A and B (grad enabled, adapter trainable) takes the
+        reference path instead.
         Scalings are read here: a scale change applies from the next `route`. `plans` lets
         layers with the same adapters and scalings share one layout (`adapter_per_row` passes it)."""
         names = sorted({n for n in row_adapters if n is not None and n in self.lora_A})
@@ -287,6 +295,7 @@ class LoraLayer(nn.Module):
         device = self.lora_A[names[0]].device if names else torch.device("cpu")
         self.routing = [(n, torch.tensor([i for i, r in enumerate(row_adapters) if r == n], device=device))
                         for n in names]
+        self._routing_trainable = any(self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in names)
         self.row_plan = self._plan(row_adapters, names, plans if plans is not None else {}) \
             if names and not self.is_embedding else None
 
@@ -312,7 +321,6 @@ class LoraLayer(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 At, Bt = multi_lora.stack_adapters([A for A, _ in weights], [B for _, B in weights])
             self._stacked = (key, At, Bt)
-        self._stack_trainable = any(A.requires_grad or B.requires_grad for A, B in weights)
 
     def unroute(self) -> None:
         self.routing = None

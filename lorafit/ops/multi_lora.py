@@ -19,7 +19,9 @@ a padding slot, so they get exactly zero. Adapters of different ranks are zero-p
 largest; zero terms add exactly nothing. The math is the reference's; only the rounding order of
 the matmuls differs. Padding costs arithmetic when one adapter has far more rows than the others,
 so `plan_rows` declines (returns None) when the slots would outnumber the rows by `MAX_PADDING`,
-and the caller keeps the grouped reference for that batch.
+and the caller keeps the grouped path for that batch. The grouped path is also the better one for
+many tokens per row (prefill), where each matmul is big enough to hide its call overhead; the
+`add_*_` versions add into the base output in place, sparing a (B, T, out) buffer and a sum.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafit.ops.reference import lora_delta
+
 MAX_PADDING = 2.0  # slots / rows above which the grouped reference is cheaper
+MAX_STACKED_TOKENS = 256  # above this many tokens in the batch, grouped matmuls are cheaper (measured on CPU)
 
 
 @dataclass(frozen=True)
@@ -84,17 +89,39 @@ def stack_adapters(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torc
     return At, Bt
 
 
-def lora_rows_stacked(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, plan: RowPlan) -> torch.Tensor:
-    """Each row's own low-rank update, as `reference.lora_rows` computes it.
+def slot_deltas(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """The low-rank update of every slot (padding slots exactly zero): (n*m, ..., out).
 
-    x: (B, ..., in); At: (n, in, r_max); Bt: (n, r_max, out) -> (B, ..., out)
+    x: (B, ..., in); At: (n, in, r_max); Bt: (n, r_max, out)
     """
     n, m = plan.groups, plan.slots
-    mid = x.shape[1:-1]
     xs = x.index_select(0, plan.gather).view(n, -1, x.shape[-1])  # (n, m·T, in)
     h = torch.bmm(xs, At).view(n, m, -1, At.shape[2])  # (n, m, T, r)
     h = h * plan.scale[..., None]
     if plan.pad is not None:
         h = h.masked_fill(plan.pad[..., None], 0.0)
     out = torch.bmm(h.view(n, -1, h.shape[-1]), Bt)  # (n, m·T, out)
-    return out.view(n * m, *mid, Bt.shape[2]).index_select(0, plan.inverse)
+    return out.view(n * m, *x.shape[1:-1], Bt.shape[2])
+
+
+def lora_rows_stacked(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """Each row's own low-rank update, as `reference.lora_rows` computes it: (B, ..., out)."""
+    return slot_deltas(x, At, Bt, plan).index_select(0, plan.inverse)
+
+
+def add_lora_rows_stacked_(y: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor,
+                           plan: RowPlan) -> torch.Tensor:
+    """y += each row's update, in place (no (B, ..., out) delta is allocated): padding slots add
+    their exact zeros to row 0. Only where y need not be kept for autograd."""
+    return y.index_add_(0, plan.gather, slot_deltas(x, At, Bt, plan).to(y.dtype))
+
+
+def add_lora_rows_grouped_(y: torch.Tensor, x: torch.Tensor,
+                           groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """y += `reference.lora_rows(x, groups)`, in place, one adapter at a time.
+
+    For many tokens per row (prefill) the matmuls are big enough to hide their call overhead, and
+    this skips the stacked layout's padding and its large temporary buffers."""
+    for rows, A, B, scaling in groups:
+        y.index_add_(0, rows, lora_delta(x.index_select(0, rows), A, B, scaling).to(y.dtype))
+    return y

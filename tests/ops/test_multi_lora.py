@@ -27,8 +27,20 @@ def both(x: torch.Tensor, row_groups: list[int | None], ranks: list[int], scales
               for k, ((A, B), s) in enumerate(zip(weights, scales)) if k in row_groups]
     expected = ops.lora_rows(x, groups)
     plan = multi_lora.plan_rows(row_groups, scales, max_padding=float("inf"))
-    A_stack, B_stack = multi_lora.stack_adapters([A for A, _ in weights], [B for _, B in weights])
-    return multi_lora.lora_rows_stacked(x, A_stack, B_stack, plan), expected
+    At, Bt = multi_lora.stack_adapters([A for A, _ in weights], [B for _, B in weights])
+    return multi_lora.lora_rows_stacked(x, At, Bt, plan), expected
+
+
+def added(x: torch.Tensor, row_groups: list[int | None], ranks: list[int], scales: list[float]):
+    """(y + stacked in place, y + grouped in place, y + reference) for a random y."""
+    weights = adapters(ranks)
+    groups = [(torch.tensor([i for i, g in enumerate(row_groups) if g == k], dtype=torch.long), A, B, s)
+              for k, ((A, B), s) in enumerate(zip(weights, scales)) if k in row_groups]
+    y = torch.randn(*x.shape[:-1], OUT)
+    plan = multi_lora.plan_rows(row_groups, scales, max_padding=float("inf"))
+    At, Bt = multi_lora.stack_adapters([A for A, _ in weights], [B for _, B in weights])
+    return (multi_lora.add_lora_rows_stacked_(y.clone(), x, At, Bt, plan),
+            multi_lora.add_lora_rows_grouped_(y.clone(), x, groups), y + ops.lora_rows(x, groups), y)
 
 
 @pytest.mark.parametrize("shape", [(), (5,), (3, 2)])
@@ -46,6 +58,17 @@ def test_matches_reference(shape, row_groups):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     base = [i for i, g in enumerate(row_groups) if g is None]
     assert torch.equal(got[base], torch.zeros_like(got[base]))
+
+
+@pytest.mark.parametrize("row_groups", [[0, 1, 2, 0, 1, 2], [0, None, 1, None, 0, 2], [2, 2, 2, 2, 0, None]])
+def test_in_place_adds_match_reference(row_groups):
+    torch.manual_seed(2)
+    x = torch.randn(len(row_groups), 3, IN)
+    stacked, grouped, expected, y = added(x, row_groups, ranks=[4, 8, 2], scales=[0.5, 2.0, 1.25])
+    torch.testing.assert_close(stacked, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
+    base = [i for i, g in enumerate(row_groups) if g is None]
+    assert torch.equal(stacked[base], y[base]) and torch.equal(grouped[base], y[base])
 
 
 def test_rows_with_no_adapter_stay_zero_next_to_an_overflowed_row():
