@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 import lorafit as lf
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.io import read_adapter
+from lorafit.serve.kvcache import AppendCache
 
 log = logging.getLogger("lorafit.serve")
 
@@ -110,13 +110,13 @@ class _Batch:
     """Running rows and their KV cache: mask (B, L) with each row's real tokens right-aligned."""
 
     rows: list[Request]
-    cache: DynamicCache
+    cache: AppendCache
     mask: torch.Tensor  # (B, L) long
     positions: torch.Tensor  # (B,) the position id of each row's next token
     last: torch.Tensor  # (B,) each row's last sampled token, the next step's input
 
 
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _kv(cache: AppendCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -134,7 +134,7 @@ def merge_batches(a: _Batch, b: _Batch) -> _Batch:
     kv = [(torch.cat([_left_pad(ka, length, 2), _left_pad(kb, length, 2)]),
            torch.cat([_left_pad(va, length, 2), _left_pad(vb, length, 2)]))
           for (ka, va), (kb, vb) in zip(_kv(a.cache), _kv(b.cache))]
-    return _Batch(a.rows + b.rows, DynamicCache(ddp_cache_data=kv),
+    return _Batch(a.rows + b.rows, AppendCache.from_kv(kv),
                   torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)]),
                   torch.cat([a.positions, b.positions]), torch.cat([a.last, b.last]))
 
@@ -147,7 +147,7 @@ def select_rows(batch: _Batch, keep: list[int]) -> _Batch | None:
     mask = batch.mask[index]
     start = int((mask.sum(0) > 0).nonzero()[0])  # rows are right-aligned: padding is a prefix
     kv = [(k[index, :, start:], v[index, :, start:]) for k, v in _kv(batch.cache)]
-    return _Batch([batch.rows[i] for i in keep], DynamicCache(ddp_cache_data=kv), mask[:, start:],
+    return _Batch([batch.rows[i] for i in keep], AppendCache.from_kv(kv), mask[:, start:],
                   batch.positions[index], batch.last[index])
 
 
@@ -444,7 +444,7 @@ class Engine:
             mask[i, length - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = AppendCache()
         logits = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache)
         last = self._sample(logits, rows)
