@@ -177,6 +177,30 @@ class _Router:
         self.stack = self.key = None
 
 
+MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix does not pay for its extra forward
+
+
+def shared_prefixes(rows: list[Request]) -> tuple[list[tuple[list[Request], int]], list[Request]]:
+    """([(rows, prefix length)], other rows): rows on the same adapter whose prompts start alike.
+
+    A burst of chat requests repeats its system prompt; on one adapter those tokens give the same
+    KV in every row, so prefill can compute them once per adapter (on different adapters they
+    differ: adapted k/v projections). Each row keeps at least one token of its own to prefill."""
+    by_adapter: dict[str | None, list[Request]] = {}
+    for r in rows:
+        by_adapter.setdefault(r.internal, []).append(r)
+    groups, plain = [], []
+    for members in by_adapter.values():
+        prompts = [r.prompt_ids for r in members]
+        common = next((i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1), min(map(len, prompts)))
+        common = min(common, min(map(len, prompts)) - 1)
+        if len(members) > 1 and common >= MIN_SHARED_PREFIX:
+            groups.append((members, common))
+        else:
+            plain += members
+    return groups, plain
+
+
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     gen = getattr(model, "generation_config", None)
@@ -213,8 +237,10 @@ class Engine:
     (called from the scheduler thread). `start()` runs the scheduler; `stop()` ends it."""
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
-                 max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024) -> None:
+                 max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024,
+                 share_prefixes: bool = True) -> None:
         self.model = model.eval()
+        self.share_prefixes = share_prefixes  # prefill a prompt prefix common to rows on one adapter once
         self.tokenizer = tokenizer
         # the scheduler decodes with its own copy, so it never shares tokenizer state with the HTTP thread
         self._detokenizer = copy.deepcopy(tokenizer)
@@ -436,17 +462,55 @@ class Engine:
         return out.logits[:, -1].float()  # (B, vocab)
 
     def _prefill(self, rows: list[Request]) -> _Batch:
-        length = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, length - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        """Prefill newly admitted rows; rows that share an adapter and a prompt prefix compute
+        that prefix once (see `shared_prefixes`), the rest are prefilled as they are."""
+        groups, plain = shared_prefixes(rows) if self.share_prefixes else ([], rows)
+        parts = ([self._prefill_plain(plain)] if plain else []) + ([self._prefill_shared(groups)] if groups else [])
+        return parts[0] if len(parts) == 1 else merge_batches(*parts)
+
+    def _left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask), each (len(seqs), longest), every sequence right-aligned."""
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, length - len(s):] = torch.tensor(s)
+                mask[i, length - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _prefill_plain(self, rows: list[Request]) -> _Batch:
+        ids, mask = self._left_padded([r.prompt_ids for r in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = AppendCache()
         logits = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache)
+        return self._started(rows, cache, mask, logits)
+
+    def _prefill_shared(self, groups: list[tuple[list[Request], int]]) -> _Batch:
+        """One forward over each group's shared prefix (one row per group), its KV copied to every
+        row of the group, then one forward over every row's own rest of the prompt.
+
+        The KV layout is [prefix, left-padded; rest, left-padded]: padding columns in the middle
+        are masked like any other, and position ids continue from each group's prefix length."""
+        heads = [members[0] for members, _ in groups]
+        ids, mask = self._left_padded([head.prompt_ids[:p] for head, (_, p) in zip(heads, groups)])
+        cache = AppendCache()
+        self._forward(heads, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                      past_key_values=cache)
+        rows = [r for members, _ in groups for r in members]
+        owner = torch.tensor([g for g, (members, _) in enumerate(groups) for _ in members], device=self.device)
+        starts = [p for members, p in groups for _ in members]
+        cache = AppendCache.from_kv([(k.index_select(0, owner), v.index_select(0, owner)) for k, v in _kv(cache)])
+        rest_ids, rest_mask = self._left_padded([r.prompt_ids[p:] for r, p in zip(rows, starts)])
+        mask = torch.cat([mask.index_select(0, owner), rest_mask], dim=1)
+        positions = torch.tensor(starts, device=self.device)[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(rows, input_ids=rest_ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache)
+        return self._started(rows, cache, mask, logits)
+
+    def _started(self, rows: list[Request], cache: AppendCache, mask: torch.Tensor, logits: torch.Tensor) -> _Batch:
+        """The prefilled rows as a running batch, their first token sampled and sent."""
         last = self._sample(logits, rows)
         batch = _Batch(rows, cache, mask, mask.sum(-1), last)
         self._emit(rows, last)
