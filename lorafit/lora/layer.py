@@ -300,7 +300,23 @@ class LoraLayer(nn.Module):
             if names and not self.is_embedding else None
 
     def _plan(self, row_adapters: list[str | None], names: list[str], plans: dict) -> multi_lora.RowPlan | None:
-        """The fast layout for this routing (None: keep the grouped path), stacking weights if needed."""
+        """The fast layout for this routing (None: keep the grouped path), stacking weights if needed.
+
+        A cached stack that holds every adapter present is reused as it is, its absent adapters
+        left as empty (padding) groups, so a batch whose adapters only leave never restacks;
+        only when that padding costs too much, or an adapter joins, are `names` stacked anew."""
+        cached = self._cached_stack_names()
+        if cached is not None and set(names) <= set(cached):
+            plan = self._layout(row_adapters, cached, plans)
+            if plan is not None:
+                return plan
+        plan = self._layout(row_adapters, names, plans)
+        if plan is not None:
+            self._stack(names)
+        return plan
+
+    def _layout(self, row_adapters: list[str | None], names: list[str], plans: dict) -> multi_lora.RowPlan | None:
+        """`multi_lora.plan_rows` with stack order `names`; shared through `plans` by layers alike."""
         scales = [self.effective_scaling(n) for n in names]
         A0 = self.lora_A[names[0]]
         key = (tuple(row_adapters), tuple(names), tuple(scales), A0.dtype, A0.device)
@@ -308,18 +324,29 @@ class LoraLayer(nn.Module):
             index = {n: g for g, n in enumerate(names)}
             plans[key] = multi_lora.plan_rows([index.get(r) for r in row_adapters], scales, dtype=A0.dtype,
                                               device=A0.device, max_padding=multi_lora.MAX_PADDING)
-        if plans[key] is not None:
-            self._stack(names)
         return plans[key]
+
+    def _stack_key(self, names: list[str]) -> tuple:
+        """Identifies the current weights of `names`: any in-place change bumps a version."""
+        return tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version, self.lora_B[n].data_ptr(),
+                      self.lora_B[n]._version) for n in names)
+
+    def _cached_stack_names(self) -> list[str] | None:
+        """The adapters of the cached stack, if it still holds their current weights."""
+        if self._stacked is None:
+            return None
+        names = [entry[0] for entry in self._stacked[0]]
+        if not all(n in self.lora_A for n in names) or self._stack_key(names) != self._stacked[0]:
+            return None
+        return names
 
     def _stack(self, names: list[str]) -> None:
         """Refresh the stacked A/B of `names` unless the cached stack is of exactly these weights."""
-        weights = [(self.lora_A[n], self.lora_B[n]) for n in names]
-        key = tuple((n, A.data_ptr(), A._version, B.data_ptr(), B._version) for n, (A, B) in zip(names, weights))
+        key = self._stack_key(names)
         if self._stacked is None or self._stacked[0] != key:
             # not an inference tensor even when routed under inference_mode: the cache outlives the call
             with torch.inference_mode(False), torch.no_grad():
-                At, Bt = multi_lora.stack_adapters([A for A, _ in weights], [B for _, B in weights])
+                At, Bt = multi_lora.stack_adapters([self.lora_A[n] for n in names], [self.lora_B[n] for n in names])
             self._stacked = (key, At, Bt)
 
     def unroute(self) -> None:

@@ -245,6 +245,25 @@ def test_stacked_weights_follow_changes(ids):
     assert model.model.layers[0].self_attn.q_proj.lora_A["a"].grad is not None
 
 
+def test_adapters_leaving_the_batch_reuse_the_stack(ids):
+    """A batch over a subset of the stacked adapters keeps the stack (absent ones are padding)."""
+    model, rows, batch = _mixed_setup(ids)  # rows use "a" and "b"
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad(), lf.adapter_per_row(model, rows):
+        model(batch)
+    stack = layer._stacked[1]
+    fewer = ["a", None, "a", "a"]
+    with torch.no_grad(), lf.adapter_per_row(model, fewer):
+        assert layer._stacked[1] is stack and layer.row_plan.groups == 2
+        mixed = model(batch).logits
+    lf.set_adapter(model, "a")
+    with torch.no_grad():
+        expected = model(batch).logits
+        with lf.disable_adapters(model):
+            expected[1] = model(batch[1:2]).logits[0]
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+
+
 def test_embedding_and_modules_to_save(ids, tmp_path):
     model = MAKERS["llama"]()
     base = model(ids).logits
