@@ -4,7 +4,10 @@ A single scheduler thread owns every forward pass. Requests wait in a queue; eac
 decodes one token for every running row and then admits waiting requests (prefilling them in one
 forward and splicing their KV cache into the running batch), so a new request never waits for a
 long one to finish (continuous batching). Rows with different adapters share every forward
-through `lorafit.adapter_per_row`, so eight adapters cost one base matmul per layer, not eight.
+through `lorafit.adapter_per_row`, so eight adapters cost one base matmul per layer, not eight
+(plus two batched low-rank matmuls, `lorafit.ops.multi_lora`). Requests admitted together on
+one adapter whose prompts start alike (a chat template's system prompt) prefill that prefix
+once. The KV cache (`kvcache.AppendCache`) appends each step's column in place.
 
 Adapters come and go at run time. A request holds a reference on the adapter it was submitted
 with, so `unload_adapter` only hides the name from new requests; the weights leave the model
@@ -14,7 +17,8 @@ forward never overlap.
 
 Rows are left-padded and right-aligned: every row's real tokens end at the last KV column,
 so merging two batches is a left pad of the shorter cache, and per-row position ids keep each
-row's rotary positions independent of the padding.
+row's rotary positions independent of the padding (a shared-prefix prefill also leaves masked
+padding between a row's prefix and the rest of its prompt).
 """
 
 from __future__ import annotations
@@ -154,8 +158,8 @@ def select_rows(batch: _Batch, keep: list[int]) -> _Batch | None:
 class _Router:
     """Keeps `adapter_per_row` entered across decode steps while the batch's rows don't change.
 
-    Routing stacks every adapter's A and B in every layer; redoing that each token would cost a
-    good part of a decode step. Only the scheduler uses it, and only under `model_lock`; load and
+    Routing builds each layer's row layout (and stacks A and B when an adapter joins the batch);
+    redoing that each token would cost a good part of a decode step. Only the scheduler uses it, and only under `model_lock`; load and
     delete close it (under the same lock) before touching the model."""
 
     def __init__(self, model: nn.Module) -> None:
