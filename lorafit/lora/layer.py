@@ -93,7 +93,8 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.routing: list[tuple[str, torch.Tensor]] | None = None  # (adapter, its batch rows) while serving
         self.row_plan: multi_lora.RowPlan | None = None  # the fast layout of `routing`, when it pays
-        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, A^T stack, B^T stack)
+        # (key, A^T stack, B^T stack) of recently routed adapters; kept after unroute for the next batch
+        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self._routing_trainable = False  # a routed adapter requires grad: the differentiable reference path
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A0, B0)
 
@@ -228,13 +229,13 @@ class LoraLayer(nn.Module):
             for rows, A, B, s in self._row_groups():
                 out.index_copy_(0, rows, (F.embedding(x.index_select(0, rows), A.t()) @ B.t()) * s)
             return y + out.to(y.dtype)
-        x = x.to(self._adapter_dtype())
         if torch.is_grad_enabled() and self._routing_trainable:  # gradients for A and B: the reference
-            return y + ops.lora_rows(x, self._row_groups()).to(y.dtype)
+            return y + ops.lora_rows(x.to(self._adapter_dtype()), self._row_groups()).to(y.dtype)
         if self.row_plan is not None and x.shape[:-1].numel() <= multi_lora.MAX_STACKED_TOKENS:
             _, At, Bt = self._stacked  # decode: a few ops per layer for any number of adapters
-            return multi_lora.add_lora_rows_stacked_(y, x, At, Bt, self.row_plan)
-        return multi_lora.add_lora_rows_grouped_(y, x, self._row_groups())  # prefill: big matmuls, no padding
+            return multi_lora.add_lora_rows_stacked_(y, x.to(At.dtype), At, Bt, self.row_plan)
+        # prefill: matmuls big enough to hide their call overhead, and no padding
+        return multi_lora.add_lora_rows_grouped_(y, x.to(self._adapter_dtype()), self._row_groups())
 
     def _row_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
         """(rows, A, B, scaling) of each routed adapter, as `reference.lora_rows` takes them."""
@@ -278,15 +279,15 @@ class LoraLayer(nn.Module):
     def route(self, row_adapters: list[str | None], plans: dict | None = None) -> None:
         """Give each batch row its own adapter (None = base only) until `unroute()`.
 
-        Keeps each adapter's row indices (the grouped reference path, and embeddings) and, for
-        linear layers, the slot layout of `multi_lora` plus the present adapters' stacked weights.
-        The stack is cached across routes and rebuilt only when the set of adapters present or
-        their weights change, so a new batch composition over the same adapters copies no weight.
+        Keeps each adapter's row indices (the grouped paths, and embeddings) and, for linear
+        layers, the slot layout of `multi_lora` over a stack of the adapters' A and B. The stack
+        outlives the routing and is rebuilt only when an adapter it lacks joins a batch or its
+        weights change, so a new batch composition over the same adapters copies no weight.
         The stack is a detached copy and the fast paths add into the base output in place, so a
         forward that may need gradients for A and B (grad enabled, adapter trainable) takes the
-        reference path instead.
-        Scalings are read here: a scale change applies from the next `route`. `plans` lets
-        layers with the same adapters and scalings share one layout (`adapter_per_row` passes it)."""
+        reference path instead. Weights and scalings are read here: a change made while routed
+        applies from the next `route`. `plans` lets layers with the same adapters and scalings
+        share one layout (`adapter_per_row` passes it)."""
         names = sorted({n for n in row_adapters if n is not None and n in self.lora_A})
         if any(n in self.lora_magnitude for n in names):
             raise ValueError("per-row routing supports LoRA adapters, not DoRA")
