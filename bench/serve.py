@@ -1,9 +1,10 @@
 """Mixed-adapter batching vs one adapter at a time, on the same requests.
 
-    python bench/serve.py [--model M] [--adapters 8] [--per-adapter 4] [--max-tokens 32]
+    python bench/serve.py [--model M] [--adapters 8] [--per-adapter 4] [--max-tokens 32] [--no-share-prefixes]
 
 Every request arrives at t=0, spread evenly over N adapters. lorafit's engine runs them all in
-one continuous batch, each row on its own adapter. The baseline is what a PEFT user does: one
+one continuous batch, each row on its own adapter; prompts on one adapter that start alike (the
+chat template's system prompt) prefill that prefix once, unless --no-share-prefixes. The baseline is what a PEFT user does: one
 PeftModel with the same adapters loaded, requests grouped by adapter, `set_adapter` per group,
 each group one batched `generate`. Both decode greedily and exactly --max-tokens tokens, so the
 work is identical; a request's latency is from t=0 to its last token.
@@ -67,9 +68,11 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
     return q[9], q[18]
 
 
-def run_lorafit(model_name, tokenizer, adapters, jobs, max_tokens, batch_size) -> tuple[float, list[float]]:
+def run_lorafit(model_name, tokenizer, adapters, jobs, max_tokens, batch_size,
+                share_prefixes=True) -> tuple[float, list[float]]:
     model, _ = load_model(model_name)
-    engine = Engine(model, tokenizer, base_name="base", max_batch_size=batch_size, max_wait_ms=50)
+    engine = Engine(model, tokenizer, base_name="base", max_batch_size=batch_size, max_wait_ms=50,
+                    share_prefixes=share_prefixes)
     for path in adapters:
         engine.load_adapter(path.name, path)
     engine.start()
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-share-prefixes", action="store_true", help="lorafit prefills every prompt in full")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -146,7 +150,8 @@ def main() -> None:
         print(f"{len(jobs)} requests over {len(adapters)} rank-{args.rank} adapters (all-linear), "
               f"{args.max_tokens} tokens each, all arriving at t=0")
         results = {
-            "lorafit mixed batch": run_lorafit(args.model, tokenizer, adapters, jobs, args.max_tokens, len(jobs)),
+            "lorafit mixed batch": run_lorafit(args.model, tokenizer, adapters, jobs, args.max_tokens, len(jobs),
+                                               share_prefixes=not args.no_share_prefixes),
             "PEFT set_adapter per group": run_peft(args.model, tokenizer, adapters, jobs, args.max_tokens),
         }
     for name, (seconds, latencies) in results.items():

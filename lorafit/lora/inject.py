@@ -281,9 +281,10 @@ def adapter_per_row(model: nn.Module, row_adapters: list[str | None]) -> Iterato
     for n in {n for n in row_adapters if n is not None}:
         _check_name(model, n, exists=True)
     layers = [layer for _, layer in lora_layers(model)]
+    plans: dict = {}  # layers with the same adapters and scalings share one row layout
     try:
         for layer in layers:
-            layer.route(row_adapters)
+            layer.route(row_adapters, plans)
         yield model
     finally:
         for layer in layers:

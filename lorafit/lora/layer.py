@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.ops import fused_lora
+from lorafit.ops import fused_lora, multi_lora
 from lorafit.ops import reference as ops
 
 
@@ -92,6 +92,10 @@ class LoraLayer(nn.Module):
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> DoRA factor used when merging
         self.disabled = False
         self.routing: list[tuple[str, torch.Tensor]] | None = None  # (adapter, its batch rows) while serving
+        self.row_plan: multi_lora.RowPlan | None = None  # the fast layout of `routing`, when it pays
+        # (key, A^T stack, B^T stack) of recently routed adapters; kept after unroute for the next batch
+        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._routing_trainable = False  # a routed adapter requires grad: the differentiable reference path
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A0, B0)
 
     # -- adapters ---------------------------------------------------------------------------
@@ -99,6 +103,7 @@ class LoraLayer(nn.Module):
             use_dora: bool = False, init: str = "kaiming") -> None:
         if self.is_embedding and use_dora:
             raise ValueError("DoRA on embedding layers is not supported")
+        self._stacked = None
         dtype, device = _adapter_dtype(self.base_layer), _device(self.base_layer)
         A = torch.zeros(r, self.in_features, dtype=dtype, device=device)
         B = torch.zeros(self.out_features, r, dtype=dtype, device=device)
@@ -146,6 +151,7 @@ class LoraLayer(nn.Module):
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
+        self._stacked = None
         for store in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout):
             if name in store:
                 del store[name]
@@ -179,7 +185,7 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return y
         if self.routing is not None:
-            return y + self._routed_delta(x).to(y.dtype) if self.routing else y
+            return self._routed(x, y) if self.routing else y
         for name in self.active:
             if name in self.merged or name not in self.lora_A:
                 continue
@@ -216,14 +222,24 @@ class LoraLayer(nn.Module):
         lora_out = ops.lora_delta(h, A, B, s).to(y.dtype)
         return y + (factor - 1) * base_out + factor * lora_out
 
-    def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        groups = [(rows, self.lora_A[n], self.lora_B[n], self.effective_scaling(n)) for n, rows in self.routing]
+    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus each row's own adapter update (see `route`)."""
         if self.is_embedding:
             out = torch.zeros(*x.shape, self.out_features, dtype=self._adapter_dtype(), device=x.device)  # (B, T, dim)
-            for rows, A, B, s in groups:
+            for rows, A, B, s in self._row_groups():
                 out.index_copy_(0, rows, (F.embedding(x.index_select(0, rows), A.t()) @ B.t()) * s)
-            return out
-        return ops.lora_rows(x.to(self._adapter_dtype()), groups)
+            return y + out.to(y.dtype)
+        if torch.is_grad_enabled() and self._routing_trainable:  # gradients for A and B: the reference
+            return y + ops.lora_rows(x.to(self._adapter_dtype()), self._row_groups()).to(y.dtype)
+        if self.row_plan is not None and x.shape[:-1].numel() <= multi_lora.MAX_STACKED_TOKENS:
+            _, At, Bt = self._stacked  # decode: a few ops per layer for any number of adapters
+            return multi_lora.add_lora_rows_stacked_(y, x.to(At.dtype), At, Bt, self.row_plan)
+        # prefill: matmuls big enough to hide their call overhead, and no padding
+        return multi_lora.add_lora_rows_grouped_(y, x.to(self._adapter_dtype()), self._row_groups())
+
+    def _row_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """(rows, A, B, scaling) of each routed adapter, as `reference.lora_rows` takes them."""
+        return [(rows, self.lora_A[n], self.lora_B[n], self.effective_scaling(n)) for n, rows in self.routing]
 
     def _adapter_dtype(self) -> torch.dtype:
         return next(iter(self.lora_A.values())).dtype
@@ -260,11 +276,18 @@ class LoraLayer(nn.Module):
             write_weight(self.base_layer, W - self.delta_weight(name))
 
     # -- per-row routing (serving) ----------------------------------------------------------
-    def route(self, row_adapters: list[str | None]) -> None:
+    def route(self, row_adapters: list[str | None], plans: dict | None = None) -> None:
         """Give each batch row its own adapter (None = base only) until `unroute()`.
 
-        Only the row indices of each adapter are kept; the forward reads the adapters' own
-        weights, so routing copies nothing and a new batch composition costs next to nothing."""
+        Keeps each adapter's row indices (the grouped paths, and embeddings) and, for linear
+        layers, the slot layout of `multi_lora` over a stack of the adapters' A and B. The stack
+        outlives the routing and is rebuilt only when an adapter it lacks joins a batch or its
+        weights change, so a new batch composition over the same adapters copies no weight.
+        The stack is a detached copy and the fast paths add into the base output in place, so a
+        forward that may need gradients for A and B (grad enabled, adapter trainable) takes the
+        reference path instead. Weights and scalings are read here: a change made while routed
+        applies from the next `route`. `plans` lets layers with the same adapters and scalings
+        share one layout (`adapter_per_row` passes it)."""
         names = sorted({n for n in row_adapters if n is not None and n in self.lora_A})
         if any(n in self.lora_magnitude for n in names):
             raise ValueError("per-row routing supports LoRA adapters, not DoRA")
@@ -273,9 +296,63 @@ class LoraLayer(nn.Module):
         device = self.lora_A[names[0]].device if names else torch.device("cpu")
         self.routing = [(n, torch.tensor([i for i, r in enumerate(row_adapters) if r == n], device=device))
                         for n in names]
+        self._routing_trainable = any(self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in names)
+        self.row_plan = self._plan(row_adapters, names, plans if plans is not None else {}) \
+            if names and not self.is_embedding else None
+
+    def _plan(self, row_adapters: list[str | None], names: list[str], plans: dict) -> multi_lora.RowPlan | None:
+        """The fast layout for this routing (None: keep the grouped path), stacking weights if needed.
+
+        A cached stack that holds every adapter present is reused as it is, its absent adapters
+        left as empty (padding) groups, so a batch whose adapters only leave never restacks;
+        only when that padding costs too much, or an adapter joins, are `names` stacked anew."""
+        cached = self._cached_stack_names()
+        if cached is not None and set(names) <= set(cached):
+            plan = self._layout(row_adapters, cached, plans)
+            if plan is not None:
+                return plan
+        plan = self._layout(row_adapters, names, plans)
+        if plan is not None:
+            self._stack(names)
+        return plan
+
+    def _layout(self, row_adapters: list[str | None], names: list[str], plans: dict) -> multi_lora.RowPlan | None:
+        """`multi_lora.plan_rows` with stack order `names`; shared through `plans` by layers alike."""
+        scales = [self.effective_scaling(n) for n in names]
+        A0 = self.lora_A[names[0]]
+        key = (tuple(row_adapters), tuple(names), tuple(scales), A0.dtype, A0.device)
+        if key not in plans:
+            index = {n: g for g, n in enumerate(names)}
+            plans[key] = multi_lora.plan_rows([index.get(r) for r in row_adapters], scales, dtype=A0.dtype,
+                                              device=A0.device, max_padding=multi_lora.MAX_PADDING)
+        return plans[key]
+
+    def _stack_key(self, names: list[str]) -> tuple:
+        """Identifies the current weights of `names`: any in-place change bumps a version."""
+        return tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version, self.lora_B[n].data_ptr(),
+                      self.lora_B[n]._version) for n in names)
+
+    def _cached_stack_names(self) -> list[str] | None:
+        """The adapters of the cached stack, if it still holds their current weights."""
+        if self._stacked is None:
+            return None
+        names = [entry[0] for entry in self._stacked[0]]
+        if not all(n in self.lora_A for n in names) or self._stack_key(names) != self._stacked[0]:
+            return None
+        return names
+
+    def _stack(self, names: list[str]) -> None:
+        """Refresh the stacked A/B of `names` unless the cached stack is of exactly these weights."""
+        key = self._stack_key(names)
+        if self._stacked is None or self._stacked[0] != key:
+            # not an inference tensor even when routed under inference_mode: the cache outlives the call
+            with torch.inference_mode(False), torch.no_grad():
+                At, Bt = multi_lora.stack_adapters([self.lora_A[n] for n in names], [self.lora_B[n] for n in names])
+            self._stacked = (key, At, Bt)
 
     def unroute(self) -> None:
         self.routing = None
+        self.row_plan = None
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}

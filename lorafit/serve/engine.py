@@ -4,7 +4,10 @@ A single scheduler thread owns every forward pass. Requests wait in a queue; eac
 decodes one token for every running row and then admits waiting requests (prefilling them in one
 forward and splicing their KV cache into the running batch), so a new request never waits for a
 long one to finish (continuous batching). Rows with different adapters share every forward
-through `lorafit.adapter_per_row`, so eight adapters cost one base matmul per layer, not eight.
+through `lorafit.adapter_per_row`, so eight adapters cost one base matmul per layer, not eight
+(plus two batched low-rank matmuls, `lorafit.ops.multi_lora`). Requests admitted together on
+one adapter whose prompts start alike (a chat template's system prompt) prefill that prefix
+once. The KV cache (`kvcache.AppendCache`) appends each step's column in place.
 
 Adapters come and go at run time. A request holds a reference on the adapter it was submitted
 with, so `unload_adapter` only hides the name from new requests; the weights leave the model
@@ -14,7 +17,8 @@ forward never overlap.
 
 Rows are left-padded and right-aligned: every row's real tokens end at the last KV column,
 so merging two batches is a left pad of the shorter cache, and per-row position ids keep each
-row's rotary positions independent of the padding.
+row's rotary positions independent of the padding (a shared-prefix prefill also leaves masked
+padding between a row's prefix and the rest of its prompt).
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 import lorafit as lf
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.io import read_adapter
+from lorafit.serve.kvcache import AppendCache
 
 log = logging.getLogger("lorafit.serve")
 
@@ -110,13 +114,13 @@ class _Batch:
     """Running rows and their KV cache: mask (B, L) with each row's real tokens right-aligned."""
 
     rows: list[Request]
-    cache: DynamicCache
+    cache: AppendCache
     mask: torch.Tensor  # (B, L) long
     positions: torch.Tensor  # (B,) the position id of each row's next token
     last: torch.Tensor  # (B,) each row's last sampled token, the next step's input
 
 
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _kv(cache: AppendCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -134,7 +138,7 @@ def merge_batches(a: _Batch, b: _Batch) -> _Batch:
     kv = [(torch.cat([_left_pad(ka, length, 2), _left_pad(kb, length, 2)]),
            torch.cat([_left_pad(va, length, 2), _left_pad(vb, length, 2)]))
           for (ka, va), (kb, vb) in zip(_kv(a.cache), _kv(b.cache))]
-    return _Batch(a.rows + b.rows, DynamicCache(ddp_cache_data=kv),
+    return _Batch(a.rows + b.rows, AppendCache.from_kv(kv),
                   torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)]),
                   torch.cat([a.positions, b.positions]), torch.cat([a.last, b.last]))
 
@@ -147,15 +151,15 @@ def select_rows(batch: _Batch, keep: list[int]) -> _Batch | None:
     mask = batch.mask[index]
     start = int((mask.sum(0) > 0).nonzero()[0])  # rows are right-aligned: padding is a prefix
     kv = [(k[index, :, start:], v[index, :, start:]) for k, v in _kv(batch.cache)]
-    return _Batch([batch.rows[i] for i in keep], DynamicCache(ddp_cache_data=kv), mask[:, start:],
+    return _Batch([batch.rows[i] for i in keep], AppendCache.from_kv(kv), mask[:, start:],
                   batch.positions[index], batch.last[index])
 
 
 class _Router:
     """Keeps `adapter_per_row` entered across decode steps while the batch's rows don't change.
 
-    Routing stacks every adapter's A and B in every layer; redoing that each token would cost a
-    good part of a decode step. Only the scheduler uses it, and only under `model_lock`; load and
+    Routing builds each layer's row layout (and stacks A and B when an adapter joins the batch);
+    redoing that each token would cost a good part of a decode step. Only the scheduler uses it, and only under `model_lock`; load and
     delete close it (under the same lock) before touching the model."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -175,6 +179,30 @@ class _Router:
         if self.stack is not None:
             self.stack.close()
         self.stack = self.key = None
+
+
+MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix does not pay for its extra forward
+
+
+def shared_prefixes(rows: list[Request]) -> tuple[list[tuple[list[Request], int]], list[Request]]:
+    """([(rows, prefix length)], other rows): rows on the same adapter whose prompts start alike.
+
+    A burst of chat requests repeats its system prompt; on one adapter those tokens give the same
+    KV in every row, so prefill can compute them once per adapter (on different adapters they
+    differ: adapted k/v projections). Each row keeps at least one token of its own to prefill."""
+    by_adapter: dict[str | None, list[Request]] = {}
+    for r in rows:
+        by_adapter.setdefault(r.internal, []).append(r)
+    groups, plain = [], []
+    for members in by_adapter.values():
+        prompts = [r.prompt_ids for r in members]
+        common = next((i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1), min(map(len, prompts)))
+        common = min(common, min(map(len, prompts)) - 1)
+        if len(members) > 1 and common >= MIN_SHARED_PREFIX:
+            groups.append((members, common))
+        else:
+            plain += members
+    return groups, plain
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -213,8 +241,10 @@ class Engine:
     (called from the scheduler thread). `start()` runs the scheduler; `stop()` ends it."""
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
-                 max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024) -> None:
+                 max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024,
+                 share_prefixes: bool = True) -> None:
         self.model = model.eval()
+        self.share_prefixes = share_prefixes  # prefill a prompt prefix common to rows on one adapter once
         self.tokenizer = tokenizer
         # the scheduler decodes with its own copy, so it never shares tokenizer state with the HTTP thread
         self._detokenizer = copy.deepcopy(tokenizer)
@@ -436,17 +466,55 @@ class Engine:
         return out.logits[:, -1].float()  # (B, vocab)
 
     def _prefill(self, rows: list[Request]) -> _Batch:
-        length = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, length - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        """Prefill newly admitted rows; rows that share an adapter and a prompt prefix compute
+        that prefix once (see `shared_prefixes`), the rest are prefilled as they are."""
+        groups, plain = shared_prefixes(rows) if self.share_prefixes else ([], rows)
+        parts = ([self._prefill_plain(plain)] if plain else []) + ([self._prefill_shared(groups)] if groups else [])
+        return parts[0] if len(parts) == 1 else merge_batches(*parts)
+
+    def _left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask), each (len(seqs), longest), every sequence right-aligned."""
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, length - len(s):] = torch.tensor(s)
+                mask[i, length - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _prefill_plain(self, rows: list[Request]) -> _Batch:
+        ids, mask = self._left_padded([r.prompt_ids for r in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = AppendCache()
         logits = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache)
+        return self._started(rows, cache, mask, logits)
+
+    def _prefill_shared(self, groups: list[tuple[list[Request], int]]) -> _Batch:
+        """One forward over each group's shared prefix (one row per group), its KV copied to every
+        row of the group, then one forward over every row's own rest of the prompt.
+
+        The KV layout is [prefix, left-padded; rest, left-padded]: padding columns in the middle
+        are masked like any other, and position ids continue from each group's prefix length."""
+        heads = [members[0] for members, _ in groups]
+        ids, mask = self._left_padded([head.prompt_ids[:p] for head, (_, p) in zip(heads, groups)])
+        cache = AppendCache()
+        self._forward(heads, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                      past_key_values=cache)
+        rows = [r for members, _ in groups for r in members]
+        owner = torch.tensor([g for g, (members, _) in enumerate(groups) for _ in members], device=self.device)
+        starts = [p for members, p in groups for _ in members]
+        cache = AppendCache.from_kv([(k.index_select(0, owner), v.index_select(0, owner)) for k, v in _kv(cache)])
+        rest_ids, rest_mask = self._left_padded([r.prompt_ids[p:] for r, p in zip(rows, starts)])
+        mask = torch.cat([mask.index_select(0, owner), rest_mask], dim=1)
+        positions = torch.tensor(starts, device=self.device)[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(rows, input_ids=rest_ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache)
+        return self._started(rows, cache, mask, logits)
+
+    def _started(self, rows: list[Request], cache: AppendCache, mask: torch.Tensor, logits: torch.Tensor) -> _Batch:
+        """The prefilled rows as a running batch, their first token sampled and sent."""
         last = self._sample(logits, rows)
         batch = _Batch(rows, cache, mask, mask.sum(-1), last)
         self._emit(rows, last)

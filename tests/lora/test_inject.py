@@ -198,6 +198,72 @@ def test_mixed_adapter_rows_equal_single_runs(ids):
     torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=0)
 
 
+def _mixed_setup(ids):
+    model = MAKERS["llama"]()
+    for i, (name, r) in enumerate([("a", 4), ("b", 8)]):
+        lf.add_adapter(model, lf.LoraConfig(r=r, alpha=3 * r, target_modules="all-linear"), name)
+        _randomize(model, name, seed=20 + i)
+    return model, ["b", None, "a", "a"], torch.cat([ids, ids.flip(0)])
+
+
+def test_stacked_rows_equal_grouped_rows(ids, monkeypatch):
+    """The fast stacked layout (multi_lora) and the grouped reference give the same logits."""
+    model, rows, batch = _mixed_setup(ids)
+    with torch.no_grad(), lf.adapter_per_row(model, rows):
+        assert all(layer.row_plan is not None for _, layer in lora_layers(model))
+        fast = model(batch).logits
+    monkeypatch.setattr("lorafit.ops.multi_lora.MAX_PADDING", 0.0)  # every layer declines the stacked layout
+    with torch.no_grad(), lf.adapter_per_row(model, rows):
+        assert all(layer.row_plan is None for _, layer in lora_layers(model))
+        grouped = model(batch).logits
+    torch.testing.assert_close(fast, grouped, atol=1e-5, rtol=0)
+
+
+def test_stacked_weights_follow_changes(ids):
+    """The cached stack is rebuilt after an in-place weight change and a re-added adapter (even one
+    built under inference_mode); a forward that wants gradients still trains A and B."""
+    model, rows, batch = _mixed_setup(ids)
+    with torch.inference_mode(), lf.adapter_per_row(model, rows):
+        model(batch)
+    _randomize(model, "a", seed=30)  # in place
+    lf.delete_adapter(model, "b")
+    lf.add_adapter(model, lf.LoraConfig(r=2, target_modules="all-linear"), "b")
+    _randomize(model, "b", seed=31)
+    expected = []
+    for row, name in zip(batch, rows):
+        if name is None:
+            with lf.disable_adapters(model):
+                expected.append(model(row[None]).logits)
+        else:
+            lf.set_adapter(model, name)
+            expected.append(model(row[None]).logits)
+    with torch.no_grad(), lf.adapter_per_row(model, rows):
+        mixed = model(batch).logits
+    torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=0)
+    with lf.adapter_per_row(model, rows):  # gradients wanted: the grouped path, through A and B
+        model(batch).logits.sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_A["a"].grad is not None
+
+
+def test_adapters_leaving_the_batch_reuse_the_stack(ids):
+    """A batch over a subset of the stacked adapters keeps the stack (absent ones are padding)."""
+    model, rows, batch = _mixed_setup(ids)  # rows use "a" and "b"
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad(), lf.adapter_per_row(model, rows):
+        model(batch)
+    stack = layer._stacked[1]
+    fewer = ["a", None, "a", "a"]
+    with torch.no_grad(), lf.adapter_per_row(model, fewer):
+        assert layer._stacked[1] is stack and layer.row_plan.groups == 2
+        mixed = model(batch).logits
+    lf.set_adapter(model, "a")
+    with torch.no_grad():
+        expected = model(batch).logits
+        with lf.disable_adapters(model):
+            expected[1] = model(batch[1:2]).logits[0]
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+
+
 def test_embedding_and_modules_to_save(ids, tmp_path):
     model = MAKERS["llama"]()
     base = model(ids).logits

@@ -12,7 +12,16 @@ import lorafit as lf
 from lorafit.errors import AdapterError
 from lorafit.lora.inject import adapter_configs
 from lorafit.model import load_model
-from lorafit.serve.engine import Engine, Event, SamplingParams, UnknownAdapter, check_servable
+from lorafit.serve.engine import (
+    MIN_SHARED_PREFIX,
+    Engine,
+    Event,
+    Request,
+    SamplingParams,
+    UnknownAdapter,
+    check_servable,
+    shared_prefixes,
+)
 from tests.serve.tiny import randomize
 
 PROMPTS = ["hello world", "the quick brown fox jumps", "a", "a server answers many clients at once, and then"]
@@ -98,6 +107,27 @@ def test_mixed_batch_equals_solo_runs(tiny, tiny_engine):
     by_adapter = {adapter: out for (ids, adapter), out in zip(jobs, want) if ids == jobs[0][0]}
     assert len({tuple(v) for v in by_adapter.values()}) == len(by_adapter) == 3
     assert tiny_engine.stats()["running"] == 0
+
+
+def test_shared_prompt_prefixes_give_solo_tokens(tiny, tiny_engine):
+    """Rows on one adapter starting with the same tokens prefill that prefix once; tokens unchanged."""
+    model_dir, adapters = tiny
+    tokenizer = tiny_engine.tokenizer
+    ref, _ = load_model(model_dir)
+    for name in ("alpha", "beta"):
+        lf.load_adapter(ref, adapters[name], adapter=name, activate=False)
+    system = "you are a helpful server that answers many clients at once, and then some more:"
+    tails = ["hello world", "the quick brown fox jumps", "a", "what comes next?"]
+    jobs = [(tokenizer(system + " " + t).input_ids, a) for t in tails for a in ("alpha", None)]
+    jobs += [(tokenizer("the quick brown fox").input_ids, "beta")]  # alone on its adapter: plain prefill
+    requests = [Request(ids, None, SamplingParams(), print, internal=a) for ids, a in jobs]
+    groups, plain = shared_prefixes(requests)
+    assert sorted(len(members) for members, _ in groups) == [4, 4] and len(plain) == 1
+    assert all(p >= MIN_SHARED_PREFIX for _, p in groups)
+    n = 10
+    want = [solo(ref, tokenizer, ids, adapter, n) for ids, adapter in jobs]
+    assert run_mixed(tiny_engine, jobs, n) == want
+    assert run_mixed(tiny_engine, jobs, n, late=3) == want  # shared-prefix rows joining a running batch
 
 
 @pytest.fixture
