@@ -23,7 +23,9 @@ The loss is a scalar, so its gradients are known up to the factor G as soon as a
 are: when a gradient will be needed, the forward pass turns each chunk's logits into p - onehot in
 place and multiplies through the head right away (the idea of fused linear cross-entropy, as in
 Liger-Kernel). Backward only scales the stored (N, H) gradient by G. That is two head matmuls per
-chunk instead of three (no recompute), and nothing of size V is kept. Under `torch.no_grad` (eval)
+chunk instead of three (no recompute), and nothing of size V is kept. Tokens whose target is ignored
+(a masked prompt, padding) are dropped before the head, so an instruction-tuning batch pays the
+(tokens x vocab) products for its response tokens only. Under `torch.no_grad` (eval)
 only the loss is computed. The logits are computed in the hidden states' dtype and upcast to fp32,
 as `F.cross_entropy(logits.float())` does on the plain path.
 """
@@ -120,6 +122,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     t = targets.reshape(-1)  # (N,)
+    keep = (t != ignore_index).nonzero().squeeze(1)
+    if keep.numel() < t.numel():  # prompt and padding tokens never reach the head (their loss is 0)
+        h, t = h.index_select(0, keep), t.index_select(0, keep)
     chunk = int(chunk_size) if chunk_size else default_chunk_size(weight.shape[0])
     grad_on = torch.is_grad_enabled()
     need = tuple(grad_on and x is not None and x.requires_grad for x in (h, weight, bias))
