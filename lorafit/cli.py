@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from lorafit.errors import LorafitError
@@ -55,8 +57,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     load_adapter(model, args.adapter)
     merged = merge_and_unload(model)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # written beside `out` and renamed into place: an interrupted merge never leaves a half checkpoint
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged {args.adapter} into {args.model}: a plain transformers checkpoint in {out}")
 
 

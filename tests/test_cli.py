@@ -103,3 +103,37 @@ def test_adapter_errors_through_the_cli(tiny_model_dir, tmp_path):
 def test_estimate_table():
     result = lorafit("estimate")
     assert result.returncode == 0 and "70B" in result.stdout and "fits 16 GB?" in result.stdout
+
+
+def test_merge_writes_a_plain_checkpoint_with_the_adapted_outputs(tiny_model_dir, tmp_path):
+    import lorafit as lf
+    from lorafit.io import save_adapter
+    from lorafit.model import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    lf.apply_lora(model, lf.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lf.adapter_parameters(model):
+            p.normal_(std=0.1)  # B != 0: the merged model must differ from the base
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    result = lorafit("merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temp folder left
+    merged = LlamaForCausalLM.from_pretrained(out)  # plain transformers, no lorafit modules
+    ids = torch.tensor([[1, 5, 9, 200, 3000]])
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(ids).logits, merged(ids).logits
+        base = LlamaForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert (got - base).abs().max() > 1e-3
+    assert AutoTokenizer.from_pretrained(out).eos_token is not None
+
+    before = sorted(p.name for p in out.iterdir())
+    line = _error_line(lorafit("merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                               "--out", str(out)))
+    assert str(out) in line and "--overwrite" in line
+    assert sorted(p.name for p in out.iterdir()) == before
