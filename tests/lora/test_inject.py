@@ -178,13 +178,8 @@ def test_scale_doubles_the_layer_delta():
     torch.testing.assert_close(layer(inp) - layer.base_layer(inp), 2 * delta)
 
 
-def test_mixed_adapter_rows_equal_single_runs(ids):
-    model = MAKERS["llama"]()
-    for i, (name, r) in enumerate([("a", 4), ("b", 8), ("c", 2)]):
-        lf.add_adapter(model, lf.LoraConfig(r=r, target_modules="all-linear"), name)
-        _randomize(model, name, seed=10 + i)
-    rows = ["a", None, "c", "b"]
-    batch = torch.cat([ids, ids.flip(0)])  # 4 rows
+def _solo_logits(model, batch: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+    """Each row run alone with its adapter set (None: adapters disabled), concatenated."""
     expected = []
     for row, name in zip(batch, rows):
         if name is None:
@@ -193,9 +188,20 @@ def test_mixed_adapter_rows_equal_single_runs(ids):
         else:
             lf.set_adapter(model, name)
             expected.append(model(row[None]).logits)
+    return torch.cat(expected)
+
+
+def test_mixed_adapter_rows_equal_single_runs(ids):
+    model = MAKERS["llama"]()
+    for i, (name, r) in enumerate([("a", 4), ("b", 8), ("c", 2)]):
+        lf.add_adapter(model, lf.LoraConfig(r=r, target_modules="all-linear"), name)
+        _randomize(model, name, seed=10 + i)
+    rows = ["a", None, "c", "b"]
+    batch = torch.cat([ids, ids.flip(0)])  # 4 rows
+    expected = _solo_logits(model, batch, rows)
     with lf.adapter_per_row(model, rows):
         mixed = model(batch).logits
-    torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
 
 
 def _mixed_setup(ids):
@@ -229,17 +235,10 @@ def test_stacked_weights_follow_changes(ids):
     lf.delete_adapter(model, "b")
     lf.add_adapter(model, lf.LoraConfig(r=2, target_modules="all-linear"), "b")
     _randomize(model, "b", seed=31)
-    expected = []
-    for row, name in zip(batch, rows):
-        if name is None:
-            with lf.disable_adapters(model):
-                expected.append(model(row[None]).logits)
-        else:
-            lf.set_adapter(model, name)
-            expected.append(model(row[None]).logits)
+    expected = _solo_logits(model, batch, rows)
     with torch.no_grad(), lf.adapter_per_row(model, rows):
         mixed = model(batch).logits
-    torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
     with lf.adapter_per_row(model, rows):  # gradients wanted: the grouped path, through A and B
         model(batch).logits.sum().backward()
     assert model.model.layers[0].self_attn.q_proj.lora_A["a"].grad is not None
