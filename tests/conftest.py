@@ -52,3 +52,14 @@ def smollm2_dir(tmp_path_factory):
 
     os.environ.setdefault("LORAFIT_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "lorafit"))
     return resolve_model(None)
+
+
+@pytest.fixture
+def triton_device(monkeypatch) -> str:
+    """Where a Triton kernel test runs: the GPU when there is one, else the CPU through the Triton
+    interpreter (TRITON_INTERPRET=1, set for this test only). Skips when triton is not installed."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"

@@ -6,22 +6,10 @@ rounds W to bf16 and the fp32 accumulator to bf16 once (2^-8 relative each); und
 the measured error is 8e-3 (its fp32 -> bf16 casts appear to truncate rather than round).
 """
 
-import os
-
 import pytest
 import torch
 
 from lorafit.quant.nf4 import quantize_nf4
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 @pytest.mark.parametrize("m,n,k,double,dtype,tol", [
@@ -31,13 +19,12 @@ def _device() -> str:
     (4, 64, 64, False, torch.float32, 1e-5),  # plain fp32 statistics
     (2, 64, 128, True, torch.bfloat16, 1.2e-2),
 ])
-def test_matches_reference(m, n, k, double, dtype, tol):
-    pytest.importorskip("triton")
+def test_matches_reference(m, n, k, double, dtype, tol, triton_device):
     from lorafit.ops.triton.nf4_matmul import nf4_matmul_reference, nf4_matmul_triton
 
     torch.manual_seed(0)
-    t = quantize_nf4(torch.randn(n, k) * 0.05, double_quant=double).to(_device())
-    x = torch.randn(m, k, device=_device()).to(dtype)
+    t = quantize_nf4(torch.randn(n, k) * 0.05, double_quant=double).to(triton_device)
+    x = torch.randn(m, k, device=triton_device).to(dtype)
     ref = nf4_matmul_reference(x, t) if dtype == torch.float32 else x.float() @ t.dequantize(dtype).float().t()
     out = nf4_matmul_triton(x, t)
     assert out.shape == ref.shape and out.dtype == dtype
@@ -45,13 +32,12 @@ def test_matches_reference(m, n, k, double, dtype, tol):
     assert err <= tol, err
 
 
-def test_autograd_and_leading_dims():
-    pytest.importorskip("triton")
+def test_autograd_and_leading_dims(triton_device):
     from lorafit.ops.triton.nf4_matmul import NF4MatmulFunction
 
     torch.manual_seed(1)
-    t = quantize_nf4(torch.randn(40, 64) * 0.05).to(_device())
-    x = torch.randn(2, 3, 64, device=_device(), requires_grad=True)
+    t = quantize_nf4(torch.randn(40, 64) * 0.05).to(triton_device)
+    x = torch.randn(2, 3, 64, device=triton_device, requires_grad=True)
     y = NF4MatmulFunction.apply(x, t)  # (2, 3, 40)
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, [x], g)

@@ -3,22 +3,10 @@ TRITON_INTERPRET=1. Tolerance, max |kernel - reference| / max |reference|: fp32 
 (the reference's autograd rounds its intermediates to bf16, the kernels keep them in fp32).
 """
 
-import os
-
 import pytest
 import torch
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def _check(got, ref, tol):
@@ -29,14 +17,13 @@ def _check(got, ref, tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_rmsnorm(dtype, offset):
-    pytest.importorskip("triton")
+def test_rmsnorm(dtype, offset, triton_device):
     from lorafit.ops.triton.rmsnorm import rmsnorm, rmsnorm_reference
 
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 80, device=_device()).to(dtype).requires_grad_(True)  # H not a power of 2
-    w = (torch.randn(80, device=_device()) * 0.1 + 1).to(dtype).requires_grad_(True)
-    g = torch.randn(3, 7, 80, device=_device()).to(dtype)
+    x = torch.randn(3, 7, 80, device=triton_device).to(dtype).requires_grad_(True)  # H not a power of 2
+    w = (torch.randn(80, device=triton_device) * 0.1 + 1).to(dtype).requires_grad_(True)
+    g = torch.randn(3, 7, 80, device=triton_device).to(dtype)
     ref_x, ref_w = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
     ref = rmsnorm_reference(ref_x, ref_w, 1e-6, offset)  # fp32 reference for gradients
     out = rmsnorm(x, w, 1e-6, offset)
@@ -46,14 +33,13 @@ def test_rmsnorm(dtype, offset):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu(dtype):
-    pytest.importorskip("triton")
+def test_swiglu(dtype, triton_device):
     from lorafit.ops.triton.swiglu import swiglu, swiglu_reference
 
     torch.manual_seed(0)
-    a = torch.randn(2, 5, 300, device=_device()).mul(3).to(dtype).requires_grad_(True)
-    b = torch.randn(2, 5, 300, device=_device()).to(dtype).requires_grad_(True)
-    g = torch.randn(2, 5, 300, device=_device()).to(dtype)
+    a = torch.randn(2, 5, 300, device=triton_device).mul(3).to(dtype).requires_grad_(True)
+    b = torch.randn(2, 5, 300, device=triton_device).to(dtype).requires_grad_(True)
+    g = torch.randn(2, 5, 300, device=triton_device).to(dtype)
     ra, rb = a.detach().float().requires_grad_(True), b.detach().float().requires_grad_(True)
     ref = swiglu_reference(ra, rb)
     out = swiglu(a, b)
