@@ -17,7 +17,7 @@ import pytest
 
 from tests.serve.live import API_KEY
 
-CLIENTS, PER_ROUND, MAX_TOKENS, ROUND_BOUND_S = 64, 192, 8, 90
+CLIENTS, PER_ROUND, MAX_TOKENS, ROUND_BOUND_S = 64, 256, 8, 90  # 512 requests over the two rounds
 MODELS = ["model", "alpha", "beta", "gamma", "load-delta"]
 
 
