@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json). Built from config with random
 # weights, so the benchmark needs no download and both sides of a comparison get identical weights.
@@ -98,3 +103,51 @@ def children_cpu_seconds() -> float:
     """CPU seconds used by this process's finished children (user + system)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def run_side_in_child(script: str, side: str, flags: dict[str, object], env: dict[str, str]) -> dict:
+    """Run `script --side SIDE --child-out F --flag value ...` in a fresh interpreter (so neither side
+    inherits the other's heap) and return the JSON it wrote to F, plus `other_load`: the CPU used
+    meanwhile by anything but the child, as a share of all cores (a neighbour's load slows one side
+    and not the other, so the comparison says when it was taken on a busy machine)."""
+    busy0, child0, wall0 = machine_busy_seconds(), children_cpu_seconds(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.abspath(script), "--side", side, "--child-out", out]
+        for flag, value in flags.items():
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+        print(f"[{side}] running ...", file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, env=env)
+        with open(out) as f:
+            result = json.load(f)
+    foreign = (machine_busy_seconds() - busy0) - (children_cpu_seconds() - child0)
+    result["other_load"] = max(0.0, foreign) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
+    return result
+
+
+def write_json(path: str, data: object, indent: int | None = None) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+
+
+def bnb_nf4_linears(model, compute_dtype, device="cpu"):
+    """PEFT's QLoRA base: every nn.Linear but the head becomes a bitsandbytes Linear4bit (nf4, double
+    quant, `compute_dtype`) quantized from the same weights, which is what
+    `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` builds, without
+    writing a checkpoint first. Layer by layer, so the dense copy of one layer at most is added."""
+    import bitsandbytes as bnb
+    import torch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4", blocksize=64)
+        setattr(parent, child, new.to(device))
+        del old
+    model.is_loaded_in_4bit = True
+    return model

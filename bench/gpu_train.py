@@ -101,26 +101,13 @@ def _build_lorafit(shape: str, seq: int, device: torch.device, dtype: torch.dtyp
 
 
 def _build_peft(shape: str, seq: int, device: torch.device, dtype: torch.dtype):
-    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
-    from torch import nn
     from transformers import LlamaForCausalLM
 
+    from bench.common import bnb_nf4_linears  # the children run with the repository root on PYTHONPATH
+
     model = _random_model(LlamaForCausalLM, shape, seq, device, dtype)
-    # What from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4, double quant,
-    # bf16 compute)) builds, without writing a checkpoint to disk first.
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
-        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
-                                       quant_type="nf4", blocksize=64)
-        setattr(parent, child, new.to(device))
-        del old
-    model.is_loaded_in_4bit = True
+    bnb_nf4_linears(model, dtype, device)  # what BitsAndBytesConfig(load_in_4bit=True, bf16 compute) builds
     for p in model.parameters():
         p.requires_grad_(False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

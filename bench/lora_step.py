@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 SIDES = ("lorafit", "peft")
@@ -59,18 +56,11 @@ def build_base(side: str, quant: str, seed: int):
         from lorafit.quant.apply import quantize_model
 
         return quantize_model(model, "nf4")
-    import bitsandbytes as bnb
     import torch
 
-    for name, old in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]:
-        parent_name, _, child = name.rpartition(".")
-        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
-                                       quant_type="nf4", blocksize=64)
-        setattr(model.get_submodule(parent_name), child, new.to("cpu"))
-    model.is_loaded_in_4bit = True
-    return model
+    from bench.common import bnb_nf4_linears
+
+    return bnb_nf4_linears(model, torch.float32)
 
 
 def add_lora(side: str, model, rank: int):
@@ -192,21 +182,11 @@ def launch(side: str, args: argparse.Namespace) -> dict:
 
     Also measures how busy the rest of the machine was meanwhile (CPU used by anything but the
     child, as a share of all cores): a neighbour's load slows one side and not the other."""
-    from bench.common import children_cpu_seconds, machine_busy_seconds
+    from bench.common import run_side_in_child
 
-    busy0, child0, wall0 = machine_busy_seconds(), children_cpu_seconds(), time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--child-out", out]
-        for flag in ("steps", "warmup", "batch", "seq", "rank", "threads", "seed", "lr", "quant"):
-            cmd += [f"--{flag}", str(getattr(args, flag))]
-        print(f"[{side}] running ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, env=child_env(args))
-        with open(out) as f:
-            result = json.load(f)
-    foreign = (machine_busy_seconds() - busy0) - (children_cpu_seconds() - child0)
-    result["other_load"] = max(0.0, foreign) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
-    return result
+    flags = {flag: getattr(args, flag) for flag in ("steps", "warmup", "batch", "seq", "rank", "threads", "seed",
+                                                     "lr", "quant")}
+    return run_side_in_child(__file__, side, flags, child_env(args))
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
@@ -285,20 +265,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.side:  # child: one side, numbers to a file
-        result = run_side(args)
-        with open(args.child_out, "w") as f:
-            json.dump(result, f)
-        return
+    from bench.common import machine_info, write_json
 
-    from bench.common import machine_info
+    if args.side:  # child: one side, numbers to a file
+        write_json(args.child_out, run_side(args))
+        return
 
     machine = machine_info()
     results = {side: launch(side, args) for side in SIDES}
     print(report(results, machine, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "results": results}, f, indent=2)
+        write_json(args.json, {"machine": machine, "args": vars(args), "results": results}, indent=2)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,7 @@ Why it is fair:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -224,22 +222,12 @@ def child_env() -> dict[str, str]:
 
 
 def launch(side: str, args: argparse.Namespace) -> dict:
-    from bench.common import children_cpu_seconds, machine_busy_seconds
+    from bench.common import run_side_in_child
 
-    busy0, child0, wall0 = machine_busy_seconds(), children_cpu_seconds(), time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--child-out", out]
-        for flag in ("model", "data", "quant", "max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio",
-                     "rank", "max_seq_length", "threads", "seed"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        print(f"[{side}] running ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, env=child_env())
-        with open(out) as f:
-            result = json.load(f)
-    foreign = (machine_busy_seconds() - busy0) - (children_cpu_seconds() - child0)
-    result["other_load"] = max(0.0, foreign) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
-    return result
+    flags = {flag: getattr(args, flag) for flag in ("model", "data", "quant", "max_steps", "batch_size", "grad_accum",
+                                                     "lr", "warmup_ratio", "rank", "max_seq_length", "threads",
+                                                     "seed")}
+    return run_side_in_child(__file__, side, flags, child_env())
 
 
 def checks(results: dict[str, dict]) -> list[str]:
@@ -313,13 +301,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.side:  # child: one side, numbers to a file
-        result = run_side(args)
-        with open(args.child_out, "w") as f:
-            json.dump(result, f)
-        return
+    from bench.common import machine_info, write_json
 
-    from bench.common import machine_info
+    if args.side:  # child: one side, numbers to a file
+        write_json(args.child_out, run_side(args))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         if not os.path.isfile(args.data):  # no shared data here: the demo task, generated
@@ -331,8 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {side: launch(side, args) for side in SIDES}
     print(report(results, machine, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "results": results}, f, indent=2)
+        write_json(args.json, {"machine": machine, "args": vars(args), "results": results}, indent=2)
 
 
 if __name__ == "__main__":

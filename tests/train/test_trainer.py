@@ -17,6 +17,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafit as lf
+from bench.common import bnb_nf4_linears  # the PEFT + bitsandbytes peer, as the benchmarks build it
 from lorafit.lora.inject import lora_layers
 from lorafit.train.data import DataConfig, collate, load_data
 from lorafit.train.demo_task import make_dataset, write_jsonl
@@ -181,24 +182,9 @@ def test_bad_train_config_names_the_field():
         TrainConfig(batch_size=0)
 
 
-def _bnb_nf4(model):
-    """PEFT's QLoRA base: bitsandbytes Linear4bit (nf4, double quant, fp32 compute) for every linear
-    but the head, quantizing the same fp32 weights (so the same bytes as lorafit's NF4)."""
-    import bitsandbytes as bnb
-
-    for name, old in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]:
-        parent, _, child = name.rpartition(".")
-        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
-                                       quant_type="nf4", blocksize=64)
-        setattr(model.get_submodule(parent), child, new.to("cpu"))
-    return model
-
-
 def test_qlora_losses_match_peft_with_bitsandbytes(tokenizer, samples, tmp_path):
     from lorafit.quant.apply import quantize_model
 
     # width 64: bitsandbytes' CPU dequantize is wrong for 32-wide rows (its own statistics disagree)
     ours = Trainer(_config(tmp_path), quantize_model(tiny_llama(hidden=64), "nf4"), tokenizer, samples.train)
-    _compare_with_plain_peft_loop(ours, _bnb_nf4(tiny_llama(hidden=64)), tol=1e-3)
+    _compare_with_plain_peft_loop(ours, bnb_nf4_linears(tiny_llama(hidden=64), torch.float32), tol=1e-3)
