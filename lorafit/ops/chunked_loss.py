@@ -130,7 +130,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     need = tuple(grad_on and x is not None and x.requires_grad for x in (h, weight, bias))
     total = ChunkedCrossEntropyFunction.apply(h, weight, bias, t, chunk, ignore_index, need)
     if reduction == "mean":
-        total = total / (t != ignore_index).sum().clamp(min=1)
+        total = total / max(keep.numel(), 1)  # the target tokens, counted once above
     return total
 
 

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.ops.triton import available as triton_available
+
 # Route LoraLayer's plain path (one active LoRA/DoRA adapter on a Linear / NF4 base) through
 # `FusedLoraFunction`. Off by default; LORAFIT_FUSED=1 or `set_enabled(True)` turns it on.
 ENABLED: bool = os.environ.get("LORAFIT_FUSED", "0") not in ("", "0")
@@ -190,19 +192,12 @@ def weight_source(base: nn.Module) -> tuple[torch.Tensor | None, WeightFn | None
         return base.weight, None
     from lorafit.quant.linear import NF4Linear
 
-    if isinstance(base, NF4Linear) and base.packed.is_cuda and base.double_quant and _has_triton():
+    if isinstance(base, NF4Linear) and base.packed.is_cuda and base.double_quant and triton_available():
         from lorafit.ops.triton.nf4_dequant import dequantize_nf4_triton
 
         return None, lambda dtype: dequantize_nf4_triton(base.nf4(), dtype)
     return None, base.dequantize
 
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def applies(layer: nn.Module) -> str | None:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.ops.triton import available as triton_available
+
 
 class SwiGLUFunction(torch.autograd.Function):
     """a = silu(g) * u, saving only g and u. With s = sigmoid(g):
@@ -51,19 +53,12 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u for autograd, keeping only g and u (Triton kernel on CUDA when available)."""
-    if g.is_cuda and _has_triton():
+    if g.is_cuda and triton_available():
         from lorafit.ops.triton.swiglu import swiglu as swiglu_triton
 
         return swiglu_triton(g, u)
     return SwiGLUFunction.apply(g, u)
 
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
