@@ -81,16 +81,15 @@ def _build_lorafit(shape: str, seq: int, device: torch.device, dtype: torch.dtyp
     from transformers import LlamaForCausalLM
 
     import lorafit as lf
-    from lorafit.ops import fused_lora
     from lorafit.ops.chunked_loss import causal_lm_loss
-    from lorafit.ops.offload import enable_checkpointing
     from lorafit.quant.apply import quantize_model
+    from lorafit.train.config import TrainConfig
+    from lorafit.train.prepare import prepare_model
 
     model = _random_model(LlamaForCausalLM, shape, seq, device, dtype)
     quantize_model(model, compute_dtype=dtype)
-    lf.apply_lora(model, lf.LoraConfig(r=RANK, alpha=RANK, target_modules="all-linear"))
-    fused_lora.set_enabled(True)
-    enable_checkpointing(model, offload=False)
+    prepare_model(model, TrainConfig(lora=lf.LoraConfig(r=RANK, alpha=RANK, target_modules="all-linear"),
+                                     gradient_checkpointing=True))  # what the Trainer does
     model.train()
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
@@ -226,9 +225,7 @@ def dequant_gbps(device: torch.device, rows: int, cols: int) -> dict[str, float]
     moved = t.nbytes() + w.numel() * 2
     out = {}
     if device.type == "cuda":
-        from lorafit.ops.triton.nf4_dequant import dequantize_nf4_triton
-
-        out["lorafit_triton"] = moved / _time(lambda: dequantize_nf4_triton(t, torch.bfloat16), device, 20) / 1e9
+        out["lorafit_triton"] = moved / _time(lambda: t.dequantize(torch.bfloat16, backend="triton"), device, 20) / 1e9
         try:
             import bitsandbytes.functional as bf
 
@@ -236,7 +233,7 @@ def dequant_gbps(device: torch.device, rows: int, cols: int) -> dict[str, float]
             out["bitsandbytes"] = moved / _time(lambda: bf.dequantize_4bit(packed, state), device, 20) / 1e9
         except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
             out["bitsandbytes_error"] = repr(e)
-    out["lorafit_reference"] = moved / _time(lambda: t.dequantize(torch.bfloat16), device, 3) / 1e9
+    out["lorafit_reference"] = moved / _time(lambda: t.dequantize(torch.bfloat16, backend="torch"), device, 3) / 1e9
     return out
 
 

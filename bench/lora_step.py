@@ -69,10 +69,12 @@ def add_lora(side: str, model, rank: int):
     if side == "lorafit":
         import lorafit as lf
         from lorafit.lora.layer import LoraLayer
-        from lorafit.ops.gated_mlp import fuse_gated_mlps
+        from lorafit.train.config import TrainConfig
+        from lorafit.train.prepare import prepare_model
 
-        lf.apply_lora(model, lf.LoraConfig(r=rank, alpha=rank, dropout=0.0, target_modules="all-linear"))
-        fuse_gated_mlps(model)  # as lorafit's Trainer does (TrainConfig.fused_mlp)
+        # what lorafit's Trainer does with its default settings (fused LoRA Function, GatedMLP)
+        prepare_model(model, TrainConfig(lora=lf.LoraConfig(r=rank, alpha=rank, dropout=0.0,
+                                                            target_modules="all-linear")))
         lora_A = {path: m.lora_A["default"] for path, m in model.named_modules() if isinstance(m, LoraLayer)}
         return model, lf.adapter_parameters(model), lora_A
 

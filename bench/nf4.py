@@ -43,10 +43,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print(f"date {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {dev}")
     print(f"cpu {cpu_model()}  cores {os.cpu_count()}  torch threads {torch.get_num_threads()}")
-    if dev.type == "cpu":
-        from lorafit.ops.cpu.nf4 import describe
+    from lorafit.quant.backend import describe
 
-        print(f"lorafit NF4 CPU backend: {describe()}")
+    print(f"lorafit NF4 backend on {dev.type}: {describe(dev)}")
     if dev.type == "cuda":
         x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
         t = _best(lambda: x.clone(), args.repeat, sync)

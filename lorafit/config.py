@@ -6,6 +6,7 @@ value fails where it is written, with the field's name, not deep inside training
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -14,6 +15,16 @@ from lorafit.errors import LorafitError
 
 BIAS_MODES = ("none", "lora_only", "all")
 INIT_MODES = ("kaiming", "gaussian", "pissa", "zeros", "random")
+DEFAULT_ADAPTER = "default"  # the adapter name when none is given (PEFT's too)
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+def check_adapter_name(name: str) -> str:
+    """`name` if it is a valid adapter name (1-64 letters, digits, '_' or '-'; no dots, since names
+    become parts of module and file keys), else a LorafitError saying so."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise LorafitError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' (no dots or spaces)")
+    return name
 
 
 @dataclass
@@ -117,8 +128,8 @@ class LoraConfig:
         return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
 
     def scaling_for(self, module_name: str) -> float:
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / (r**0.5) if self.use_rslora else alpha / r
+        """The update's multiplier for one module path (rank and alpha patterns applied)."""
+        return lora_scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +141,12 @@ class LoraConfig:
         if unknown:
             raise LorafitError(f"LoraConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**data)
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The LoRA update's multiplier: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA
+    (Kalajdzievski 2023). The one place this formula is written."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _check_regex(name: str, pattern: str) -> None:

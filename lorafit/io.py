@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.config import LoraConfig
+from lorafit.config import DEFAULT_ADAPTER, LoraConfig
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.lora.inject import adapter_configs, add_adapter, delete_adapter, lora_layers, set_adapter
 from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
@@ -190,7 +190,7 @@ def _saved_owner(name: str, saved: list[str]) -> str | None:
 
 
 # -- public API -------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> Path:
     """Write one adapter (a few MB) in PEFT's format; the base model is not saved."""
     configs = adapter_configs(model)
     if adapter not in configs:
@@ -236,9 +236,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, AdapterState
     return config, state_from_peft(tensors, config, str(weights_path))
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = DEFAULT_ADAPTER,
                  activate: bool = True) -> nn.Module:
-    """Load a PEFT-format adapter onto a model (bare or already adapted) under the name `adapter`.
+    """Load a PEFT-format adapter onto a model (bare or already adapted) under the name `adapter`;
+    with activate=True it becomes the active one, with activate=False the model computes exactly what
+    it did before (the adapter waits, frozen, for `set_adapter` or per-row serving).
 
     Everything is read and checked against the model first; on any error the model is unchanged."""
     config, state = read_adapter(directory)
@@ -246,7 +248,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     if not ranks and not state.saved:
         raise AdapterError(f"{directory}: the adapter holds no LoRA weights")
     load_config = LoraConfig(**{**config.to_dict(), "init": "zeros"})
-    add_adapter(model, load_config, adapter, ranks=ranks)
+    add_adapter(model, load_config, adapter, ranks=ranks, activate=False)
     try:
         set_adapter_state(model, adapter, state)
     except Exception:

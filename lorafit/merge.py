@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafit.lora.inject import _CONFIGS, _replace, lora_layers
-from lorafit.lora.layer import LoraLayer, dense_weight
+from lorafit.lora.base import dense_weight, is_quantized
+from lorafit.lora.inject import forget_adapters, lora_layers, saved_modules
+from lorafit.lora.layer import LoraLayer
+from lorafit.modules import set_submodule
 
 
 @dataclass
@@ -26,10 +28,6 @@ class MergeError:
     max_abs: float
     mean_abs: float
     rel: float  # mean |error| / mean |exact output|
-
-
-def _is_quantized(module: nn.Module) -> bool:
-    return hasattr(module, "dequantize") and hasattr(module, "set_weight")
 
 
 def _exact_merged(layer: LoraLayer) -> torch.Tensor:
@@ -48,7 +46,7 @@ def merge_quantized(model: nn.Module, probe_tokens: int = 64, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     report = []
     for path, layer in lora_layers(model):
-        if layer.is_embedding or not _is_quantized(layer.base_layer):
+        if layer.is_embedding or not is_quantized(layer.base_layer):
             layer.merge()
             continue
         exact = _exact_merged(layer)
@@ -74,11 +72,12 @@ def format_report(report: list[MergeError]) -> str:
 @torch.no_grad()
 def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace every adapted layer by a plain layer holding the exact merged weight: quantized bases
-    become `nn.Linear` in `dtype` (no requantization). Returns a model with no adapters."""
+    become `nn.Linear` in `dtype` (no requantization), modules_to_save become their trained copy.
+    Returns a model with no adapters."""
     for path, layer in list(lora_layers(model)):
-        if layer.is_embedding or not _is_quantized(layer.base_layer):
+        if layer.is_embedding or not is_quantized(layer.base_layer):
             layer.merge()
-            _replace(model, path, layer.base_layer)
+            set_submodule(model, path, layer.base_layer)
             continue
         W = _exact_merged(layer)
         bias = getattr(layer.base_layer, "bias", None)
@@ -88,6 +87,9 @@ def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
         if bias is not None:
             linear.bias.copy_(bias)
         linear.requires_grad_(False)
-        _replace(model, path, linear)
-    model.__dict__.pop(_CONFIGS, None)
+        set_submodule(model, path, linear)
+    for path, module in list(saved_modules(model)):  # the trained copy replaces the wrapper
+        keep = module.copies[module.active] if module.active in module.copies else module.original  # noqa: SIM401
+        set_submodule(model, path, keep)
+    forget_adapters(model)
     return model

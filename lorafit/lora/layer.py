@@ -9,11 +9,17 @@
 B starts at zero, so the wrapped model is unchanged at step 0. With DoRA the adapted weight is
 `m * (W + s*BA) / ||W + s*BA||_row` (the norm treated as a constant in backward, as the paper does).
 Several adapters live side by side; `active` says which apply, `merged` which are folded into the
-base weight, and a per-row routing (for serving) lets each batch row use its own adapter.
+base weight. While serving, a `lorafit.lora.routing.RowRouting` attached as `routing` takes over the
+adapter part of the forward so that each batch row uses its own adapter.
 
-The base module is any module exposing its weight in one of three ways: `nn.Linear` / `nn.Embedding`
-(`.weight` is (out, in) / (num, dim)), transformers' `Conv1D` (`.weight` is (in, out)), or a
-quantized layer with `dequantize(dtype)` and `set_weight(W)` (lorafit.quant). Nothing else is needed.
+The base module is any kind `lorafit.lora.base` knows: nn.Linear, nn.Embedding, transformers' Conv1D,
+or a quantized layer with `dequantize(dtype)` and `set_weight(W)` (lorafit.quant).
+
+Where it is valid (one active LoRA/DoRA adapter on a frozen Linear or quantized base, no routing, a
+plain dropout) the forward runs as one autograd node, `lorafit.ops.fused_lora.FusedLoraFunction`: the
+same numbers as the module path, less memory kept for backward. `fused` (on by default) switches it.
+On CUDA with a 16-bit input that path computes the low-rank matmuls in the input's dtype (fp32 master
+weights and fp32 gradients stay), where the module path would upcast the input to fp32.
 
 References: LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023), DoRA (Liu et al. 2024),
 PiSSA (Meng et al. 2024), S-LoRA / Punica (Sheng et al. 2023; Chen et al. 2023).
@@ -22,56 +28,28 @@ PiSSA (Meng et al. 2024), S-LoRA / Punica (Sheng et al. 2023; Chen et al. 2023).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lorafit.ops import fused_lora, multi_lora
+from lorafit.config import INIT_MODES, lora_scaling
+from lorafit.errors import LorafitError
+from lorafit.lora.base import adapter_placement, base_dims, dense_weight, fused_weight_source, write_weight
 from lorafit.ops import reference as ops
+from lorafit.ops.fused_lora import fused_lora_linear
+
+if TYPE_CHECKING:
+    from lorafit.lora.routing import RowRouting
+
+WRAPPER_PARTS = (".base_layer", ".original", ".copies.")  # module paths inside lorafit's wrappers
 
 
-def base_dims(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a base module; embeddings count num_embeddings as 'in'."""
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim
-    if isinstance(base, Conv1D):
-        return base.weight.shape[0], base.weight.shape[1]
-    return base.in_features, base.out_features
-
-
-def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The base weight as a dense (out, in) tensor (embeddings: (num, dim)), dequantized if needed."""
-    if hasattr(base, "dequantize"):
-        return base.dequantize(dtype)
-    if isinstance(base, Conv1D):
-        return base.weight.detach().t().to(dtype)
-    return base.weight.detach().to(dtype)
-
-
-def write_weight(base: nn.Module, W: torch.Tensor) -> None:
-    """Store a dense (out, in) weight back into the base, requantizing a quantized base."""
-    if hasattr(base, "set_weight"):
-        base.set_weight(W)
-    elif isinstance(base, Conv1D):
-        base.weight.data.copy_(W.t().to(base.weight.dtype))
-    else:
-        base.weight.data.copy_(W.to(base.weight.dtype))
-
-
-def _adapter_dtype(base: nn.Module) -> torch.dtype:
-    """Adapters train in fp32 even on a 16-bit or 4-bit base (as PEFT does by default)."""
-    for t in list(base.parameters()) + list(base.buffers()):
-        if t.is_floating_point():
-            return torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.float32
-
-
-def _device(base: nn.Module) -> torch.device:
-    for t in list(base.parameters()) + list(base.buffers()):
-        return t.device
-    return torch.device("cpu")
+def inside_wrapper(path: str) -> bool:
+    """Whether a module path lies inside a LoraLayer (its frozen base) or a ModulesToSave (the frozen
+    original or a per-adapter copy): such modules are never targets of their own."""
+    return any(part in path for part in WRAPPER_PARTS)
 
 
 class LoraLayer(nn.Module):
@@ -91,23 +69,22 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> DoRA factor used when merging
         self.disabled = False
-        self.routing: list[tuple[str, torch.Tensor]] | None = None  # (adapter, its batch rows) while serving
-        self.row_plan: multi_lora.RowPlan | None = None  # the fast layout of `routing`, when it pays
-        # (key, A^T stack, B^T stack) of recently routed adapters; kept after unroute for the next batch
-        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
-        self._routing_trainable = False  # a routed adapter requires grad: the differentiable reference path
+        self.fused = True  # run the fused autograd Function where it applies (`fused_adapter`)
+        self.routing: RowRouting | None = None  # per-row adapters while serving (lorafit.lora.routing)
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A0, B0)
 
     # -- adapters ---------------------------------------------------------------------------
     def add(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
             use_dora: bool = False, init: str = "kaiming") -> None:
+        """Add adapter `name` of rank r (see LoraConfig for the meaning of each argument)."""
+        if init not in INIT_MODES:
+            raise LorafitError(f"init={init!r} is not an adapter initialisation; use one of {', '.join(INIT_MODES)}")
         if self.is_embedding and use_dora:
-            raise ValueError("DoRA on embedding layers is not supported")
-        self._stacked = None
-        dtype, device = _adapter_dtype(self.base_layer), _device(self.base_layer)
+            raise LorafitError("DoRA on embedding layers is not supported")
+        device, dtype = adapter_placement(self.base_layer)
         A = torch.zeros(r, self.in_features, dtype=dtype, device=device)
         B = torch.zeros(self.out_features, r, dtype=dtype, device=device)
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling[name] = lora_scaling(alpha, r, use_rslora)
         self.user_scale[name] = 1.0
         if init == "kaiming":
             # PEFT's default: kaiming-uniform A (for embeddings: A zero and B normal, so the
@@ -126,6 +103,7 @@ class LoraLayer(nn.Module):
             nn.init.normal_(B, std=0.02)
         elif init == "pissa":
             A, B = self._pissa_init(name, r)
+        # "zeros": both stay zero (a placeholder that loading an adapter file fills)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -136,7 +114,7 @@ class LoraLayer(nn.Module):
     def _pissa_init(self, name: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A, B from the top-r singular triplets of W; W keeps only the residual (output unchanged)."""
         if self.is_embedding:
-            raise ValueError("PiSSA init is for linear layers only")
+            raise LorafitError("PiSSA init is for linear layers only")
         W = dense_weight(self.base_layer, torch.float32)  # (out, in)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         s = self.scaling[name]
@@ -144,14 +122,13 @@ class LoraLayer(nn.Module):
         A = root[:, None] * Vh[:r]  # (r, in)
         B = U[:, :r] * root[None, :]  # (out, r)
         write_weight(self.base_layer, W - s * (B @ A))
-        dtype = _adapter_dtype(self.base_layer)
+        _, dtype = adapter_placement(self.base_layer)
         self.pissa_init[name] = (A.clone().to(dtype), B.clone().to(dtype))
         return A.to(dtype), B.to(dtype)
 
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
-        self._stacked = None
         for store in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout):
             if name in store:
                 del store[name]
@@ -178,14 +155,27 @@ class LoraLayer(nn.Module):
         return dW.t() if self.is_embedding else dW
 
     # -- forward ----------------------------------------------------------------------------
+    def fused_adapter(self) -> str | None:
+        """The adapter the fused Function would run for this layer now, or None when it does not apply:
+        `fused` on, one active, unmerged LoRA/DoRA adapter on a frozen Linear or quantized base, no
+        routing, not an embedding, plain (or no) dropout."""
+        if not self.fused or self.disabled or self.routing is not None or self.is_embedding:
+            return None
+        names = [n for n in self.active if n in self.lora_A and n not in self.merged]
+        if len(names) != 1 or fused_weight_source(self.base_layer) is None:
+            return None  # (merged adapters are already in the base weight, which the fused path reads)
+        if not isinstance(self.lora_dropout[names[0]], (nn.Dropout, nn.Identity)):
+            return None
+        return names[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_lora.ENABLED and (name := fused_lora.applies(self)) is not None:
-            return fused_lora.lora_layer_forward(self, x, name)  # one autograd node; same numbers
+        if (name := self.fused_adapter()) is not None:
+            return self._fused_forward(x, name)  # one autograd node; same numbers
         y = self.base_layer(x)
         if self.disabled:
             return y
         if self.routing is not None:
-            return self._routed(x, y) if self.routing else y
+            return self.routing.forward(self, x, y)
         for name in self.active:
             if name in self.merged or name not in self.lora_A:
                 continue
@@ -200,6 +190,18 @@ class LoraLayer(nn.Module):
                 # in place: the base output is not saved for backward, so this spares one (..., out) buffer
                 y = y.add_(delta.to(y.dtype))
         return y
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight, weight_fn = fused_weight_source(self.base_layer)
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        half = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)  # tensor cores: 16-bit low-rank path
+        return fused_lora_linear(
+            x, self.lora_A[name], self.lora_B[name], self.effective_scaling(name),
+            weight=weight, weight_fn=weight_fn, bias=getattr(self.base_layer, "bias", None),
+            magnitude=self.lora_magnitude.get(name), dropout=p, training=self.training,
+            compute_dtype=x.dtype if half else None,
+        )
 
     def _embedding_delta(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         # A is stored (r, num) as in PEFT: a lookup of its columns gives each token's (r,) code.
@@ -221,28 +223,6 @@ class LoraLayer(nn.Module):
             base_out = F.linear(h, W).to(y.dtype)  # W dropout(x): the DoRA path sees dropped input
         lora_out = ops.lora_delta(h, A, B, s).to(y.dtype)
         return y + (factor - 1) * base_out + factor * lora_out
-
-    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y plus each row's own adapter update (see `route`)."""
-        if self.is_embedding:
-            out = torch.zeros(*x.shape, self.out_features, dtype=self._adapter_dtype(), device=x.device)  # (B, T, dim)
-            for rows, A, B, s in self._row_groups():
-                out.index_copy_(0, rows, (F.embedding(x.index_select(0, rows), A.t()) @ B.t()) * s)
-            return y + out.to(y.dtype)
-        if torch.is_grad_enabled() and self._routing_trainable:  # gradients for A and B: the reference
-            return y + ops.lora_rows(x.to(self._adapter_dtype()), self._row_groups()).to(y.dtype)
-        if self.row_plan is not None and x.shape[:-1].numel() <= multi_lora.MAX_STACKED_TOKENS:
-            _, At, Bt = self._stacked  # decode: a few ops per layer for any number of adapters
-            return multi_lora.add_lora_rows_stacked_(y, x.to(At.dtype), At, Bt, self.row_plan)
-        # prefill: matmuls big enough to hide their call overhead, and no padding
-        return multi_lora.add_lora_rows_grouped_(y, x.to(self._adapter_dtype()), self._row_groups())
-
-    def _row_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-        """(rows, A, B, scaling) of each routed adapter, as `reference.lora_rows` takes them."""
-        return [(rows, self.lora_A[n], self.lora_B[n], self.effective_scaling(n)) for n, rows in self.routing]
-
-    def _adapter_dtype(self) -> torch.dtype:
-        return next(iter(self.lora_A.values())).dtype
 
     # -- merge ------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
@@ -274,85 +254,6 @@ class LoraLayer(nn.Module):
             if factor is not None:
                 W = W / factor[:, None]
             write_weight(self.base_layer, W - self.delta_weight(name))
-
-    # -- per-row routing (serving) ----------------------------------------------------------
-    def route(self, row_adapters: list[str | None], plans: dict | None = None) -> None:
-        """Give each batch row its own adapter (None = base only) until `unroute()`.
-
-        Keeps each adapter's row indices (the grouped paths, and embeddings) and, for linear
-        layers, the slot layout of `multi_lora` over a stack of the adapters' A and B. The stack
-        outlives the routing and is rebuilt only when an adapter it lacks joins a batch or its
-        weights change, so a new batch composition over the same adapters copies no weight.
-        The stack is a detached copy and the fast paths add into the base output in place, so a
-        forward that may need gradients for A and B (grad enabled, adapter trainable) takes the
-        reference path instead. Weights and scalings are read here: a change made while routed
-        applies from the next `route`. `plans` lets layers with the same adapters and scalings
-        share one layout (`adapter_per_row` passes it)."""
-        names = sorted({n for n in row_adapters if n is not None and n in self.lora_A})
-        if any(n in self.lora_magnitude for n in names):
-            raise ValueError("per-row routing supports LoRA adapters, not DoRA")
-        if any(n in self.merged for n in names):
-            raise ValueError("unmerge adapters before per-row routing")
-        device = self.lora_A[names[0]].device if names else torch.device("cpu")
-        self.routing = [(n, torch.tensor([i for i, r in enumerate(row_adapters) if r == n], device=device))
-                        for n in names]
-        self._routing_trainable = any(self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in names)
-        self.row_plan = self._plan(row_adapters, names, plans if plans is not None else {}) \
-            if names and not self.is_embedding else None
-
-    def _plan(self, row_adapters: list[str | None], names: list[str], plans: dict) -> multi_lora.RowPlan | None:
-        """The fast layout for this routing (None: keep the grouped path), stacking weights if needed.
-
-        A cached stack that holds every adapter present is reused as it is, its absent adapters
-        left as empty (padding) groups, so a batch whose adapters only leave never restacks;
-        only when that padding costs too much, or an adapter joins, are `names` stacked anew."""
-        cached = self._cached_stack_names()
-        if cached is not None and set(names) <= set(cached):
-            plan = self._layout(row_adapters, cached, plans)
-            if plan is not None:
-                return plan
-        plan = self._layout(row_adapters, names, plans)
-        if plan is not None:
-            self._stack(names)
-        return plan
-
-    def _layout(self, row_adapters: list[str | None], names: list[str], plans: dict) -> multi_lora.RowPlan | None:
-        """`multi_lora.plan_rows` with stack order `names`; shared through `plans` by layers alike."""
-        scales = [self.effective_scaling(n) for n in names]
-        A0 = self.lora_A[names[0]]
-        key = (tuple(row_adapters), tuple(names), tuple(scales), A0.dtype, A0.device)
-        if key not in plans:
-            index = {n: g for g, n in enumerate(names)}
-            plans[key] = multi_lora.plan_rows([index.get(r) for r in row_adapters], scales, dtype=A0.dtype,
-                                              device=A0.device, max_padding=multi_lora.MAX_PADDING)
-        return plans[key]
-
-    def _stack_key(self, names: list[str]) -> tuple:
-        """Identifies the current weights of `names`: any in-place change bumps a version."""
-        return tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version, self.lora_B[n].data_ptr(),
-                      self.lora_B[n]._version) for n in names)
-
-    def _cached_stack_names(self) -> list[str] | None:
-        """The adapters of the cached stack, if it still holds their current weights."""
-        if self._stacked is None:
-            return None
-        names = [entry[0] for entry in self._stacked[0]]
-        if not all(n in self.lora_A for n in names) or self._stack_key(names) != self._stacked[0]:
-            return None
-        return names
-
-    def _stack(self, names: list[str]) -> None:
-        """Refresh the stacked A/B of `names` unless the cached stack is of exactly these weights."""
-        key = self._stack_key(names)
-        if self._stacked is None or self._stacked[0] != key:
-            # not an inference tensor even when routed under inference_mode: the cache outlives the call
-            with torch.inference_mode(False), torch.no_grad():
-                At, Bt = multi_lora.stack_adapters([self.lora_A[n] for n in names], [self.lora_B[n] for n in names])
-            self._stacked = (key, At, Bt)
-
-    def unroute(self) -> None:
-        self.routing = None
-        self.row_plan = None
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from lorafit.errors import AdapterError
-from lorafit.lora.inject import _saved_modules, lora_layers
-from lorafit.lora.layer import base_dims
-from lorafit.lora.targets import is_adaptable
+from lorafit.lora.base import base_dims, is_adaptable
+from lorafit.lora.inject import lora_layers, saved_modules
 
 
 @dataclass
@@ -57,7 +56,7 @@ def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> Ada
         for name, p in model.named_parameters():
             if name.endswith("bias") and ".lora_" not in name and ".copies." not in name:
                 state.biases[name] = p.detach().cpu().contiguous()
-    for path, module in _saved_modules(model):
+    for path, module in saved_modules(model):
         if adapter in module.copies:
             state.saved[path] = {k: v.detach().cpu().contiguous() for k, v in module.copies[adapter].state_dict().items()}
     return state

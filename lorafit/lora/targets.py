@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lorafit.errors import LorafitError
+from lorafit.lora.base import is_adaptable, is_linear
+from lorafit.lora.layer import LoraLayer, inside_wrapper
+from lorafit.modules import path_matches
 
 _LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -37,17 +39,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
 
 
-def is_linear(module: nn.Module) -> bool:
-    """Linear in the adapter sense: nn.Linear, GPT-2's Conv1D, or a quantized linear."""
-    return isinstance(module, (nn.Linear, Conv1D)) or (
-        hasattr(module, "dequantize") and hasattr(module, "in_features") and hasattr(module, "out_features")
-    )
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    return is_linear(module) or isinstance(module, nn.Embedding)
-
-
 def default_targets(model: nn.Module) -> list[str] | str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return DEFAULT_TARGETS.get(model_type, "all-linear")
@@ -58,7 +49,7 @@ def name_matches(name: str, targets: list[str] | str) -> bool:
     regex over the full path."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    return path_matches(name, targets)
 
 
 def layer_index(name: str) -> int | None:
@@ -71,16 +62,14 @@ def find_targets(
 ) -> list[str]:
     """Paths of the modules to adapt, in model order. Fails (naming the linear modules the model
     has) when nothing matches or a matched module is of a kind we cannot adapt."""
-    from lorafit.lora.layer import LoraLayer  # a module already wrapped is matched by its own path
-
     if targets is None:
         targets = default_targets(model)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found, unsupported = [], []
     for name, module in model.named_modules():
-        if not name or ".base_layer" in name or ".original" in name or ".copies." in name:
+        if not name or inside_wrapper(name):
             continue
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        base = module.base_layer if isinstance(module, LoraLayer) else module  # wrapped: matched by its own path
         if targets == "all-linear":
             hit = is_linear(base) and module is not output_head
         else:
@@ -111,6 +100,6 @@ def linear_names(model: nn.Module) -> list[str]:
     """Distinct short names of the model's linear modules (what a user would put in target_modules)."""
     seen: dict[str, None] = {}
     for name, module in model.named_modules():
-        if is_linear(getattr(module, "base_layer", module)) and ".base_layer" not in name:
+        if is_linear(getattr(module, "base_layer", module)) and not inside_wrapper(name):
             seen[name.rsplit(".", 1)[-1]] = None
     return list(seen)

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 
 class OffloadedCheckpointFunction(torch.autograd.Function):
@@ -83,25 +82,3 @@ _ANCHOR: dict[torch.device, torch.Tensor] = {}
 
 def _call(run: Callable[..., Any], args: tuple, hidden: torch.Tensor) -> Any:
     return run(hidden, *args)
-
-
-def enable_checkpointing(model: nn.Module, offload: bool = False) -> int:
-    """Turn on transformers' per-layer gradient checkpointing with this module's checkpoint function
-    (hidden states offloaded to CPU if `offload`); returns the number of layers set. Works with the
-    fused LoRA path and the chunked loss, which see the same inputs either way."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:  # transformers >= 5.2x name; gradient_checkpointing_enable is its deprecated alias
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    fn = functools.partial(checkpoint, offload=offload)
-    count = 0
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = fn
-            count += isinstance(module, GradientCheckpointingLayer)
-    return count

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.modules import path_matches, set_submodule
 from lorafit.quant.linear import NF4Linear, PackedLinear
 from lorafit.quant.nf4 import VALID_BLOCKSIZES
-from lorafit.quant.ternary import TernaryLinear, _set_submodule, _skipped
+from lorafit.quant.ternary import TernaryLinear
 
 METHODS = ("nf4", "ternary")
 
@@ -50,10 +51,10 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip: tuple[str, ...] 
     """Replace every `nn.Linear` not named in `skip` by its quantized version, in place; returns `model`."""
     if method not in METHODS:
         raise LorafitError(f"unknown quantization method {method!r}; use one of {METHODS}")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not path_matches(n, skip)]
     for name in names:
         linear = model.get_submodule(name)
-        _set_submodule(model, name, quantize_linear(
+        set_submodule(model, name, quantize_linear(
             name, linear, method, blocksize=blocksize, double_quant=double_quant,
             group_size=group_size, compute_dtype=compute_dtype,
         ))

@@ -2,8 +2,10 @@
 
 `PackedLinear` is the protocol the LoRA layer wraps: `in_features`, `out_features`, `forward(x)`,
 `dequantize(dtype) -> (out, in)` and `set_weight(W)` (requantize in place after a merge). The forward
-pass goes through `DequantLinearFunction`, which dequantizes the weight on the fly in forward and again
-in backward, so the dense weight never outlives one matmul and is never stored for autograd.
+pass goes through `DequantLinearFunction`: forward is `matmul(x)` (dequantize then multiply, or for an
+NF4 weight on CUDA with a few tokens the fused Triton kernel, as `lorafit.quant.backend` decides), and
+backward dequantizes again, so the dense weight never outlives one matmul and is never stored for
+autograd.
 
 The packed buffers keep their dtype and values under `module.to(...)`: only the device follows, so a
 `model.to(torch.bfloat16)` can neither requantize nor corrupt them.
@@ -18,7 +20,7 @@ from lorafit.quant.nf4 import NF4Tensor, dynamic_map, quantize_nf4
 
 
 class DequantLinearFunction(torch.autograd.Function):
-    """y = x W^T with W = base.dequantize(x.dtype), computed on the fly.
+    """y = x W^T with W the packed weight of `base`, computed on the fly (`base.matmul(x)`).
 
     Gradient: dL/dx = (dL/dy) W, with W dequantized again in backward (nothing dense is saved).
     The weight is frozen, so there is no dL/dW; the base module is not a tensor and gets None.
@@ -27,7 +29,7 @@ class DequantLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, base: PackedLinear) -> torch.Tensor:
         ctx.base = base
-        return torch.nn.functional.linear(x, base.dequantize(x.dtype))
+        return base.matmul(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
@@ -51,6 +53,10 @@ class PackedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) @ W^T without the bias; subclasses with a fused kernel override it."""
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
 
     def set_weight(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
@@ -137,6 +143,9 @@ class NF4Linear(PackedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.nf4().dequantize(dtype or self.compute_dtype or torch.float32)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nf4().matmul(x)
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:

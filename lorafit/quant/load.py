@@ -18,10 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit.errors import LorafitError
+from lorafit.modules import path_matches, set_submodule
 from lorafit.quant.apply import METHODS
 from lorafit.quant.bnb_format import nf4_from_bnb_state, nf4_to_bnb_state
 from lorafit.quant.linear import NF4Linear, PackedLinear
-from lorafit.quant.ternary import TernaryLinear, _set_submodule, _skipped
+from lorafit.quant.ternary import TernaryLinear
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -125,7 +126,7 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
         return where[key].read(key)
 
     compute = dtype if dtype != torch.float32 else None
-    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not path_matches(n, skip)]
     done: set[str] = set()
     for name in tqdm(targets, desc=f"loading + quantizing ({method or 'bnb-nf4'})", unit="layer", leave=False):
         bias = read(f"{name}.bias").to(dtype) if f"{name}.bias" in where else None
@@ -153,7 +154,7 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
             done.add(f"{name}.weight")
             del weight
         done |= {f"{name}.bias"} if bias is not None else set()
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         _release_freed_memory()
 
     for key, tensor in model.state_dict(keep_vars=True).items():

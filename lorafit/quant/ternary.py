@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.modules import path_matches, set_submodule
 from lorafit.quant.linear import PackedLinear
 
 _SHIFTS = (0, 2, 4, 6)
@@ -128,7 +129,7 @@ def convert_to_packed(model: nn.Module, skip: tuple[str, ...] = ("lm_head",), gr
     which ternarizes them with absmean scales (lossy, e.g. after merging a LoRA adapter).
     """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or _skipped(name, skip):
+        if not isinstance(module, nn.Linear) or path_matches(name, skip):
             continue
         bias = module.bias.data if module.bias is not None else None
         exact = _exact_ternary(module.weight.data, group_size or module.in_features)
@@ -141,15 +142,5 @@ def convert_to_packed(model: nn.Module, skip: tuple[str, ...] = ("lm_head",), gr
                 f"layer {name!r} does not hold ternary values (scale * {{-1, 0, 1}} per row); "
                 "pass requantize=True to ternarize it, or add it to skip"
             )
-        _set_submodule(model, name, packed.to(module.weight.device))
+        set_submodule(model, name, packed.to(module.weight.device))
     return model
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

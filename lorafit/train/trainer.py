@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,90 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.config import LoraConfig
+from lorafit.config import DEFAULT_ADAPTER
 from lorafit.errors import LorafitError
 from lorafit.io import read_adapter, save_adapter
-from lorafit.lora.inject import adapter_configs, adapter_parameters, apply_lora
+from lorafit.lora.inject import adapter_parameters
 from lorafit.lora.state import set_adapter_state
 from lorafit.ops.chunked_loss import causal_lm_loss
-from lorafit.ops.gated_mlp import fuse_gated_mlps
-from lorafit.ops.offload import enable_checkpointing
+from lorafit.train.config import TrainConfig
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
+from lorafit.train.prepare import prepare_model
 
-SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-
-
-@dataclass
-class TrainConfig:
-    """The knobs of one fine-tuning run (data handling lives in `lorafit.train.data.DataConfig`)."""
-
-    output_dir: str = "runs/lorafit"
-    """Where the adapter, checkpoints, metrics.jsonl and loss.png are written."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """The adapter to train."""
-    epochs: float = 1.0
-    """Passes over the training data (ignored when max_steps is set)."""
-    max_steps: int | None = None
-    """Optimizer steps to run; overrides epochs."""
-    batch_size: int = 8
-    """Samples per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    learning_rate: float = 2e-4
-    """Peak learning rate; 1e-4 to 3e-4 is usual for LoRA, small tasks tolerate more."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on the adapter weights."""
-    warmup_ratio: float = 0.05
-    """Share of the steps spent warming the learning rate up linearly from 0 (3-10% is usual)."""
-    schedule: str = "cosine"
-    """Decay after warmup: "cosine", "linear" or "constant"."""
-    optimizer: str = "adamw"
-    """"adamw" (torch), or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (states in 8 bits)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the adapter gradients' global norm (None: no clipping)."""
-    gradient_checkpointing: bool = False
-    """Recompute block activations in backward: much less memory for ~30% more compute."""
-    offload_activations: bool = False
-    """With gradient checkpointing, keep each block's saved input in CPU memory (GPU runs)."""
-    fused_mlp: bool = True
-    """Run SiLU-gated MLPs (Llama, Mistral, Qwen...) as lorafit.ops.gated_mlp.GatedMLP: same weights and
-    numbers, two fewer (tokens x intermediate) activations kept per layer for backward."""
-    eval_steps: int | None = None
-    """Evaluate on the validation samples every N steps (and at the end)."""
-    save_steps: int | None = None
-    """Write a resumable checkpoint every N steps."""
-    save_total_limit: int = 2
-    """Keep only the newest N checkpoints."""
-    early_stopping_patience: int | None = None
-    """Stop after this many evaluations without a new best validation loss."""
-    logging_steps: int = 1
-    """Refresh the progress bar every N steps (metrics.jsonl gets every step)."""
-    seed: int = 0
-    """Seeds adapter init, dropout and the data order."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraConfig.from_dict(self.lora)
-        if self.schedule not in SCHEDULES:
-            raise LorafitError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise LorafitError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise LorafitError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise LorafitError(f"TrainConfig.{name} must be a positive integer or null, got {value!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise LorafitError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not self.learning_rate > 0:
-            raise LorafitError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
-        if self.epochs <= 0:
-            raise LorafitError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")
-
+__all__ = ["TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "lr_factor", "token_loss_sum"]
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
@@ -187,13 +114,7 @@ class Trainer:
         self.pad_id = pad_id_for(tokenizer)
         self.out = Path(config.output_dir)
         torch.manual_seed(config.seed)
-        if "default" not in adapter_configs(model):
-            apply_lora(model, config.lora)
-        if config.fused_mlp:
-            fuse_gated_mlps(model)
-        if config.gradient_checkpointing:
-            enable_checkpointing(model, offload=config.offload_activations)
-            model.config.use_cache = False
+        prepare_model(model, config)
         self.params = adapter_parameters(model)
         self.optimizer = _make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
         self.batches_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -314,7 +235,7 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         _, adapter_state = read_adapter(path / "adapter")
-        set_adapter_state(self.model, "default", adapter_state)
+        set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

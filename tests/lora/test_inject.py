@@ -216,11 +216,11 @@ def test_stacked_rows_equal_grouped_rows(ids, monkeypatch):
     """The fast stacked layout (multi_lora) and the grouped reference give the same logits."""
     model, rows, batch = _mixed_setup(ids)
     with torch.no_grad(), lf.adapter_per_row(model, rows):
-        assert all(layer.row_plan is not None for _, layer in lora_layers(model))
+        assert all(layer.routing.route(layer).plan is not None for _, layer in lora_layers(model))
         fast = model(batch).logits
     monkeypatch.setattr("lorafit.ops.multi_lora.MAX_PADDING", 0.0)  # every layer declines the stacked layout
     with torch.no_grad(), lf.adapter_per_row(model, rows):
-        assert all(layer.row_plan is None for _, layer in lora_layers(model))
+        assert all(layer.routing.route(layer).plan is None for _, layer in lora_layers(model))
         grouped = model(batch).logits
     torch.testing.assert_close(fast, grouped, atol=1e-5, rtol=0)
 
@@ -250,10 +250,11 @@ def test_adapters_leaving_the_batch_reuse_the_stack(ids):
     layer = model.model.layers[0].mlp.down_proj
     with torch.no_grad(), lf.adapter_per_row(model, rows):
         model(batch)
-    stack = layer._stacked[1]
+        stack = layer.routing.route(layer).stacked[0]
     fewer = ["a", None, "a", "a"]
     with torch.no_grad(), lf.adapter_per_row(model, fewer):
-        assert layer._stacked[1] is stack and layer.row_plan.groups == 2
+        route = layer.routing.route(layer)
+        assert route.stacked[0] is stack and route.plan.groups == 2
         mixed = model(batch).logits
     lf.set_adapter(model, "a")
     with torch.no_grad():

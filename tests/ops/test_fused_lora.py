@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorafit.lora.base import fused_weight_source
 from lorafit.lora.layer import LoraLayer
 from lorafit.ops import fused_lora
 from lorafit.ops.fused_lora import fused_lora_linear
@@ -71,7 +72,7 @@ def assert_close(got: dict, ref: dict, tol: float) -> None:
 
 def run_fused(layer: LoraLayer, x: torch.Tensor, g: torch.Tensor, p: float, mask) -> dict:
     base = layer.base_layer
-    weight, weight_fn = fused_lora.weight_source(base)
+    weight, weight_fn = fused_weight_source(base)
     y = fused_lora_linear(x, layer.lora_A["a"], layer.lora_B["a"], layer.effective_scaling("a"),
                           weight=weight, weight_fn=weight_fn, bias=base.bias,
                           magnitude=layer.lora_magnitude.get("a"),
@@ -85,6 +86,7 @@ def run_fused(layer: LoraLayer, x: torch.Tensor, g: torch.Tensor, p: float, mask
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fused_matches_module(dtype, base_kind, dora, p):
     layer = make_layer(base_kind, dtype, dora)
+    layer.fused = False  # the reference: the module path
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, IN, generator=gen).to(dtype).requires_grad_(True)
     g = torch.randn(2, 5, OUT, generator=gen).to(dtype)
@@ -98,17 +100,18 @@ def test_fused_matches_module(dtype, base_kind, dora, p):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_layer_switch_routes_through_fused(dora, monkeypatch):
-    """With the switch on, LoraLayer.forward takes the fused path and gives the module path's numbers,
+def test_layer_takes_the_fused_path_by_default(dora, monkeypatch):
+    """LoraLayer.forward takes the fused path by default and gives the module path's numbers,
     including a dropout mask drawn from the global RNG (the draw nn.Dropout makes on CPU)."""
     layer = make_layer("nf4", torch.float32, dora)
     layer.lora_dropout["a"] = nn.Dropout(0.25)
     x = torch.randn(3, 7, IN, requires_grad=True)
     g = torch.randn(3, 7, OUT)
+    layer.fused = False
     torch.manual_seed(5)
     ref = grads(layer, layer(x), x, g)
-    monkeypatch.setattr(fused_lora, "ENABLED", True)
-    assert fused_lora.applies(layer) == "a"
+    layer.fused = True
+    assert layer.fused_adapter() == "a"
     calls = []
     monkeypatch.setattr(fused_lora.FusedLoraFunction, "apply",
                         lambda *a, _f=fused_lora.FusedLoraFunction.apply: calls.append(1) or _f(*a))
@@ -119,7 +122,7 @@ def test_layer_switch_routes_through_fused(dora, monkeypatch):
     layer.eval()  # eval: no dropout on either path
     with torch.no_grad():
         y_fused = layer(x)
-        monkeypatch.setattr(fused_lora, "ENABLED", False)
+        layer.fused = False
         torch.testing.assert_close(y_fused, layer(x), rtol=1e-5, atol=1e-6)
 
 
@@ -139,12 +142,36 @@ def test_fused_saves_no_dense_weight():
     assert max(sizes) == max(IN * R, OUT * R, x.numel())
 
 
-def test_falls_back_when_not_applicable(monkeypatch):
-    monkeypatch.setattr(fused_lora, "ENABLED", True)
+def test_falls_back_when_not_applicable():
     layer = make_layer("dense", torch.float32, dora=False)
+    assert layer.fused_adapter() == "a"
     layer.add("b", 4, 8, init="random")
     layer.active = ["a", "b"]
-    assert fused_lora.applies(layer) is None  # two active adapters: module path
+    assert layer.fused_adapter() is None  # two active adapters: module path
     layer.active = ["a"]
     layer.disabled = True
-    assert fused_lora.applies(layer) is None
+    assert layer.fused_adapter() is None
+    layer.disabled = False
+    layer.fused = False
+    assert layer.fused_adapter() is None
+    layer.fused = True
+    layer.base_layer.weight.requires_grad_(True)  # a trainable base weight: autograd must see it
+    assert layer.fused_adapter() is None
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_16bit_compute_dtype_keeps_fp32_master_gradients(dora):
+    """The CUDA choice (low-rank path in x's 16-bit dtype), run here on CPU: fp32 gradients for A and B
+    (and m), close to the fp32 path's within bf16 rounding."""
+    layer = make_layer("dense", torch.bfloat16, dora)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, IN, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    g = torch.randn(2, 5, OUT, generator=gen).to(torch.bfloat16)
+    ref = run_fused(layer, x, g, 0.0, None)
+    base = layer.base_layer
+    y = fused_lora_linear(x, layer.lora_A["a"], layer.lora_B["a"], layer.effective_scaling("a"),
+                          weight=base.weight, bias=base.bias, magnitude=layer.lora_magnitude.get("a"),
+                          compute_dtype=torch.bfloat16)
+    got = grads(layer, y, x, g)
+    assert got["A"].dtype == got["B"].dtype == torch.float32
+    assert_close(got, ref, 2e-2)

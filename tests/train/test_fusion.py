@@ -12,9 +12,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafit as lf
-from lorafit.ops.gated_mlp import GatedMLP, SwiGLUFunction, fuse_gated_mlps
-from lorafit.ops.offload import enable_checkpointing
+from lorafit.ops.swiglu import SwiGLUFunction
 from lorafit.quant.apply import quantize_model
+from lorafit.train.checkpointing import enable_checkpointing
+from lorafit.train.fusion import GatedMLP, fuse_gated_mlps
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lorafit.model import cache_dir
+from lorafit.paths import cache_dir
 
 # -ffp-contract=off: no fused multiply-adds, so the kernels round exactly like the PyTorch reference.
 # Threads are plain pthreads, not OpenMP: torch bundles its own OpenMP runtime and a second one would

@@ -1,8 +1,8 @@
-"""Tensor-level wrappers around the NF4 C kernel (`nf4.c`); bit-identical to `lorafit.quant.nf4`.
+"""Tensor-level wrappers around the NF4 C kernel (`nf4.c`); bit-identical to `lorafit.quant.reference`.
 
-`library()` is None when the kernel cannot be used (LORAFIT_NO_CKERNEL=1, no compiler, or the build
-failed); callers then take the PyTorch path. The build happens once per process, on first call.
-All tensors passed in must be contiguous and on the CPU; the caller checks dtypes.
+`library()` is None when the kernel cannot be used (no compiler, or the build failed); the backend
+dispatch (`lorafit.quant.backend`) then takes the PyTorch path. The build happens once per process, on
+first call. All tensors passed in must be contiguous and on the CPU; the caller checks dtypes.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.ops.cpu import build
+from lorafit.quant.cpu import build
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("nf4.c")
@@ -35,10 +34,6 @@ _SIGNATURES = {
 }
 
 
-def disabled() -> bool:
-    return os.environ.get("LORAFIT_NO_CKERNEL", "") not in ("", "0")
-
-
 @functools.cache
 def load(arch: str = build.NATIVE) -> ctypes.CDLL | None:
     """The compiled kernel for `arch` (compiled at most once per process), or None if that failed."""
@@ -54,7 +49,8 @@ def load(arch: str = build.NATIVE) -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    return None if disabled() else load()
+    """The kernel for this machine's CPU, or None when it cannot be built here."""
+    return load()
 
 
 def describe() -> str:

@@ -9,21 +9,22 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafit as lf
-from lorafit.ops import fused_lora
+from lorafit.lora.inject import set_fused
 from lorafit.ops.chunked_loss import causal_lm_loss
-from lorafit.ops.offload import enable_checkpointing
 from lorafit.quant.apply import quantize_model
+from lorafit.train.checkpointing import enable_checkpointing
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
-def _model(dora: bool, dropout: float) -> LlamaForCausalLM:
+def _model(dora: bool, dropout: float, fused: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
     model = LlamaForCausalLM(CFG)
     quantize_model(model)  # NF4 base, head kept dense
     lf.apply_lora(model, lf.LoraConfig(r=4, alpha=8, dropout=dropout, use_dora=dora,
                                        target_modules="all-linear", init="random"))
+    set_fused(model, fused)
     return model.train()
 
 
@@ -61,17 +62,15 @@ def _compare(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_checkpointed_fused_chunked_matches_plain(dora, monkeypatch):
-    ref = _plain_step(_model(dora, 0.0))
-    monkeypatch.setattr(fused_lora, "ENABLED", True)
+def test_checkpointed_fused_chunked_matches_plain(dora):
+    ref = _plain_step(_model(dora, 0.0, fused=False))
     model = _model(dora, 0.0)
     assert enable_checkpointing(model, offload=True) == CFG.num_hidden_layers
     _compare(_fast_step(model), ref)
 
 
-def test_checkpoint_replays_dropout(monkeypatch):
+def test_checkpoint_replays_dropout():
     """With dropout, the recomputation restores the RNG state: the same masks as without checkpointing."""
-    monkeypatch.setattr(fused_lora, "ENABLED", True)
     ref = _fast_step(_model(False, 0.2))  # _model seeds, so both steps draw the same masks in forward
     model = _model(False, 0.2)
     enable_checkpointing(model, offload=True)

@@ -1,4 +1,6 @@
-"""A gated (SwiGLU) MLP that keeps two activations per layer instead of four for backward.
+"""Module swaps that make training leaner, each made only where a probe shows identical outputs.
+
+`GatedMLP`: a gated (SwiGLU) MLP that keeps two activations per layer instead of four for backward.
 
 Llama-style MLPs compute `down(silu(gate(x)) * up(x))`. Under plain autograd, backward keeps four
 (tokens x intermediate) tensors per layer: g = gate(x), silu(g) and u = up(x) for the product, and
@@ -11,12 +13,12 @@ are one elementwise pass away, so here:
 
 For SmolLM2-135M at 4 x 256 tokens that is 360 MB less kept for backward, at the price of two
 elementwise passes per layer in backward. The numbers are the plain path's: forward is the same
-operations in the same order; backward differs only in rounding (tests/ops/test_gated_mlp.py).
+operations in the same order; backward differs only in rounding (tests/train/test_fusion.py).
 
 `fuse_gated_mlps(model)` swaps each matching MLP module for a `GatedMLP` holding the *same* gate/up/
 down submodules (so parameter names, adapters and checkpoints are unchanged), and only after checking on
 a probe input that the swap computes exactly what the original module did; other MLPs are left alone.
-On CUDA with triton installed the SwiGLU runs as the Triton kernel (lorafit.ops.triton.swiglu).
+On CUDA with triton installed the SwiGLU runs as the Triton kernel (lorafit.ops.swiglu).
 """
 
 from __future__ import annotations
@@ -27,38 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.ops.triton import available as triton_available
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    """a = silu(g) * u, saving only g and u. With s = sigmoid(g):
-    dL/dg = dL/da * u * s * (1 + g (1 - s)),  dL/du = dL/da * g * s."""
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u  # the same two ops as the plain MLP: identical forward numbers
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        g, u = ctx.saved_tensors
-        s = torch.sigmoid(g)
-        silu = g * s
-        grad_u = grad * silu if ctx.needs_input_grad[1] else None
-        grad_g = None
-        if ctx.needs_input_grad[0]:
-            grad_g = (grad * u).mul_(s).mul_(silu.neg_().add_(g).add_(1.0))  # 1 + g - g s = 1 + g (1 - s)
-        return grad_g, grad_u
-
-
-def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u for autograd, keeping only g and u (Triton kernel on CUDA when available)."""
-    if g.is_cuda and triton_available():
-        from lorafit.ops.triton.swiglu import swiglu as swiglu_triton
-
-        return swiglu_triton(g, u)
-    return SwiGLUFunction.apply(g, u)
-
+from lorafit.modules import set_submodule
+from lorafit.ops.swiglu import swiglu
 
 
 class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
@@ -126,8 +98,7 @@ def fuse_gated_mlps(model: nn.Module) -> int:
         if _same_output(module, fused):
             swaps.append((name, fused))
     for name, fused in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, fused)
+        set_submodule(model, name, fused)
     return len(swaps)
 
 

@@ -1,4 +1,4 @@
-"""The NF4 C kernel (lorafit/ops/cpu) against the PyTorch reference in lorafit/quant/nf4.py.
+"""The NF4 C kernel (lorafit/quant/cpu) against the PyTorch reference in lorafit/quant/reference.py.
 
 Every vector path is checked on this machine by compiling the kernel for several -march levels
 (AVX-512 where the CPU has it, AVX2, and plain x86-64 for the scalar code); a level the compiler or
@@ -14,23 +14,16 @@ import pytest
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.ops.cpu import build
-from lorafit.ops.cpu import nf4 as cnf4
-from lorafit.quant.nf4 import (
-    STATS_BLOCKSIZE,
-    VALID_BLOCKSIZES,
-    _dynamic_lut,
-    quantize_blockwise_8bit,
-    quantize_nf4,
-)
+from lorafit.quant.cpu import build
+from lorafit.quant.cpu import nf4 as cnf4
+from lorafit.quant.nf4 import STATS_BLOCKSIZE, VALID_BLOCKSIZES, quantize_blockwise_8bit, quantize_nf4
+from lorafit.quant.reference import dynamic_lut
 
 ARCHES = [build.NATIVE, "-march=x86-64-v3", "-march=x86-64"]
 
 
 @pytest.fixture(scope="module", params=ARCHES)
 def lib(request):
-    if cnf4.disabled():
-        pytest.skip("LORAFIT_NO_CKERNEL is set")
     lib = cnf4.load(request.param)
     if lib is None:
         pytest.skip(f"cannot build the kernel with {request.param} here")
@@ -57,7 +50,7 @@ def _check_quantize(lib, w: torch.Tensor, blocksize: int) -> None:
     assert torch.equal(packed, ref.packed)
     assert torch.equal(absmax, ref.absmax)
     offset = absmax.mean()
-    codes, absmax2 = cnf4.quantize_stats(absmax, offset.item(), _dynamic_lut(torch.device("cpu")),
+    codes, absmax2 = cnf4.quantize_stats(absmax, offset.item(), dynamic_lut(torch.device("cpu")),
                                          STATS_BLOCKSIZE, lib)
     ref_codes, ref_absmax2 = quantize_blockwise_8bit(absmax - offset, STATS_BLOCKSIZE)
     assert torch.equal(codes, ref_codes)
@@ -118,7 +111,7 @@ def test_nan_and_inf_follow_reference(lib, blocksize):
         got = cnf4.dequantize_4bit(packed, ref.shape, blocksize, dtype, lib, absmax=absmax)
         want = ref.dequantize(dtype, backend="torch")
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
-    codes, absmax2 = cnf4.quantize_stats(absmax, float("nan"), _dynamic_lut(torch.device("cpu")), STATS_BLOCKSIZE, lib)
+    codes, absmax2 = cnf4.quantize_stats(absmax, float("nan"), dynamic_lut(torch.device("cpu")), STATS_BLOCKSIZE, lib)
     assert codes.eq(0).all() and absmax2.isnan().all()  # the reference would index out of range here
 
 
@@ -177,9 +170,10 @@ def _run(code: str, **env: str) -> str:
 FALLBACK_CHECK = """
     import torch
     from lorafit.errors import LorafitError
-    from lorafit.ops.cpu import nf4 as cnf4
+    from lorafit.quant import backend
+    from lorafit.quant.cpu import nf4 as cnf4
     from lorafit.quant.nf4 import quantize_nf4
-    assert cnf4.library() is None and cnf4.describe() == "pytorch"
+    assert cnf4.library() is None and backend.describe("cpu") == "pytorch reference"
     w = torch.randn(129, 257)
     t = quantize_nf4(w)
     assert torch.equal(t.packed, quantize_nf4(w, backend="torch").packed)
@@ -193,8 +187,21 @@ FALLBACK_CHECK = """
 """
 
 
-def test_disabled_by_env_falls_back_to_torch(tmp_path):
-    assert "fallback ok" in _run(FALLBACK_CHECK, LORAFIT_NO_CKERNEL="1", LORAFIT_CACHE=str(tmp_path))
+PINNED_CHECK = """
+    import torch
+    from lorafit.quant import backend
+    from lorafit.quant.nf4 import quantize_nf4
+    assert backend.current_backend() == "torch" and backend.choose(torch.device("cpu"), "dequantize") == "torch"
+    w = torch.randn(129, 257)
+    t = quantize_nf4(w)
+    assert torch.equal(t.packed, quantize_nf4(w, backend="c").packed)
+    assert torch.equal(t.dequantize(), t.dequantize(backend="c"))
+    print("pinned ok")
+"""
+
+
+def test_backend_pinned_by_env_runs_the_reference(tmp_path):
+    assert "pinned ok" in _run(PINNED_CHECK, LORAFIT_NF4_BACKEND="torch", LORAFIT_CACHE=str(tmp_path))
 
 
 def test_missing_compiler_falls_back_to_torch(tmp_path):
@@ -206,7 +213,7 @@ def test_missing_compiler_falls_back_to_torch(tmp_path):
 def test_concurrent_first_build_is_safe(tmp_path):
     """Two processes compiling into an empty cache at once both load a complete library."""
     code = """
-        from lorafit.ops.cpu import nf4 as cnf4
+        from lorafit.quant.cpu import nf4 as cnf4
         lib = cnf4.library()
         assert lib is not None and lib.lf_simd_level() >= 0
         print("built")
@@ -214,7 +221,7 @@ def test_concurrent_first_build_is_safe(tmp_path):
     if build.compiler() is None:
         pytest.skip("no C compiler")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "LORAFIT_CACHE": str(tmp_path)}
-    env.pop("LORAFIT_NO_CKERNEL", None)
+    env.pop("LORAFIT_NF4_BACKEND", None)
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:

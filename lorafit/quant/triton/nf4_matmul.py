@@ -15,9 +15,10 @@ Decoding element W[n, k] (flat index i = n K + k, row-major as stored):
 
     y[m, n] = Σ_k x[m, k] W[n, k]   (fp32 accumulation; W cast to x's dtype before the product)
 
-The same arithmetic as `lorafit.quant.nf4.NF4Tensor.dequantize` followed by `F.linear`, which is the
-reference. `NF4MatmulFunction` adds the backward dL/dx = g W (W dequantized again; W is frozen).
-`triton` is imported lazily on first call; under TRITON_INTERPRET=1 the kernel runs on CPU tensors.
+The same arithmetic as the reference dequantization followed by `F.linear`, which is what it is
+tested against. The kernel takes plain tensors; `lorafit.quant.backend.nf4_matmul` chooses it (CUDA,
+at most SMALL_M tokens) and `lorafit.quant.linear` gives it its backward (dL/dx = g W, W dequantized
+again). `triton` is imported lazily on first call; under TRITON_INTERPRET=1 it runs on CPU tensors.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
-
-from lorafit.quant.nf4 import STATS_BLOCKSIZE, NF4Tensor, _nf4_levels
 
 SMALL_M = 16  # above this many tokens, dequantize once and use the dense matmul
 
@@ -74,57 +72,26 @@ def _kernel():
     return triton, nf4_matmul_kernel
 
 
-def nf4_matmul_triton(x: torch.Tensor, t: NF4Tensor, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """x (..., K) @ dequant(t)^T with t of shape (N, K): the fused kernel, any M (best for M <= 16)."""
+def nf4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int], blocksize: int,
+                      levels: torch.Tensor, *, absmax: torch.Tensor | None = None,
+                      qabsmax: torch.Tensor | None = None, state2: torch.Tensor | None = None,
+                      code2: torch.Tensor | None = None, offset: float = 0.0, stats_blocksize: int = 256,
+                      block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """x (..., K) @ W^T for the NF4 weight W of `shape` (N, K), statistics as in `dequantize_4bit_triton`:
+    the fused kernel, any M (it pays for M <= SMALL_M)."""
     triton, kernel = _kernel()
-    n, k = t.shape
+    n, k = shape
     x2 = x.reshape(-1, k).contiguous()  # (M, K)
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # (M, N)
     block_m = 16 if m <= 16 else 32
-    double = t.double_quant
-    state2 = t.state2 if double else t.absmax
-    code2 = t.code2 if double else t.absmax
-    offset = float(t.offset) if double else 0.0
+    double = qabsmax is not None
+    stats = qabsmax if double else absmax
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    kernel[grid](x2, t.packed, t.absmax, state2, code2, _nf4_levels(x.device), offset, out,
-                 m, n, k, x2.stride(0), out.stride(0),
-                 blocksize=t.blocksize, stats_blocksize=STATS_BLOCKSIZE, DOUBLE=double,
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    kernel[grid](x2, packed, stats, state2 if double else stats, code2 if double else stats, levels,
+                 float(offset), out, m, n, k, x2.stride(0), out.stride(0),
+                 blocksize=blocksize, stats_blocksize=stats_blocksize, DOUBLE=double,
                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                 DOT_FP32=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                 DOT_FP32=interpret, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out.view(*x.shape[:-1], n)
-
-
-def nf4_matmul_reference(x: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
-    """The PyTorch reference: dequantize, then a dense matmul."""
-    return F.linear(x, t.dequantize(x.dtype))
-
-
-class NF4MatmulFunction(torch.autograd.Function):
-    """y = x W^T with W an NF4 weight (frozen). Backward: dL/dx = g W, W dequantized again, not saved."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
-        ctx.t = t
-        return nf4_matmul_triton(x, t)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        from lorafit.ops.triton.nf4_dequant import dequantize_nf4_triton
-
-        t = ctx.t
-        W = dequantize_nf4_triton(t, g.dtype) if t.double_quant else t.dequantize(g.dtype)  # (N, K)
-        return g @ W, None
-
-
-def nf4_linear(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ dequant(t)^T + bias: the fused kernel for at most SMALL_M tokens on CUDA, else the reference."""
-    tokens = x.numel() // x.shape[-1]
-    if x.is_cuda and tokens <= SMALL_M:
-        y = NF4MatmulFunction.apply(x, t)
-    else:
-        y = nf4_matmul_reference(x, t)
-    return y if bias is None else y + bias.to(y.dtype)

@@ -1,0 +1,88 @@
+"""`TrainConfig`: the knobs of one fine-tuning run, each field with its docstring (the CLI's help).
+
+Data handling lives in `lorafit.train.data.DataConfig`, the adapter in `lorafit.config.LoraConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorafit.config import LoraConfig
+from lorafit.errors import LorafitError
+
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of one fine-tuning run (data handling lives in `lorafit.train.data.DataConfig`)."""
+
+    output_dir: str = "runs/lorafit"
+    """Where the adapter, checkpoints, metrics.jsonl and loss.png are written."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapter to train."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    batch_size: int = 8
+    """Samples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate; 1e-4 to 3e-4 is usual for LoRA, small tasks tolerate more."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter weights."""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly from 0 (3-10% is usual)."""
+    schedule: str = "cosine"
+    """Decay after warmup: "cosine", "linear" or "constant"."""
+    optimizer: str = "adamw"
+    """"adamw" (torch), or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (states in 8 bits)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the adapter gradients' global norm (None: no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward: much less memory for ~30% more compute."""
+    offload_activations: bool = False
+    """With gradient checkpointing, keep each block's saved input in CPU memory (GPU runs)."""
+    fused_lora: bool = True
+    """Run each adapted linear layer as one fused autograd Function (lorafit.ops.fused_lora): same
+    numbers as the module path, less kept for backward, 16-bit low-rank matmuls on CUDA."""
+    fused_mlp: bool = True
+    """Run SiLU-gated MLPs (Llama, Mistral, Qwen...) as lorafit.train.fusion.GatedMLP: same weights and
+    numbers, two fewer (tokens x intermediate) activations kept per layer for backward."""
+    eval_steps: int | None = None
+    """Evaluate on the validation samples every N steps (and at the end)."""
+    save_steps: int | None = None
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a new best validation loss."""
+    logging_steps: int = 1
+    """Refresh the progress bar every N steps (metrics.jsonl gets every step)."""
+    seed: int = 0
+    """Seeds adapter init, dropout and the data order."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig.from_dict(self.lora)
+        if self.schedule not in SCHEDULES:
+            raise LorafitError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LorafitError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LorafitError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LorafitError(f"TrainConfig.{name} must be a positive integer or null, got {value!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LorafitError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not self.learning_rate > 0:
+            raise LorafitError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
+        if self.epochs <= 0:
+            raise LorafitError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")

@@ -1,0 +1,37 @@
+"""Get a loaded model ready to train an adapter: the one place that changes a model for training.
+
+    1. add the adapter (unless the model already has it) and make it the active, trainable one
+    2. the fused LoRA Function on or off (`TrainConfig.fused_lora`)
+    3. gated MLPs as `GatedMLP` (`fused_mlp`), RMSNorms as the Triton kernel on CUDA
+    4. per-layer activation checkpointing, optionally offloaded to host memory
+    5. no KV cache (training never reads one back)
+
+Each step is its own function elsewhere; this file only says which run, in which order, from the
+config, so the Trainer (and a user's own loop) gets the same model from the same settings.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorafit.config import DEFAULT_ADAPTER
+from lorafit.lora.inject import adapter_configs, apply_lora, set_adapter, set_fused
+from lorafit.train.checkpointing import enable_checkpointing
+from lorafit.train.config import TrainConfig
+from lorafit.train.fusion import fuse_gated_mlps
+
+
+def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Apply `config`'s training-time changes to `model` in place (see the module docstring)."""
+    if adapter not in adapter_configs(model):
+        apply_lora(model, config.lora, adapter)
+    else:
+        set_adapter(model, adapter)
+    set_fused(model, config.fused_lora)
+    if config.fused_mlp:
+        fuse_gated_mlps(model)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    if config.gradient_checkpointing:
+        enable_checkpointing(model, offload=config.offload_activations)
+    return model
