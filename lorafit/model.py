@@ -86,21 +86,27 @@ def _clear_quantized_mark(model: nn.Module) -> None:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | None = None,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+               dtype: torch.dtype | str | None = torch.float32, device: str | torch.device | None = "cpu"):
     """(model, tokenizer) from a folder, a .gguf or the default name; the model is in eval mode.
 
-    quantize="nf4" or "ternary" quantizes the linear layers layer by layer while loading (the
+    device: "cpu", "cuda", "cuda:1", or "auto"/None (CUDA when available, else CPU). dtype: a torch
+    dtype or its name, or "auto"/None (bf16 on CUDA, fp32 on CPU). quantize="nf4" or "ternary"
+    quantizes the linear layers layer by layer while loading, straight onto the device (the
     full-precision model never exists); a bitsandbytes 4-bit checkpoint always loads as NF4."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lorafit.device import resolve_device, resolve_dtype
     from lorafit.quant.load import is_bnb_4bit, load_quantized
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     folder = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if quantize is not None or is_bnb_4bit(AutoConfig.from_pretrained(folder)):
-        model = load_quantized(folder, quantize or "nf4", dtype=dtype).to(device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        model = load_quantized(folder, quantize or "nf4", dtype=dtype, device=device)
+    else:  # weights go straight to the device (transformers' device_map), not through host memory
+        placement = {} if device.type == "cpu" else {"device_map": {"": device}}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -100,11 +100,14 @@ def is_bnb_4bit(config) -> bool:
 @torch.no_grad()
 def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.dtype = torch.float32,
                    skip: tuple[str, ...] = ("lm_head",), blocksize: int = 64, double_quant: bool = True,
-                   group_size: int | None = None) -> nn.Module:
-    """A causal LM from an HF folder with its linear layers quantized while loading.
+                   group_size: int | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """A causal LM from an HF folder with its linear layers quantized while loading, on `device`.
 
     `dtype` is the dtype of everything that is not quantized, and the compute dtype of the
-    quantized layers. A bitsandbytes 4-bit checkpoint keeps its NF4 codes exactly."""
+    quantized layers. A bitsandbytes 4-bit checkpoint keeps its NF4 codes exactly. Each linear
+    weight is read into host memory, quantized there (the CPU kernel: the same bytes as everywhere)
+    and only its packed form goes to `device`, so neither host nor device ever holds the
+    full-precision model: the host holds one layer at a time, the device the quantized model."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -154,7 +157,7 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
             done.add(f"{name}.weight")
             del weight
         done |= {f"{name}.bias"} if bias is not None else set()
-        set_submodule(model, name, layer)
+        set_submodule(model, name, layer.to(device))
         _release_freed_memory()
 
     for key, tensor in model.state_dict(keep_vars=True).items():
@@ -165,7 +168,7 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
         if key not in where:
             continue  # e.g. a tied output head, tied below
         value = read(key)
-        value = value.to(dtype) if value.is_floating_point() else value
+        value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
@@ -175,7 +178,7 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
     missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing:
         raise LorafitError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
-    return model.eval()
+    return model.to(device).eval()  # moves what is left on the host: non-persistent buffers (rotary tables)
 
 
 def save_bnb_checkpoint(model: nn.Module, out: str | Path, compute_dtype: str = "float32") -> Path:

@@ -52,6 +52,8 @@ class TrainConfig:
     fused_mlp: bool = True
     """Run SiLU-gated MLPs (Llama, Mistral, Qwen...) as lorafit.train.fusion.GatedMLP: same weights and
     numbers, two fewer (tokens x intermediate) activations kept per layer for backward."""
+    fused_norm: bool = True
+    """On CUDA, run RMSNorms as one Triton kernel each way (lorafit.train.fusion.FusedRMSNorm)."""
     eval_steps: int | None = None
     """Evaluate on the validation samples every N steps (and at the end)."""
     save_steps: int | None = None

@@ -19,6 +19,12 @@ operations in the same order; backward differs only in rounding (tests/train/tes
 down submodules (so parameter names, adapters and checkpoints are unchanged), and only after checking on
 a probe input that the swap computes exactly what the original module did; other MLPs are left alone.
 On CUDA with triton installed the SwiGLU runs as the Triton kernel (lorafit.ops.swiglu).
+
+`FusedRMSNorm`: an RMSNorm (Llama, Mistral, Qwen; Gemma's (1 + w) variant) as one Triton kernel each
+way (lorafit.ops.triton.rmsnorm), where the module computes it in about six elementwise passes forward
+and more backward, keeping fp32 intermediates. `fuse_rmsnorms(model)` swaps a norm only where the
+kernel runs (CUDA with triton; the interpreter in tests) and only after a probe input shows the same
+output to rounding: the kernel sums the squares in another order, so it is close, not bit-identical.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.device import triton_available
 from lorafit.modules import set_submodule
 from lorafit.ops.swiglu import swiglu
 
@@ -122,3 +129,65 @@ def _same_output(module: nn.Module, fused: GatedMLP) -> bool:
     finally:
         for m, mode in modes.items():
             m.train(mode)
+
+
+class FusedRMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * (weight + offset), forward and backward in one Triton kernel
+    each. Holds the original norm's weight Parameter (same name, same storage)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, offset: float) -> None:
+        super().__init__()
+        self.weight, self.eps, self.offset = weight, float(eps), float(offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lorafit.ops.triton.rmsnorm import rmsnorm
+
+        return rmsnorm(x, self.weight, self.eps, self.offset)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}"
+
+
+def rmsnorm_kernel_runs(device: torch.device) -> bool:
+    """Whether the Triton RMSNorm runs on `device`: CUDA with triton, or the CPU under TRITON_INTERPRET=1."""
+    import os
+
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+def fuse_rmsnorms(model: nn.Module) -> int:
+    """Swap every RMSNorm of `model` for a `FusedRMSNorm` where the kernel runs; returns how many.
+
+    A norm qualifies when its class name ends in "RMSNorm", it has a 1-D `weight` and an epsilon
+    (`variance_epsilon` or `eps`), and on a probe input the kernel's output matches the module's with
+    offset 0 (w) or 1 (Gemma's 1 + w) to the dtype's rounding."""
+    swaps = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, nn.Parameter)
+                or weight.dim() != 1 or eps is None or not rmsnorm_kernel_runs(weight.device)):
+            continue
+        for offset in (0.0, 1.0):
+            fused = FusedRMSNorm(weight, eps, offset)
+            if _close_output(module, fused, weight):
+                swaps.append((name, fused))
+                break
+    for name, fused in swaps:
+        set_submodule(model, name, fused)
+    return len(swaps)
+
+
+@torch.no_grad()
+def _close_output(module: nn.Module, fused: FusedRMSNorm, weight: torch.Tensor) -> bool:
+    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        expected, got = module(x), fused(x)
+    except Exception:  # a norm with another signature: not ours to swap
+        return False
+    tol = 1e-5 if weight.dtype == torch.float32 else 2e-2
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    return expected.shape == got.shape and bool(((expected.float() - got.float()).abs().max() / scale) <= tol)
+

@@ -15,10 +15,11 @@ from __future__ import annotations
 from torch import nn
 
 from lorafit.config import DEFAULT_ADAPTER
+from lorafit.device import model_device
 from lorafit.lora.inject import adapter_configs, apply_lora, set_adapter, set_fused
 from lorafit.train.checkpointing import enable_checkpointing
 from lorafit.train.config import TrainConfig
-from lorafit.train.fusion import fuse_gated_mlps
+from lorafit.train.fusion import fuse_gated_mlps, fuse_rmsnorms
 
 
 def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -30,6 +31,8 @@ def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_
     set_fused(model, config.fused_lora)
     if config.fused_mlp:
         fuse_gated_mlps(model)
+    if config.fused_norm and model_device(model).type == "cuda":
+        fuse_rmsnorms(model)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     if config.gradient_checkpointing:

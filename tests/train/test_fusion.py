@@ -108,3 +108,34 @@ def test_other_mlps_are_left_alone():
     llama = _tiny_llama()
     assert fuse_gated_mlps(llama) == 2 and isinstance(llama.model.layers[1].mlp, GatedMLP)
     assert fuse_gated_mlps(llama) == 0  # already fused
+
+
+def test_rmsnorms_fused_where_the_kernel_runs(triton_device):
+    """Every RMSNorm of a tiny Llama becomes a FusedRMSNorm over the same weight; the model's loss and
+    adapter gradients stay those of the module path (to fp32 rounding: the kernel sums in another order)."""
+    from lorafit.train.fusion import FusedRMSNorm, fuse_rmsnorms
+
+    def run(fuse: bool):
+        torch.manual_seed(0)
+        model = _tiny_llama().to(triton_device)
+        lf.apply_lora(model, lf.LoraConfig(r=4, target_modules="all-linear", init="random"))
+        if fuse:
+            assert fuse_rmsnorms(model) == 2 * model.config.num_hidden_layers + 1
+            assert isinstance(model.model.norm, FusedRMSNorm)
+            assert model.model.norm.weight is dict(model.named_parameters())["model.norm.weight"]
+        ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(triton_device)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (loss_ref, grads_ref), (loss, grads) = run(False), run(True)
+    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_rmsnorms_stay_where_the_kernel_does_not_run(monkeypatch):
+    from lorafit.train.fusion import fuse_rmsnorms
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert fuse_rmsnorms(_tiny_llama()) == 0
