@@ -1,7 +1,8 @@
 """QLoRA training throughput on one GPU: lorafit vs transformers + PEFT + bitsandbytes, side by side.
 
-    python bench/gpu_train.py                       # 1B and 8B Llama shapes, seq 2048
-    python bench/gpu_train.py --shapes 1b --steps 10
+    python bench/gpu_train.py                       # 1B and 8B Llama shapes, seq 2048, batch 4
+    python bench/gpu_train.py --shapes 1b --steps 10 --batch 8
+    python bench/gpu_train.py --probe               # first find the largest batch each side fits
     python bench/gpu_train.py --dry-run             # CPU, tiny shape: checks the script end to end
 
 Both sides train the same thing: a Llama-architecture model built from its config (random weights,
@@ -9,15 +10,18 @@ bf16), every linear layer except the head frozen in 4-bit NF4 with double-quanti
 (blocksize 64), LoRA r=16 alpha=16 on all of them (fp32 adapters), per-layer gradient checkpointing,
 AdamW, next-token loss on random tokens.
 
-* lorafit: lorafit.quant.quantize_model (NF4) + lf.apply_lora + the fused LoRA Function
-  (lorafit.ops.fused_lora) + lorafit.ops.offload checkpointing + the chunked loss
-  (lorafit.ops.chunked_loss) from the last hidden states.
+* lorafit: lorafit.quant.quantize_model (NF4) + `lorafit.train.prepare.prepare_model` with the
+  Trainer's defaults (fused LoRA Function, GatedMLP, Triton RMSNorm and SwiGLU on CUDA) and gradient
+  checkpointing, + the chunked loss (lorafit.ops.chunked_loss) from the last hidden states: what
+  `lorafit train` runs.
 * peft: bitsandbytes Linear4bit (nf4, double quant, bf16 compute: what BitsAndBytesConfig(load_in_4bit)
-  builds) + peft.get_peft_model + transformers' checkpointing + the model's own loss.
+  builds) + peft.get_peft_model + transformers' checkpointing + the model's own loss, under bf16
+  autocast (what the HF Trainer does with bf16=True; without it PEFT runs its LoRA matmuls in fp32).
 
-Each side runs in its own subprocess (a fresh CUDA context, so peak memory is its own). First each side
-probes its largest batch (doubling until out of memory); then both run at the largest batch both fit.
-Reported per side: tokens/s, peak torch.cuda.max_memory_allocated, and MFU:
+Each side runs in its own subprocess (a fresh CUDA context, so peak memory is its own), both at the same
+batch (`--batch`; `--probe` first finds the largest batch each side fits by doubling, then uses the
+largest both fit). Reported per side: tokens/s, peak torch.cuda.max_memory_allocated (and for lorafit
+the estimate of `lorafit estimate` for the same setup, when the estimator offers one), and MFU:
 
     MFU = model FLOPs per second / measured bf16 matmul peak
     model FLOPs per token = 6 N + 12 L H T    (N = parameters of the linear layers incl. the head,
@@ -115,7 +119,8 @@ def _build_peft(shape: str, seq: int, device: torch.device, dtype: torch.dtype):
     model.train()
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            return model(input_ids=ids, labels=ids).loss
 
     return model, loss_fn
 
@@ -163,7 +168,7 @@ def run_side(args: argparse.Namespace) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = SHAPES[args.shape]["vocab_size"]
-    if args.batch:
+    if args.batch:  # 0: probe
         result = _try_steps(model, loss_fn, opt, args.batch, args.seq, vocab, args.steps, device)
     else:  # probe: double until out of memory, report the largest that fit
         result, batch = {"ok": False, "batch": 0}, 1
@@ -178,9 +183,8 @@ def run_side(args: argparse.Namespace) -> None:
 
 def _side(side: str, args: argparse.Namespace, shape: str, batch: int | None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--shape", shape, "--seq", str(args.seq),
-           "--steps", str(args.steps), "--device", args.device, "--max-batch", str(args.max_batch)]
-    if batch:
-        cmd += ["--batch", str(batch)]
+           "--steps", str(args.steps), "--device", args.device, "--max-batch", str(args.max_batch),
+           "--batch", str(batch or 0)]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -250,50 +254,65 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1b,8b")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step, the same for both sides")
+    parser.add_argument("--probe", action="store_true", help="find each side's largest batch first (slow)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", help="also write every number to this file")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, 1 step: checks the script")
     parser.add_argument("--side", choices=["lorafit", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
         return run_side(args)
     if args.dry_run:
-        args.shapes, args.seq, args.steps, args.device, args.max_batch = "tiny", 32, 1, "cpu", 2
+        args.shapes, args.seq, args.steps, args.device, args.max_batch, args.batch = "tiny", 32, 1, "cpu", 2, 1
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     print(f"device: {name}   date: {datetime.datetime.now().isoformat(timespec='seconds')}   "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}", flush=True)
     big = device.type == "cuda"
     peak = matmul_peak_tflops(device, 8192 if big else 256)
     copy = copy_gbps(device, 2**30 if big else 2**22)
-    print(f"bf16 matmul peak (measured): {peak:.3g} TFLOP/s   device copy: {copy:.3g} GB/s")
+    print(f"bf16 matmul peak (measured): {peak:.4g} TFLOP/s   device copy: {copy:.4g} GB/s (read + write)")
     deq = dequant_gbps(device, 8192 if big else 128, 8192 if big else 128)
     print("NF4 dequant -> bf16, GB/s: " + ", ".join(
-        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in deq.items()))
-    results = {}
+        f"{k} {v:.4g} ({100 * v / copy:.0f}% of copy)" if isinstance(v, float) else f"{k} {v}"
+        for k, v in deq.items()), flush=True)
+    report = {"device": name, "torch": torch.__version__, "matmul_peak_tflops": peak, "copy_gbps": copy,
+              "dequant_gbps": deq, "seq": args.seq, "shapes": {}}
     for shape in args.shapes.split(","):
-        probes = {side: _side(side, args, shape, None) for side in ("lorafit", "peft")}
-        fits = [p["batch"] for p in probes.values() if p.get("ok")]
-        print(f"[{shape}] largest batch: " + ", ".join(
-            f"{s} {p['batch'] if p.get('ok') else 'failed: ' + str(p.get('error'))}" for s, p in probes.items()))
-        if not fits:
-            continue
-        batch = min(fits)
-        flops = model_flops_per_token(shape, args.seq)
-        print(f"[{shape}] seq {args.seq}, batch {batch} (both fit), {args.steps} steps")
-        print(f"  {'side':8} {'tokens/s':>10} {'step s':>8} {'peak GiB':>9} {'MFU':>6} {'loss':>8}")
-        for side in ("lorafit", "peft"):
-            r = _side(side, args, shape, batch) if probes[side].get("ok") else probes[side]
-            results[(shape, side)] = r
-            if not r.get("ok"):
-                print(f"  {side:8} failed: {r.get('error')}")
+        batch = args.batch
+        if args.probe:
+            probes = {side: _side(side, args, shape, None) for side in ("lorafit", "peft")}
+            fits = [p["batch"] for p in probes.values() if p.get("ok")]
+            print(f"[{shape}] largest batch: " + ", ".join(
+                f"{s} {p['batch'] if p.get('ok') else 'failed: ' + str(p.get('error'))}" for s, p in probes.items()))
+            if not fits:
                 continue
-            mfu = r["tokens_per_s"] * flops / (peak * 1e12)
-            print(f"  {side:8} {r['tokens_per_s']:10.0f} {r['step_s']:8.3f} {r['peak_gib']:9.2f} "
-                  f"{100 * mfu:5.1f}% {r['loss']:8.3f}")
+            batch = min(fits)
+        flops = model_flops_per_token(shape, args.seq)
+        print(f"[{shape}] seq {args.seq}, batch {batch}, {args.steps} timed steps per side", flush=True)
+        print(f"  {'side':8} {'tokens/s':>10} {'step s':>8} {'peak GiB':>9} {'est. GiB':>9} {'MFU':>6} {'loss':>8}")
+        rows = {}
+        for side in ("lorafit", "peft"):
+            r = rows[side] = _side(side, args, shape, batch)
+            if not r.get("ok"):
+                print(f"  {side:8} failed: {r.get('error')}", flush=True)
+                continue
+            r["mfu"] = r["tokens_per_s"] * flops / (peak * 1e12)
+            est = f"{r['estimate_gib']:9.2f}" if r.get("estimate_gib") else f"{'-':>9}"
+            print(f"  {side:8} {r['tokens_per_s']:10.0f} {r['step_s']:8.3f} {r['peak_gib']:9.2f} {est} "
+                  f"{100 * r['mfu']:5.1f}% {r['loss']:8.3f}", flush=True)
+        if all(r.get("ok") for r in rows.values()):
+            speed = rows["lorafit"]["tokens_per_s"] / rows["peft"]["tokens_per_s"]
+            memory = rows["lorafit"]["peak_gib"] / rows["peft"]["peak_gib"]
+            print(f"  lorafit / peft: {speed:.2f}x tokens/s (target >= 2), {memory:.2f}x peak memory (target <= 0.6)")
+        report["shapes"][shape] = {"batch": batch, "flops_per_token": flops, **rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return None
 
 

@@ -121,7 +121,8 @@ def _same_output(module: nn.Module, fused: GatedMLP) -> bool:
         if in_features is None or device is None:
             return False
         dtype = base[0].dtype if base else torch.float32  # a quantized base computes in fp32 on CPU
-        x = torch.randn(2, 3, in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        gen = torch.Generator().manual_seed(0)  # drawn on the host, the same probe for every device
+        x = torch.randn(2, 3, in_features, generator=gen, device="cpu").to(device, dtype)
         try:
             return torch.equal(module(x), fused(x))
         except Exception:  # an MLP with another signature: not ours to swap
@@ -182,7 +183,8 @@ def fuse_rmsnorms(model: nn.Module) -> int:
 
 @torch.no_grad()
 def _close_output(module: nn.Module, fused: FusedRMSNorm, weight: torch.Tensor) -> bool:
-    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    gen = torch.Generator().manual_seed(0)  # drawn on the host, the same probe for every device
+    x = torch.randn(4, weight.shape[0], generator=gen, device="cpu").to(weight.device, weight.dtype)
     try:
         expected, got = module(x), fused(x)
     except Exception:  # a norm with another signature: not ours to swap
