@@ -229,7 +229,16 @@ def dequant_gbps(device: torch.device, rows: int, cols: int) -> dict[str, float]
     moved = t.nbytes() + w.numel() * 2
     out = {}
     if device.type == "cuda":
-        out["lorafit_triton"] = moved / _time(lambda: t.dequantize(torch.bfloat16, backend="triton"), device, 20) / 1e9
+        from lorafit.quant.reference import nf4_levels
+        from lorafit.quant.triton.nf4_dequant import LAYOUT, dequantize_4bit_triton
+
+        stats = {k: (float(v) if k == "offset" else v) for k, v in t.stats().items()}
+        for layout in ("elements", "bytes"):  # both layouts of the kernel; LAYOUT is lorafit's default
+            def run(layout=layout):
+                return dequantize_4bit_triton(t.packed, t.shape, t.blocksize, torch.bfloat16,
+                                              nf4_levels(device), layout=layout, **stats)
+            key = f"lorafit_triton_{layout}" + (" (default)" if layout == LAYOUT else "")
+            out[key] = moved / _time(run, device, 20) / 1e9
         try:
             import bitsandbytes.functional as bf
 

@@ -23,10 +23,14 @@ def pinned_triton(triton_device):
     backend.set_backend(previous)
 
 
+@pytest.mark.parametrize("layout", ["elements", "bytes"])
 @pytest.mark.parametrize("double", [True, False])
 @pytest.mark.parametrize("shape", [(64, 64), (33, 77), (3, 5), (1, 4097)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dequantize_is_bit_identical(shape, double, dtype, pinned_triton):
+def test_dequantize_is_bit_identical(shape, double, dtype, layout, pinned_triton, monkeypatch):
+    from lorafit.quant.triton import nf4_dequant
+
+    monkeypatch.setattr(nf4_dequant, "LAYOUT", layout)
     torch.manual_seed(0)
     t = quantize_nf4(torch.randn(shape) * 0.02, double_quant=double).to(pinned_triton)
     assert backend.choose(t.packed.device, "dequantize") == "triton"
