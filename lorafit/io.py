@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lorafit.config import DEFAULT_ADAPTER, LoraConfig
 from lorafit.errors import AdapterError, LorafitError
+from lorafit.lora.base import kind_of
 from lorafit.lora.inject import adapter_configs, add_adapter, delete_adapter, lora_layers, set_adapter
 from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
 
@@ -200,7 +200,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    conv1d = any(isinstance(layer.base_layer, Conv1D) for _, layer in lora_layers(model))
+    conv1d = any(kind_of(layer.base_layer).name == "conv1d" for _, layer in lora_layers(model))
     peft_config = config_to_peft(config, base_name, state.pissa_converted, fan_in_fan_out=conv1d)
     atomic_save_safetensors(state_to_peft(state), directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "lorafit_format_version": str(FORMAT_VERSION)})

@@ -28,3 +28,19 @@ def test_from_dict_rejects_unknown_fields():
     assert LoraConfig.from_dict({"r": 4}).r == 4
     with pytest.raises(LorafitError, match="unknown field"):
         LoraConfig.from_dict({"rank": 4})
+
+
+def test_unknown_init_names_the_accepted_values():
+    from torch import nn
+
+    from lorafit.config import INIT_MODES
+    from lorafit.lora.layer import LoraLayer
+
+    with pytest.raises(LorafitError, match="init") as e:
+        LoraConfig(init="typo")
+    assert all(mode in str(e.value) for mode in INIT_MODES)
+    layer = LoraLayer(nn.Linear(8, 4))
+    with pytest.raises(LorafitError) as e:
+        layer.add("a", 2, 2.0, init="typo")
+    assert all(mode in str(e.value) for mode in INIT_MODES)
+    assert layer.adapter_names() == []  # nothing was added

@@ -125,3 +125,34 @@ def test_duplicate_adapter_name_is_refused(tmp_path):
         lf.load_adapter(model, tmp_path, adapter="default")
     with pytest.raises(lf.LorafitError, match="no dots"):
         lf.load_adapter(model, tmp_path, adapter="a.b")
+
+
+def test_load_without_activating_leaves_outputs_unchanged(ids, tmp_path):
+    """activate=False means it, on a bare model and on a model with another active adapter: the outputs
+    stay what they were, and the loaded adapter is frozen until set_adapter activates it."""
+    trained = _saved_adapter(tmp_path / "a")
+    with torch.no_grad():
+        adapted = trained(ids).logits
+
+    bare = MAKERS["llama"]()
+    with torch.no_grad():
+        before = bare(ids).logits
+    lf.load_adapter(bare, tmp_path / "a", adapter="a", activate=False)
+    assert lf.active_adapters(bare) == []
+    assert not any(p.requires_grad for p in bare.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(bare(ids).logits, before, rtol=0, atol=0)
+    lf.set_adapter(bare, "a")
+    with torch.no_grad():
+        torch.testing.assert_close(bare(ids).logits, adapted, rtol=0, atol=1e-5)
+
+    other = MAKERS["llama"]()
+    lf.apply_lora(other, lf.LoraConfig(r=2, init="random"), "b")
+    with torch.no_grad():
+        before = other(ids).logits
+    lf.load_adapter(other, tmp_path / "a", adapter="a", activate=False)
+    assert lf.active_adapters(other) == ["b"]
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, before, rtol=0, atol=0)
+    trainable = {n for n, p in other.named_parameters() if p.requires_grad}
+    assert trainable and all(".b" in n for n in trainable)
