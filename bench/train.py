@@ -55,6 +55,7 @@ def train_config_raw(args: argparse.Namespace, output_dir: str) -> dict:
     """The mapping a YAML config file for `lorafit train` would hold."""
     return {
         "model": args.model, "quantize": None if args.quant == "none" else args.quant, "dtype": "float32",
+        "device": "cpu",  # a CPU benchmark: the HF side runs on the CPU too
         "data": {"path": args.data, "max_seq_length": args.max_seq_length, "seed": args.seed},
         "lora": {"r": args.rank, "alpha": args.rank, "dropout": 0.0, "target_modules": "all-linear"},
         "output_dir": output_dir, "max_steps": args.max_steps, "batch_size": args.batch_size,

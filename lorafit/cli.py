@@ -7,20 +7,20 @@ status 2, no traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import difflib
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.flags import dashed, suggest
 from lorafit.model import DEFAULT_MODEL
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorafit.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps,
+    run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps, device=args.device, dtype=args.dtype,
                         quantize=None if args.quantize == "none" else args.quantize))
 
 
@@ -33,12 +33,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     run(parse_run_config(raw, args.config or "flags"), resume=args.resume)
 
 
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) of --model on --device in --dtype (both checked before anything loads)."""
+    from lorafit.device import resolve_device, resolve_dtype
+    from lorafit.model import load_model
+
+    device = resolve_device(args.device)
+    return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lorafit.generate import generate, render_prompt
     from lorafit.io import load_adapter
-    from lorafit.model import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args)
     if args.adapter:
         load_adapter(model, args.adapter)
     prompts = [render_prompt(tokenizer, p, chat=not args.no_chat) for p in args.prompt]
@@ -49,12 +57,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from lorafit.io import load_adapter
     from lorafit.lora.inject import merge_and_unload
-    from lorafit.model import load_model
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise LorafitError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args)
     load_adapter(model, args.adapter)
     merged = merge_and_unload(model)
     # written beside `out` and renamed into place: an interrupted merge never leaves a half checkpoint
@@ -90,25 +97,65 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its own errors (a missing or malformed argument) on one line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def add_placement(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, documented by RunConfig's fields (checked when the command runs)."""
+    from lorafit.fieldinfo import help_text
+    from lorafit.train.run import RunConfig
+
+    p.add_argument("--device", default="auto", metavar="DEVICE", help=help_text(RunConfig, "device"))
+    p.add_argument("--dtype", default="auto", metavar="DTYPE", help=help_text(RunConfig, "dtype"))
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of RunConfig, TrainConfig, DataConfig (--data.X) and LoraConfig (--lora.X),
+    each with the field's docstring, type and default as its help."""
+    from lorafit.fieldinfo import get_field, help_text, is_bool, metavar
+    from lorafit.train.data import DataConfig
+    from lorafit.train.run import override_flags
+
+    groups = {"": p.add_argument_group("run and training (top-level keys of the YAML file)"),
+              "data": p.add_argument_group("data (the data: section)"),
+              "lora": p.add_argument_group("adapter (the lora: section)")}
+    groups["data"].add_argument("--data", dest="overrides", action="append", metavar="FILE",
+                                type=lambda v: ("data.path", v),
+                                help="Shorthand for --data.path. " + help_text(DataConfig, "path"))
+    for key, cls, name in override_flags():
+        f = get_field(cls, name)
+        extra = {"nargs": "?", "const": "true"} if is_bool(f) else {}  # `--packing` alone means true
+        groups[key.rpartition(".")[0]].add_argument(
+            f"--{key.replace('_', '-')}", dest="overrides", action="append", metavar=metavar(f),
+            type=lambda v, k=key: (k, v), help=help_text(cls, name).replace("%", "%%"), **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate.",
-                                     allow_abbrev=False)
+    parser = Parser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate, serve.",
+                    allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on a generated task and show the effect")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--quantize", choices=["nf4", "ternary", "none"], default="nf4", help="base format (QLoRA: nf4)")
+    add_placement(p)
     p.set_defaults(func=cmd_demo)
 
-    from lorafit.train.run import override_flags
-
-    p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config and/or flags", allow_abbrev=False)
+    p = sub.add_parser(
+        "train", help="fine-tune a LoRA adapter from a YAML config and/or flags", allow_abbrev=False,
+        usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume] [--FIELD VALUE ...]",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=36),
+        description="Every flag is a field of the YAML file too (--lora.r 8 is `lora: {r: 8}`); flags override "
+                    "the file. Values are read as YAML: 1e-4, true, null, [q_proj, v_proj]; a bool flag alone "
+                    "means true.")
     p.add_argument("config", nargs="?", help="YAML file (see lorafit/train/run.py); flags override it")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    for name, text in override_flags():
-        p.add_argument(f"--{name.replace('_', '-')}", dest="overrides", action="append", metavar="VALUE",
-                       type=lambda v, n=name: (n, v), help=text or None)
+    add_train_flags(p)
     p.set_defaults(func=cmd_train, overrides=[])
 
     p = sub.add_parser("generate", help="generate text with a model, optionally with an adapter")
@@ -118,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
+    add_placement(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers checkpoint")
@@ -125,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    add_placement(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA or QLoRA")
@@ -144,21 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unknown_options(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
-    """One line for flags no subcommand knows, with the nearest known flag as a hint."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    known = [o for a in sub._actions for o in a.option_strings]
-    flag = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=")[0]
-    close = difflib.get_close_matches(flag, known, n=1)
-    hint = f"; did you mean {close[0]}?" if close else f"; see `lorafit {command} --help`"
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _flags(sub: argparse.ArgumentParser) -> list[str]:
+    return [o for a in sub._actions for o in a.option_strings]
+
+
+def _unknown_options(sub: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """One line for arguments the subcommand does not know, with the flag most likely meant as a hint."""
+    flag = next((u for u in unknown if u.startswith("-")), None)
+    if flag is None:
+        return f"lorafit {command}: error: unexpected argument {unknown[0]!r}; see `lorafit {command} --help`"
+    flag = flag.split("=")[0]
+    close = suggest(flag, _flags(sub))
+    hint = f"; did you mean {close}?" if close else f"; see `lorafit {command} --help`"
     return f"lorafit {command}: error: unknown option {flag}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    subcommands = _subcommands(parser)
+    command = next((a for a in argv if a in subcommands), None)
+    if command is not None:
+        argv = dashed(argv, _flags(subcommands[command]))  # --learning_rate works as --learning-rate
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        print(_unknown_options(parser, args.command, unknown), file=sys.stderr)
+        print(_unknown_options(subcommands[args.command], args.command, unknown), file=sys.stderr)
         return 2
     try:
         args.func(args)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lorafit.config import LoraConfig
+from lorafit.device import dtype_name, resolve_device, resolve_dtype
 from lorafit.generate import generate, render_prompt
 from lorafit.lora.inject import print_trainable_parameters
 from lorafit.model import DEFAULT_MODEL, load_model
@@ -35,12 +36,19 @@ class DemoConfig:
     learning_rate: float = 1e-3
     rank: int = 16
     quantize: str | None = "nf4"
-    """QLoRA: the base is NF4 (4-bit) while the adapter trains in fp32; None keeps it fp32."""
+    """QLoRA: the base is NF4 (4-bit) while the adapter trains in fp32; None keeps it in `dtype`."""
+    device: str = "auto"
+    """Where it runs: "auto" (the first CUDA GPU when there is one, else the CPU), "cpu", "cuda", "cuda:N"."""
+    dtype: str = "auto"
+    """Compute dtype of the base: "auto" (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16",
+    "float16"."""
     seed: int = 0
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
     cfg = cfg or DemoConfig()
+    device = resolve_device(cfg.device)  # a GPU that is not there fails here, before any work
+    dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     t_start = time.perf_counter()
@@ -52,10 +60,10 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
     print(f"[1/5] data: {len(train_records)} training and {len(eval_records)} held-out examples "
           f"(generated, seed {cfg.seed}) -> {train_path.parent}")
 
-    model, tokenizer = load_model(cfg.model, quantize=cfg.quantize)
+    model, tokenizer = load_model(cfg.model, quantize=cfg.quantize, dtype=dtype, device=device)
     splits = load_data(tokenizer, DataConfig(path=str(train_path), val_path=str(val_path), max_seq_length=256))
-    base = "in 4-bit NF4 (QLoRA)" if cfg.quantize == "nf4" else f"({cfg.quantize or 'fp32'})"
-    print(f"[2/5] model: {cfg.model} loaded {base}; one training sample as the model sees it "
+    base = "in 4-bit NF4 (QLoRA)" if cfg.quantize == "nf4" else f"({cfg.quantize or dtype_name(dtype)})"
+    print(f"[2/5] model: {cfg.model} loaded {base} on {device}; one training sample as the model sees it "
           "(the «marked» part is what it learns to write):\n")
     print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    ") + "\n")
 

@@ -23,16 +23,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_CHOICES = ("auto", *DTYPES)
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (or None) -> cuda when available else cpu; any other name is checked and returned."""
+def parse_device(spec: str | torch.device | None) -> torch.device | None:
+    """The device `spec` names (None for "auto"), checked for spelling only: whether it is there is
+    `resolve_device`'s question. A misspelled name is a LorafitError naming --device."""
     if isinstance(spec, torch.device):
         return spec
     if spec in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
-        device = torch.device(spec)
+        return torch.device(spec)
     except (RuntimeError, TypeError):
-        raise LorafitError(f"device {spec!r} is not a device name; use one of {', '.join(DEVICE_CHOICES)}") from None
+        raise LorafitError(f"device {spec!r} is not a device name; use --device "
+                           f"{', '.join(DEVICE_CHOICES)}") from None
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (or None) -> cuda when available else cpu; any other name is checked and returned."""
+    device = parse_device(spec)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise LorafitError(f"device {spec!r}: no CUDA GPU is visible to PyTorch here (torch "
@@ -42,17 +51,25 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto" (or None) -> bf16 on CUDA with bf16 support, fp16 on older GPUs, fp32 elsewhere."""
+def parse_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
+    """The dtype `spec` names (None for "auto"); an unknown name is a LorafitError naming --dtype."""
     if isinstance(spec, torch.dtype):
         return spec
     if spec in (None, "", "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return None
     if spec not in DTYPES:
-        raise LorafitError(f"dtype {spec!r} is unknown; use one of {', '.join(DTYPE_CHOICES)}")
+        raise LorafitError(f"dtype {spec!r} is unknown; use --dtype {', '.join(DTYPE_CHOICES)}")
     return DTYPES[spec]
+
+
+def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" (or None) -> bf16 on CUDA with bf16 support, fp16 on older GPUs, fp32 elsewhere."""
+    dtype = parse_dtype(spec)
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.device import model_device
+
 
 def render_prompt(tokenizer, user_text: str, chat: bool = True) -> str:
     """A user message as the model expects it: through the chat template when there is one."""
@@ -22,7 +24,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs: list[str] = []
-    device = next(model.parameters()).device
+    device = model_device(model)  # the prompts' tensors follow the model
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)

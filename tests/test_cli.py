@@ -1,25 +1,33 @@
 """The `lorafit` command end to end: a real (tiny) training run from YAML, and user mistakes that
 must end in one line naming the file/line/field, a non-zero exit, and nothing written over."""
 
+import inspect
 import json
+import re
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from lorafit.config import LoraConfig
 from lorafit.model import default_gguf
+from lorafit.train.config import TrainConfig
+from lorafit.train.data import DataConfig
 from lorafit.train.demo_task import make_dataset, write_jsonl
+from lorafit.train.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lorafit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorafit.cli", *args], capture_output=True, text=True, cwd=cwd,
+def lorafit(*args: str, cwd: Path = ROOT, module: str = "lorafit.cli", **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-                               "TQDM_DISABLE": "1"})
+                               "TQDM_DISABLE": "1", **env})
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +145,129 @@ def test_merge_writes_a_plain_checkpoint_with_the_adapted_outputs(tiny_model_dir
                                "--out", str(out)))
     assert str(out) in line and "--overwrite" in line
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+# -- flags: help from the dataclasses, --data FILE, near misses, device and dtype ---------------------------
+
+SECTIONS = {"data": DataConfig, "lora": LoraConfig}
+NOT_FIELDS = {"--help", "--resume"}
+
+
+def field_of_flag(flag: str) -> tuple[type, str]:
+    """The dataclass field a `lorafit train` flag sets, worked out from the dataclasses themselves."""
+    if flag == "--data":
+        return DataConfig, "path"  # the shorthand
+    section, _, leaf = flag[2:].rpartition(".")
+    leaf = leaf.replace("-", "_")
+    if section:
+        return SECTIONS[section], leaf
+    return next((cls, leaf) for cls in (RunConfig, TrainConfig) if leaf in {f.name for f in fields(cls)})
+
+
+def first_docstring_line(cls: type, name: str) -> str:
+    """The first line of the string literal under `name: ...` in the class's source."""
+    lines = inspect.getsource(cls).splitlines()
+    i = next(i for i, line in enumerate(lines) if re.match(rf"\s+{name}:", line))
+    doc = lines[i + 1].strip()
+    assert doc.startswith('"""'), (cls, name, doc)
+    return doc[3:].removesuffix('"""').strip()
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """{flag: its help entry, whitespace collapsed} from argparse's --help output."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        if match := re.match(r"^  (--[\w.-]+)", line):
+            flag = match.group(1)
+            entries[flag] = line
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + line
+        else:
+            flag = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_train_help_shows_docstring_type_and_default_of_every_field():
+    result = lorafit("train", "--help", module="lorafit", COLUMNS="1000")  # python -m lorafit, no wrapping
+    assert result.returncode == 0, result.stderr
+    entries = help_entries(result.stdout)
+    documented = set()
+    for flag, entry in entries.items():
+        if flag in NOT_FIELDS:
+            continue
+        cls, name = field_of_flag(flag)
+        documented.add((cls, name))
+        f = next(f for f in fields(cls) if f.name == name)
+        assert " ".join(first_docstring_line(cls, name).split()) in entry, (flag, entry)
+        shown = re.search(r"\(([^()]*), (required|default: (.*))\)$", entry)
+        assert shown and shown.group(1) == f.type, (flag, entry)
+        if f.default is MISSING and f.default_factory is MISSING:
+            assert shown.group(2) == "required", (flag, entry)
+        else:
+            expected = f.default if f.default is not MISSING else f.default_factory()
+            assert yaml.safe_load(shown.group(3)) == expected, (flag, entry)
+    every_field = {(cls, f.name) for cls in (RunConfig, TrainConfig, DataConfig, LoraConfig) for f in fields(cls)
+                   if (cls, f.name) not in {(RunConfig, "data"), (RunConfig, "train"), (TrainConfig, "lora")}}
+    assert documented == every_field
+    assert "--data FILE" in result.stdout and "--learning-rate FLOAT" in result.stdout
+
+
+def test_building_the_parser_does_not_import_the_trainer():
+    code = ("import sys, lorafit.cli as c; c.build_parser().parse_known_args(['train', '--data', 'x.jsonl']); "
+            "print(sorted(m for m in ('lorafit.train.trainer', 'lorafit.train.prepare', 'lorafit.ops.chunked_loss', "
+            "'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "[]", (result.stdout, result.stderr[-2000:])
+
+
+def test_train_with_data_shorthand_on_cpu(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", make_dataset(8, seed=0))
+    out = tmp_path / "out"
+    result = lorafit("train", "--data", str(data), "--model", str(tiny_model_dir), "--max-steps", "2",
+                     "--batch-size", "4", "--lora.r", "2", "--output-dir", str(out), "--device", "cpu",
+                     "--learning_rate", "1e-4")  # underscores accepted; 1e-4 (a string to YAML) read as a float
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["lr"] == pytest.approx(1e-4)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flag, meant", [("--rank", "--lora.r"), ("--r", "--lora.r"),
+                                         ("--max-seq-length", "--data.max-seq-length"),
+                                         ("--lora_alpha", "--lora.alpha"), ("--learnin-rate", "--learning-rate")])
+def test_unknown_flag_suggests_the_one_meant(flag, meant):
+    line = _error_line(lorafit("train", "--data", "x.jsonl", flag, "8"))
+    assert line == f"lorafit train: error: unknown option {flag}; did you mean {meant}?"
+
+
+def test_argparse_errors_are_one_line():
+    line = _error_line(lorafit("merge", "--adapter", "x"))
+    assert "--out" in line and "required" in line
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "merge", "demo"])
+@pytest.mark.parametrize("mistake", ["cuda", "dtype"])
+def test_device_and_dtype_mistakes_are_one_line(command, mistake, tiny_model_dir, tmp_path):
+    if mistake == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    args = {"train": ["--data", "x.jsonl", "--model", str(tiny_model_dir)],
+            "generate": ["--model", str(tiny_model_dir), "hi"],
+            "merge": ["--model", str(tiny_model_dir), "--adapter", "x", "--out", str(tmp_path / "m")],
+            "demo": ["--output-dir", str(tmp_path / "demo")]}[command]
+    extra = ["--device", "cuda"] if mistake == "cuda" else ["--dtype", "bogus"]
+    line = _error_line(lorafit(command, *args, *extra))
+    if mistake == "cuda":
+        assert "device 'cuda'" in line and "no CUDA GPU" in line and "--device cpu" in line, line
+    else:
+        assert "dtype 'bogus' is unknown" in line and "--dtype" in line, line
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "m").exists()
+
+
+def test_generate_on_cpu(tiny_model_dir):
+    result = lorafit("generate", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
+                     "--max-new-tokens", "2", "hello", "world")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 2

@@ -2,14 +2,17 @@
 
     model: SmolLM2-135M-Instruct      # HF folder, .gguf, or the bundled default
     quantize: nf4                     # or ternary, or null
-    data: {path: train.jsonl, val_fraction: 0.05, max_seq_length: 512}
+    device: auto                      # or cpu, cuda, cuda:1; dtype: auto / float32 / bfloat16 / float16
+    data: {path: train.jsonl, val_fraction: 0.05, max_seq_length: 512}   # or just data: train.jsonl
     lora: {r: 16, alpha: 32, target_modules: all-linear}
     output_dir: runs/mine
     epochs: 2
     learning_rate: 2.0e-4
 
 Every other top-level key is a `TrainConfig` field. The flags come from the same dataclasses
-(`--learning-rate 1e-4`, `--lora.r 8`, `--data.path other.jsonl`), so there is one list of options.
+(`--learning-rate 1e-4`, `--lora.r 8`, `--data.path other.jsonl`, `--data other.jsonl`), so there is one
+list of options; their help is the docstring under each field (lorafit.fieldinfo), and values are
+checked against the fields' declared types.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from typing import Any
 import yaml
 
 from lorafit.config import LoraConfig
+from lorafit.device import parse_device, parse_dtype
 from lorafit.errors import LorafitError
+from lorafit.fieldinfo import check_value
 from lorafit.model import DEFAULT_MODEL
+from lorafit.train.config import TrainConfig
 from lorafit.train.data import DataConfig
-from lorafit.train.trainer import TrainConfig
 
 SECTIONS = {"data": DataConfig, "lora": LoraConfig}
-TOP = {"model", "quantize", "dtype", "data"}
+QUANTIZE = ("nf4", "ternary")
 
 
 @dataclass
@@ -37,12 +42,25 @@ class RunConfig:
     """HF-format folder, .gguf file, or the bundled default's name."""
     quantize: str | None = None
     """Quantize the base while loading: "nf4" (QLoRA) or "ternary"; null keeps it in `dtype`."""
-    dtype: str = "float32"
-    """Dtype of the unquantized weights and of compute: float32 on CPU, bfloat16 on GPU."""
+    device: str = "auto"
+    """Where the model runs: "auto" (the first CUDA GPU when there is one, else the CPU), "cpu", "cuda"
+    or "cuda:N"."""
+    dtype: str = "auto"
+    """Dtype of the unquantized weights and of compute: "auto" (bfloat16 on a GPU, float32 on the
+    CPU), "float32", "bfloat16" or "float16"."""
     data: DataConfig | None = None
     """Where the data is and how it becomes training rows (`path` is required)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop's knobs, written as top-level keys in the YAML file."""
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, *QUANTIZE):
+            raise LorafitError(f"quantize must be nf4, ternary or null, got {self.quantize!r}")
+        parse_device(self.device)  # spelling only: whether the GPU is there is checked when the run starts
+        parse_dtype(self.dtype)
+
+
+TOP = [f.name for f in fields(RunConfig) if f.name != "train"]  # keys of the YAML file besides TrainConfig's
 
 
 def _names(cls) -> list[str]:
@@ -55,7 +73,8 @@ def _unknown(key: str, known: list[str], where: str) -> LorafitError:
     return LorafitError(f"{where}: unknown key {key!r}{hint}")
 
 
-def _build(cls, values: dict[str, Any], where: str):
+def _build(cls, values: dict[str, Any], source: str, section: str | None = None):
+    where = f"{source}: {section}" if section else source
     if not isinstance(values, dict):
         raise LorafitError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
     known = _names(cls)
@@ -66,6 +85,8 @@ def _build(cls, values: dict[str, Any], where: str):
     missing = [k for k in required if k not in values]
     if missing:
         raise LorafitError(f"{where}: missing required key(s) {missing}")
+    label = f"{source}: {section}." if section else f"{source}: "
+    values = {k: check_value(cls, k, v, label + k) for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as e:
@@ -75,21 +96,24 @@ def _build(cls, values: dict[str, Any], where: str):
 def parse_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a nested mapping (from YAML + overrides) into a RunConfig; errors name the key."""
     raw = dict(raw)
-    known_top = sorted(TOP | set(_names(TrainConfig)))
+    known_top = sorted(set(TOP) | set(_names(TrainConfig)))
     for key in raw:
         if key not in known_top:
             raise _unknown(key, known_top, source)
-    data = raw.pop("data", None)
+    data = _data_mapping(raw.pop("data", None))
     if data is None:
-        raise LorafitError(f"{source}: missing 'data' (e.g. data: {{path: train.jsonl}})")
-    top = {k: raw.pop(k) for k in ("model", "quantize", "dtype") if k in raw}
+        raise LorafitError(f"{source}: missing 'data' (e.g. data: {{path: train.jsonl}}, or --data train.jsonl)")
+    top = {k: raw.pop(k) for k in TOP if k in raw}
     lora = raw.pop("lora", None) or {}
-    if top.get("quantize") not in (None, "nf4", "ternary"):
-        raise LorafitError(f"{source}: quantize must be nf4, ternary or null, got {top['quantize']!r}")
-    if top.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
-        raise LorafitError(f"{source}: dtype must be float32, bfloat16 or float16, got {top['dtype']!r}")
-    train = _build(TrainConfig, {**raw, "lora": _build(LoraConfig, lora, f"{source}: lora")}, source)
-    return RunConfig(data=_build(DataConfig, data, f"{source}: data"), train=train, **top)
+    config = _build(RunConfig, top, source)  # model, quantize, device, dtype
+    config.train = _build(TrainConfig, {**raw, "lora": _build(LoraConfig, lora, source, "lora")}, source)
+    config.data = _build(DataConfig, data, source, "data")
+    return config
+
+
+def _data_mapping(data: Any) -> Any:
+    """`data: train.jsonl` (or `--data train.jsonl`) is short for `data: {path: train.jsonl}`."""
+    return {"path": data} if isinstance(data, str) else data
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -110,28 +134,35 @@ def apply_override(raw: dict[str, Any], dotted: str, value: str) -> None:
     *parents, leaf = dotted.replace("-", "_").split(".")
     node = raw
     for p in parents:
-        node = node.setdefault(p, {})
+        child = _data_mapping(node.get(p)) if p == "data" else node.get(p)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise LorafitError(f"--{dotted}: {p} is {child!r} in the config, not a mapping of settings")
+        node[p] = child
+        node = child
     node[leaf] = yaml.safe_load(value)
 
 
-def override_flags() -> list[tuple[str, str]]:
-    """(flag, help) for every settable field, derived from the dataclasses: one list of options."""
-    flags = [("model", "model folder, .gguf or default name"), ("quantize", "nf4, ternary or null"),
-             ("dtype", "float32 / bfloat16 / float16")]
-    flags += [(f.name, "") for f in fields(TrainConfig) if f.name != "lora"]
-    flags += [(f"{section}.{f.name}", "") for section, cls in SECTIONS.items() for f in fields(cls)]
+def override_flags() -> list[tuple[str, type, str]]:
+    """(dotted key, dataclass, field name) for every settable field, in the order --help shows them:
+    the run's own fields, TrainConfig's (top-level keys), then the data and lora sections."""
+    flags = [(f.name, RunConfig, f.name) for f in fields(RunConfig) if f.name not in ("data", "train")]
+    flags += [(f.name, TrainConfig, f.name) for f in fields(TrainConfig) if f.name != "lora"]
+    flags += [(f"{section}.{f.name}", cls, f.name) for section, cls in SECTIONS.items() for f in fields(cls)]
     return flags
 
 
 def run(config: RunConfig, resume: bool = False) -> list[dict]:
     """Load the model and data, show one sample as the model will see it, train, save."""
-    import torch
-
+    from lorafit.device import resolve_device, resolve_dtype
     from lorafit.model import load_model
     from lorafit.train.data import describe_sample, load_data, n_tokens
     from lorafit.train.trainer import Trainer
 
-    model, tokenizer = load_model(config.model, quantize=config.quantize, dtype=getattr(torch, config.dtype))
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(config.model, quantize=config.quantize, dtype=resolve_dtype(config.dtype, device),
+                                  device=device)
     splits = load_data(tokenizer, config.data)
     total, trained = n_tokens(splits.train)
     print(f"lorafit train: {len(splits.train)} training samples ({total:,} tokens, {trained:,} trained), "

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit.config import DEFAULT_ADAPTER
+from lorafit.device import model_device, to_device
 from lorafit.errors import LorafitError
 from lorafit.io import read_adapter, save_adapter
 from lorafit.lora.inject import adapter_parameters
@@ -83,7 +84,7 @@ def evaluate(model: nn.Module, samples: list[Sample], pad_id: int, batch_size: i
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(samples), batch_size):
-        loss, n = token_loss_sum(model, collate(samples[i:i + batch_size], pad_id))
+        loss, n = token_loss_sum(model, to_device(collate(samples[i:i + batch_size], pad_id), model_device(model)))
         total, count = total + loss.item(), count + n
     model.train(was_training)
     mean = total / max(count, 1)
@@ -141,9 +142,10 @@ class Trainer:
         """Backward over micro-batches with the loss normalised by the target tokens of all of
         them; returns that mean loss. Gradients are left in .grad (no optimizer step)."""
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        device = model_device(self.model)  # batches are built on the CPU and follow the model
         total = 0.0
         for batch in micro:
-            loss_sum, _ = token_loss_sum(self.model, batch)
+            loss_sum, _ = token_loss_sum(self.model, to_device(batch, device))
             (loss_sum / max(n_target, 1)).backward()
             total += loss_sum.item()
         return total / max(n_target, 1)
