@@ -201,8 +201,8 @@ def test_adamw_is_torch_adamw_and_8bit_needs_bitsandbytes(tokenizer, samples, tm
 
 @pytest.mark.gpu
 def test_cuda_run_moves_batches_and_fuses_adamw(tokenizer, samples, tmp_path):
-    """A bf16 model on CUDA trains from host batches: fused AdamW, fp32 losses, the same first loss as
-    the plain optimizer (the update is the same math; only the kernels differ)."""
+    """A bf16 model on CUDA trains from host batches with fp32 losses and fused AdamW, whose updates
+    equal the plain single-tensor AdamW's (the same math; only the kernels differ)."""
     model = tiny_llama().to("cuda", torch.bfloat16)
     trainer = Trainer(_config(tmp_path, max_steps=3, eval_steps=3), model, tokenizer, samples.train, samples.val)
     assert trainer.optimizer.defaults["fused"] is True
