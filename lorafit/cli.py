@@ -82,13 +82,18 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     from lorafit.train.estimate import TrainSetup, estimate, format_table
 
     if args.model:
-        setup = TrainSetup(model=args.model, method=args.method, rank=args.rank, batch=args.batch, seq=args.seq)
+        setup = TrainSetup(model=args.model, method=args.method, rank=args.rank, batch=args.batch, seq=args.seq,
+                           device=args.device)
         result = estimate(setup)
         print(result.breakdown())
-        verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
-        print(f"{result.total_gb:.1f} GB: {verdict} a {args.gpu_memory:g} GB GPU")
+        if args.device == "cuda":
+            verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
+            print(f"{result.total_gb:.1f} GB: {verdict} a {args.gpu_memory:g} GB GPU")
+        else:
+            print(f"{result.total_gb:.1f} GB of RAM at the peak (the process's resident size)")
     else:
-        print(format_table(method=args.method, batch=args.batch, seq=args.seq, gpu_gb=args.gpu_memory))
+        print(format_table(method=args.method, batch=args.batch, seq=args.seq, gpu_gb=args.gpu_memory,
+                           device=args.device))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--gpu-memory", type=float, default=16.0, help="GB")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda: GPU memory of a bf16 run with gradient checkpointing; cpu: peak RSS of an fp32 run")
     p.set_defaults(func=cmd_estimate)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments

@@ -33,6 +33,16 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 MAKERS = {"llama": make_llama, "gpt2": make_gpt2}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped (with the reason) on machines without it, as in CI."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def family(request) -> str:
     return request.param

@@ -113,6 +113,15 @@ def test_estimate_table():
     assert result.returncode == 0 and "70B" in result.stdout and "fits 16 GB?" in result.stdout
 
 
+def test_estimate_for_a_gpu_and_for_the_cpu():
+    gpu = lorafit("estimate", "--model", "8B", "--method", "qlora", "--device", "cuda", "--gpu-memory", "24")
+    assert gpu.returncode == 0 and "torch.cuda.max_memory_allocated()" in gpu.stdout
+    assert "fits a 24 GB GPU" in gpu.stdout
+    cpu = lorafit("estimate", "--model", "135M", "--method", "lora", "--device", "cpu")
+    assert cpu.returncode == 0 and "GB of RAM at the peak" in cpu.stdout and "max_memory" not in cpu.stdout
+    assert "| cpu |" in lorafit("estimate", "--device", "cpu").stdout
+
+
 def test_merge_writes_a_plain_checkpoint_with_the_adapted_outputs(tiny_model_dir, tmp_path):
     import lorafit as lf
     from lorafit.io import save_adapter

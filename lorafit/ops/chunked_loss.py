@@ -34,16 +34,12 @@ from __future__ import annotations
 
 import torch
 
+from lorafit.ops.loss_chunk import CHUNK_BYTES, default_chunk_size  # tokens per chunk: a ~64 MiB block
+
+__all__ = ["CHUNK_BYTES", "IGNORE_INDEX", "ChunkedCrossEntropyFunction", "causal_lm_loss", "chunked_cross_entropy",
+           "default_chunk_size"]
+
 IGNORE_INDEX = -100
-# Tokens per chunk by default: a (C, V) fp32 block of about 64 MiB (C = 341 for a 49152 vocabulary).
-# Each chunk streams the whole head W through the cache twice, so chunks much smaller than this pay
-# for memory traffic (CPU, V = 49152, 1024 tokens: C = 85 took 1.4x as long as C = 512); larger ones
-# only add memory. One buffer serves every chunk, so its pages are faulted in once.
-CHUNK_BYTES = 64 << 20
-
-
-def default_chunk_size(vocab: int) -> int:
-    return max(16, CHUNK_BYTES // (4 * vocab))
 
 
 class ChunkedCrossEntropyFunction(torch.autograd.Function):
@@ -115,7 +111,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
     hidden (..., H); weight (V, H); targets (...) long. reduction: "sum" over target tokens or "mean"
     over them (0 target tokens: "mean" gives 0, not NaN). chunk_size: tokens per chunk (default: a
-    16 MiB logits block, `default_chunk_size`). Equals
+    64 MiB fp32 logits block, `default_chunk_size`). Equals
     `F.cross_entropy(F.linear(hidden, weight, bias).float().flatten(0, -2), targets.flatten(), ...)`.
     """
     if reduction not in ("sum", "mean"):

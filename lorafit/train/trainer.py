@@ -7,7 +7,13 @@ the tokens of short samples more).
 
 A checkpoint (adapter + optimizer + RNG + data position) is written to a temporary folder and
 renamed into place, so a run killed mid-save still has its previous checkpoint, and `resume=True`
-continues with the same losses the uninterrupted run would have had.
+continues with the same losses the uninterrupted run would have had. The RNG state is the CPU
+generator's and, when CUDA is in use, every CUDA device's (dropout masks on a GPU draw from those).
+
+Devices: the model stays where the caller put it. Batches are built on the host (`collate`), their
+target tokens counted there (no device sync), then moved to the model's device (`lorafit.device.
+to_device`: pinned memory, non-blocking copies on CUDA); every tensor made here takes its device from
+the model or the batch. The loss is accumulated on the device and read back once per step.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from lorafit.train.config import TrainConfig
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
 from lorafit.train.prepare import prepare_model
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "lr_factor", "token_loss_sum"]
+__all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "lr_factor",
+           "make_optimizer", "n_targets", "token_loss_sum"]
+
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
@@ -52,14 +60,29 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+def n_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens of a batch: labels[:, 1:] that are not IGNORE (position t predicts token t+1).
+    Count them on the host batch: on a device batch `int()` would wait for the device."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token losses over target tokens, number of target tokens) for one batch.
 
-    When the output head is a plain nn.Linear, the loss is computed from the last hidden states in
-    chunks of tokens (lorafit.ops.chunked_loss), so the (B, T, V) fp32 logits never exist at once.
+    The batch may be on the host: its targets are counted there and it is moved to the model's
+    device. The loss is an fp32 scalar on that device whatever the model's dtype.
     """
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    n_target = int((targets != IGNORE).sum())
+    n_target = n_targets(batch)
+    return loss_sum(model, to_device(batch, model_device(model))), n_target
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token losses over the target tokens of a batch already on the model's device (fp32).
+
+    When the output head is a plain nn.Linear, the loss is computed from the last hidden states in
+    chunks of tokens (lorafit.ops.chunked_loss), so the (B, T, V) fp32 logits never exist at once;
+    otherwise from the model's logits, upcast to fp32 before the cross-entropy.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     plain_head = (isinstance(head, nn.Linear) and getattr(config, "final_logit_softcapping", None) is None
@@ -67,14 +90,13 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     if plain_head:
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
-        loss = causal_lm_loss(hidden, head.weight, batch["labels"], bias=head.bias, reduction="sum",
-                              ignore_index=IGNORE)
-        return loss, n_target
+        return causal_lm_loss(hidden, head.weight, batch["labels"], bias=head.bias, reduction="sum",
+                              ignore_index=IGNORE)  # fp32: the chunks' logits are upcast before the softmax
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits  # (B, T, V)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, n_target
 
 
 @torch.no_grad()
@@ -82,18 +104,28 @@ def evaluate(model: nn.Module, samples: list[Sample], pad_id: int, batch_size: i
     """Mean per-token validation loss and perplexity."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    device = model_device(model)
+    total, count = None, 0  # total: an fp32 scalar on the model's device, read back once
     for i in range(0, len(samples), batch_size):
-        loss, n = token_loss_sum(model, to_device(collate(samples[i:i + batch_size], pad_id), model_device(model)))
-        total, count = total + loss.item(), count + n
+        batch = collate(samples[i:i + batch_size], pad_id)
+        count += n_targets(batch)
+        loss = loss_sum(model, to_device(batch, device))
+        total = loss if total is None else total + loss
     model.train(was_training)
-    mean = total / max(count, 1)
+    mean = (0.0 if total is None else total.item()) / max(count, 1)
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
 
 
-def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float):
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer `TrainConfig.optimizer` names, over `params`.
+
+    "adamw" is torch's AdamW; when every parameter is on CUDA it runs fused (`fused=True`): the same
+    update, written by one kernel over all parameters instead of a chain of elementwise ones per step.
+    "adamw8bit" / "paged_adamw8bit" are bitsandbytes' (8-bit states, ~2 B per parameter instead of 8).
+    """
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        fused = bool(params) and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -117,8 +149,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         prepare_model(model, config)
         self.params = adapter_parameters(model)
-        self.optimizer = _make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
-        self.batches_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.optimizer = make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
+        self.order = EpochOrder(len(train), config.batch_size, config.seed)
+        self.batches_per_epoch = self.order.batches_per_epoch
         per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         self.warmup = int(config.warmup_ratio * self.total_steps)
@@ -129,26 +162,24 @@ class Trainer:
 
     # -- data order -------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """Micro-batch number `index` of the run: epoch e shuffles with seed+e, so any position
-        can be rebuilt on resume without replaying the ones before it."""
-        epoch, pos = divmod(index, self.batches_per_epoch)
-        order = list(range(len(self.train_samples)))
-        random.Random(self.config.seed + epoch).shuffle(order)
-        chosen = order[pos * self.config.batch_size:(pos + 1) * self.config.batch_size]
-        return collate([self.train_samples[j] for j in chosen], self.pad_id)
+        """Micro-batch number `index` of the run, collated on the host (see `EpochOrder`)."""
+        return collate([self.train_samples[j] for j in self.order.indices(index)], self.pad_id)
 
     # -- one optimizer step -----------------------------------------------------------------
     def accumulate(self, micro: list[dict[str, torch.Tensor]]) -> float:
         """Backward over micro-batches with the loss normalised by the target tokens of all of
-        them; returns that mean loss. Gradients are left in .grad (no optimizer step)."""
-        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        device = model_device(self.model)  # batches are built on the CPU and follow the model
-        total = 0.0
-        for batch in micro:
-            loss_sum, _ = token_loss_sum(self.model, to_device(batch, device))
-            (loss_sum / max(n_target, 1)).backward()
-            total += loss_sum.item()
-        return total / max(n_target, 1)
+        them; returns that mean loss. Gradients are left in .grad (no optimizer step).
+
+        The batches may be on the host: targets are counted there, then all of them are sent to the
+        model's device at once (non-blocking on CUDA, so later copies overlap the first backward)."""
+        n_target = max(sum(n_targets(b) for b in micro), 1)
+        device = model_device(self.model)
+        total = None  # fp32 scalar on the device: one sync per step, at the end
+        for batch in [to_device(b, device) for b in micro]:
+            loss = loss_sum(self.model, batch)
+            (loss / n_target).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total.item() / n_target
 
     def _optimizer_step(self) -> float:
         cfg = self.config
@@ -222,7 +253,7 @@ class Trainer:
         try:
             save_adapter(self.model, tmp / "adapter")
             state = {"step": self.step, "micro": self.micro, "optimizer": self.optimizer.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "history": self.history,
+                     "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(), "history": self.history,
                      "best_val": self.best_val, "bad_evals": self.bad_evals, "config": asdict(self.config)}
             torch.save(state, tmp / "trainer_state.pt")
             if final.exists():
@@ -238,13 +269,58 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         _, adapter_state = read_adapter(path / "adapter")
         set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        # on the host first: the optimizer moves its states to its parameters' devices itself
+        state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        _set_cuda_rng_states(state.get("cuda_rng"))
         self.step, self.micro, self.history = state["step"], state["micro"], state["history"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
         metrics = self.out / "metrics.jsonl"  # drop lines written after the checkpoint by the dead run
         metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+
+def _cuda_rng_states() -> list[torch.Tensor] | None:
+    """Every CUDA device's generator state, or None when this process has not initialised CUDA (a CPU
+    run on a machine with a GPU must not create a CUDA context just to save an unused state)."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_cuda_rng_states(states: list[torch.Tensor] | None) -> None:
+    """Restore what `_cuda_rng_states` saved, on the devices this process sees (a checkpoint of a CPU
+    run has none, and a CPU-only process resuming a GPU run has nothing to restore them to)."""
+    if not states or not torch.cuda.is_available():
+        return
+    for index, rng in enumerate(states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(rng, index)
+
+
+class EpochOrder:
+    """Which samples micro-batch `index` of a run holds.
+
+    Epoch e is the permutation `random.Random(seed + e).shuffle(range(n_samples))`, cut into batches of
+    `batch_size` (the last one of an epoch may be shorter), so any position can be rebuilt on resume
+    without replaying the ones before it. The permutation is computed once per epoch and kept (a
+    micro-batch costs O(batch_size), not a shuffle of the whole data set).
+    """
+
+    def __init__(self, n_samples: int, batch_size: int, seed: int) -> None:
+        self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
+        self.batches_per_epoch = math.ceil(n_samples / batch_size)
+        self._epoch, self._order = -1, []
+
+    def epoch(self, epoch: int) -> list[int]:
+        """The order of all samples in epoch `epoch` (the cached list: do not modify it)."""
+        if epoch != self._epoch:
+            order = list(range(self.n_samples))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def indices(self, index: int) -> list[int]:
+        """Sample indices of micro-batch `index` (counted from the start of the run)."""
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        return self.epoch(epoch)[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -1,6 +1,9 @@
 """Memory estimator: hand arithmetic, peft's own parameter counts, monotonicity, calibration."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,8 @@ from lorafit.train.estimate import (
     format_table,
     lora_params,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def table_row(table: str, model: str, rank: str) -> list[str]:
@@ -139,15 +144,15 @@ def test_qlora_weights_are_nf4_for_linears_only():
     )
 
 
-def test_activation_formula_and_calibration_constant():
+def test_cpu_activation_formula_and_calibration_constant():
     s, B, S = SIZES["7B"], 2, 256
-    e1 = estimate(TrainSetup(model="7B", batch=B, seq=S, rank=8, grad_checkpointing=False))
-    e2 = estimate(
-        TrainSetup(model="7B", batch=B, seq=S, rank=8, grad_checkpointing=False, activation_factor=2.5)
-    )
+    cpu = {"model": "7B", "device": "cpu", "dtype": "bf16", "batch": B, "seq": S, "rank": 8,
+           "grad_checkpointing": False, "loss_chunk": None}
+    e1 = estimate(TrainSetup(**cpu, activation_factor=1.0))
+    e2 = estimate(TrainSetup(**cpu, activation_factor=2.5))
     per_block = 4 * s.hidden + 2 * s.hidden + 2 * s.hidden + 2 * s.intermediate + 8 * 7  # MHA: q = kv = h
     assert e1.activations == B * S * (s.layers * per_block + 2 * s.hidden) * 2
-    plain_mlp = estimate(TrainSetup(model="7B", batch=B, seq=S, rank=8, grad_checkpointing=False, fused_mlp=False))
+    plain_mlp = estimate(TrainSetup(**cpu, activation_factor=1.0, fused_mlp=False))
     assert plain_mlp.activations - e1.activations == B * S * s.layers * 2 * s.intermediate * 2  # silu, product
     assert e2.activations == pytest.approx(2.5 * e1.activations)
     assert e2.total - e1.total == pytest.approx(1.5 * e1.activations)  # only that term moves
@@ -167,3 +172,13 @@ def test_fits_and_full_table():
     # bf16 grads (2) + fp32 master (4) + AdamW (8) = 14 bytes per param besides the weights
     assert float(row[5]) == pytest.approx(n * 14 / GIB, abs=0.005) and row[-1] == "no"
     assert "total" in estimate(TrainSetup(model="135M")).breakdown()
+
+
+def test_the_estimator_imports_no_torch():
+    """`lorafit estimate` must answer on a machine without torch: nothing on its import path needs it."""
+    code = ("import sys; from lorafit.train.estimate import TrainSetup, estimate, format_table; "
+            "estimate(TrainSetup(model='8B', method='qlora')); format_table('qlora'); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -103,7 +103,8 @@ def test_cpu_terms_arithmetic():
     """The CPU description: fp32 weights, no duplicate master copy, chunked logits, baseline overhead."""
     s = SIZES["135M"]
     gpu = TrainSetup(model="135M", batch=4, seq=256)
-    assert (gpu.dtype, gpu.activation_factor, gpu.overhead_gb, gpu.loss_chunk) == ("bf16", 1.0, 1.0, None)
+    assert (gpu.dtype, gpu.activation_factor, gpu.overhead_gb) == ("bf16", 1.0, 1.0)
+    assert gpu.loss_chunk == default_chunk_size(s.vocab)  # the Trainer's chunked loss, on both devices
     cpu = TrainSetup(model="135M", batch=4, seq=256, device="cpu", loss_chunk="auto")
     assert (cpu.dtype, cpu.activation_factor, cpu.overhead_gb) == ("fp32", CPU_ACTIVATION_FACTOR, CPU_BASELINE_GB)
     e, n = estimate(cpu), lora_params(s, 16)
@@ -116,7 +117,8 @@ def test_cpu_terms_arithmetic():
     assert estimate(TrainSetup(model="135M", batch=1, seq=256, device="cpu", loss_chunk=1024)).logits == (
         256 * s.vocab * 4  # fewer tokens than a chunk
     )
-    assert estimate(gpu).logits == 2 * 4 * 256 * s.vocab * 4  # plain loss: all logits
+    plain = TrainSetup(model="135M", batch=4, seq=256, device="cpu", loss_chunk=None)
+    assert estimate(plain).logits == 2 * 4 * 256 * s.vocab * 4  # plain loss: all logits
     assert e.activations == pytest.approx(
         CPU_ACTIVATION_FACTOR * activation_bytes(TrainSetup(model="135M", batch=4, seq=256, dtype="fp32"))
     )

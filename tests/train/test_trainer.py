@@ -4,6 +4,7 @@ with a plain PEFT loop, exact resume, crash-safe checkpoints, early stopping."""
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,15 +22,25 @@ from bench.common import bnb_nf4_linears  # the PEFT + bitsandbytes peer, as the
 from lorafit.lora.inject import lora_layers
 from lorafit.train.data import DataConfig, collate, load_data
 from lorafit.train.demo_task import make_dataset, write_jsonl
-from lorafit.train.trainer import TrainConfig, Trainer, latest_checkpoint, lr_factor
+from lorafit.train.trainer import (
+    EpochOrder,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    latest_checkpoint,
+    lr_factor,
+    make_optimizer,
+    n_targets,
+    token_loss_sum,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden: int = 32, **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **config)
     return LlamaForCausalLM(config)
 
 
@@ -39,8 +50,8 @@ def samples(tokenizer, tmp_path_factory):
     return load_data(tokenizer, DataConfig(path=str(path), val_fraction=0.25, seed=0))
 
 
-def _config(tmp_path, **kw):
-    lora = lf.LoraConfig(r=4, alpha=8, target_modules="all-linear")
+def _config(tmp_path, dropout: float = 0.0, **kw):
+    lora = lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=dropout)
     return TrainConfig(**{"output_dir": str(tmp_path), "lora": lora, "batch_size": 4, "learning_rate": 1e-3,
                           "max_steps": 20, "warmup_ratio": 0.1, **kw})
 
@@ -103,21 +114,116 @@ def test_losses_match_a_plain_peft_loop(tokenizer, samples, tmp_path):
     _compare_with_plain_peft_loop(ours, tiny_llama(), tol=1e-4)
 
 
-def test_resume_is_exact(tokenizer, samples, tmp_path):
-    full = Trainer(_config(tmp_path / "full", max_steps=15, save_steps=5, save_total_limit=5),
-                   tiny_llama(), tokenizer, samples.train, samples.val).train()
+def _resume_model(device: str) -> LlamaForCausalLM:
+    # eager attention on CUDA: its backward has no atomics, so two runs of a step agree to the bit
+    extra = {"attn_implementation": "eager"} if device == "cuda" else {}
+    return tiny_llama(**extra).to(device)
+
+
+@pytest.mark.parametrize("device,dropout", [
+    ("cpu", 0.0),
+    ("cpu", 0.1),  # the dropout masks come from the restored RNG state
+    pytest.param("cuda", 0.1, marks=pytest.mark.gpu),  # CUDA's own generator state is saved and restored
+])
+def test_resume_is_exact(tokenizer, samples, tmp_path, device, dropout):
+    full = Trainer(_config(tmp_path / "full", dropout, max_steps=15, save_steps=5, save_total_limit=5),
+                   _resume_model(device), tokenizer, samples.train, samples.val).train()
     # a run that died right after its step-5 checkpoint: only that checkpoint survives
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     os.rename(tmp_path / "full" / "checkpoints" / "step-00000005", resumed_dir / "checkpoints" / "step-00000005")
     (resumed_dir / "checkpoints" / ".tmp-half-written").mkdir()  # what a kill during a save leaves
-    resumed = Trainer(_config(resumed_dir, max_steps=15, save_steps=5), tiny_llama(), tokenizer,
+    state = torch.load(resumed_dir / "checkpoints" / "step-00000005" / "trainer_state.pt", weights_only=False)
+    if device == "cuda":
+        assert len(state["cuda_rng"]) == torch.cuda.device_count()
+    resumed = Trainer(_config(resumed_dir, dropout, max_steps=15, save_steps=5), _resume_model(device), tokenizer,
                       samples.train, samples.val).train(resume=True)
     assert [h["step"] for h in resumed] == list(range(1, 16))
     for a, b in zip(full[5:], resumed[5:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
     lines = (resumed_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 16))
+
+
+def test_epoch_order_is_computed_once_per_epoch_and_reproducible():
+    """Micro-batch i holds the samples the per-epoch shuffle (seed + epoch) puts there, whatever order
+    positions are asked for in (resume asks for one in the middle first)."""
+    order = EpochOrder(n_samples=10, batch_size=4, seed=3)
+    assert order.batches_per_epoch == 3
+    expected = []
+    for epoch in range(3):
+        perm = list(range(10))
+        random.Random(3 + epoch).shuffle(perm)
+        expected += [perm[0:4], perm[4:8], perm[8:10]]
+    assert [order.indices(i) for i in range(9)] == expected
+    assert order.epoch(1) is order.epoch(1)  # kept, not reshuffled per micro-batch
+    fresh = EpochOrder(n_samples=10, batch_size=4, seed=3)
+    assert [fresh.indices(i) for i in (7, 2, 8, 0)] == [expected[i] for i in (7, 2, 8, 0)]
+
+
+def test_no_tensor_lands_on_an_implicit_device(tokenizer, samples, tmp_path):
+    """With the default device set to `meta`, a tensor made without a device taken from the model or
+    the batch would land there and fail against the model's CPU weights: a step, its optimizer update
+    and an evaluation run as on the real device. (After one plain step: torch's non-fused AdamW keeps
+    its step counters on the host by design.)"""
+    trainer = Trainer(_config(tmp_path, dropout=0.1, gradient_checkpointing=True), tiny_llama(), tokenizer,
+                      samples.train)
+    micro = [trainer._micro_batch(0), trainer._micro_batch(1)]
+    trainer.accumulate(micro)
+    trainer._optimizer_step()
+    with torch.device("meta"):
+        loss = trainer.accumulate(micro)
+        trainer._optimizer_step()
+        metrics = evaluate(trainer.model, samples.val[:4], trainer.pad_id, 2)
+    assert math.isfinite(loss) and math.isfinite(metrics["val_loss"])
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+
+
+def test_loss_is_fp32_on_both_paths_for_a_bf16_model(tokenizer, samples):
+    """The chunked path (plain head) and the logits path both return an fp32 sum for a bf16 model."""
+    model = tiny_llama().to(torch.bfloat16)
+    lf.apply_lora(model, lf.LoraConfig(r=4, target_modules="all-linear"))
+    batch = collate(samples.train[:4], tokenizer.pad_token_id)
+    chunked, n = token_loss_sum(model, batch)
+    model.config.final_logit_softcapping = 30.0  # not a plain head any more: the trainer takes the logits
+    from_logits, n_again = token_loss_sum(model, batch)  # (Llama itself ignores the field: same numbers)
+    assert chunked.dtype == from_logits.dtype == torch.float32 and n == n_again == n_targets(batch)
+    assert abs(chunked.item() - from_logits.item()) <= 1e-3 * abs(from_logits.item())
+
+
+def test_adamw_is_torch_adamw_and_8bit_needs_bitsandbytes(tokenizer, samples, tmp_path, monkeypatch):
+    trainer = Trainer(_config(tmp_path), tiny_llama(), tokenizer, samples.train)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and not trainer.optimizer.defaults["fused"]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(lf.LorafitError, match="optimizer 'adamw8bit' needs bitsandbytes"):
+        Trainer(_config(tmp_path, optimizer="adamw8bit"), tiny_llama(), tokenizer, samples.train)
+
+
+@pytest.mark.gpu
+def test_cuda_run_moves_batches_and_fuses_adamw(tokenizer, samples, tmp_path):
+    """A bf16 model on CUDA trains from host batches with fp32 losses and fused AdamW, whose updates
+    equal the plain single-tensor AdamW's (the same math; only the kernels differ)."""
+    model = tiny_llama().to("cuda", torch.bfloat16)
+    trainer = Trainer(_config(tmp_path, max_steps=3, eval_steps=3), model, tokenizer, samples.train, samples.val)
+    assert trainer.optimizer.defaults["fused"] is True
+    batch = trainer._micro_batch(0)
+    assert batch["input_ids"].device.type == "cpu"
+    loss, n = token_loss_sum(model, batch)
+    assert loss.device.type == "cuda" and loss.dtype == torch.float32 and n == n_targets(batch)
+    history = trainer.train()
+    assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history) and "val_loss" in history[-1]
+    params = [torch.nn.Parameter(torch.randn(64, 16, device="cuda")) for _ in range(2)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = make_optimizer("adamw", params, 1e-2, 0.1)
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_kill_during_training_leaves_a_usable_checkpoint(tmp_path):

@@ -1,0 +1,96 @@
+"""Samples -> rows the model trains on: length limits, packing, padding into (B, T) tensors.
+
+    fit_length   truncate (keep the start) or skip samples over max_seq_length, warn once with counts
+    pack         concatenate short samples into rows, no loss across a sample boundary
+    collate      right-pad a batch into host tensors: input_ids, labels, attention_mask, position_ids
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from lorafit.train.data.tokenize import IGNORE, Sample, eos_id
+
+ON_LONG = ("truncate", "skip")
+
+
+def fit_length(samples: list[Sample], max_len: int, on_long: str, path: str = "data") -> list[Sample]:
+    """Truncate (keep the start) or skip samples over `max_len`; warn once with the counts."""
+    kept, n_long, n_empty = [], 0, 0
+    for s in samples:
+        if len(s) > max_len:
+            n_long += 1
+            if on_long == "skip":
+                continue
+            s = Sample(s.input_ids[:max_len], s.labels[:max_len], s.source)
+            if s.n_trained == 0:  # the prompt alone filled the window: nothing left to learn
+                n_empty += 1
+                continue
+        kept.append(s)
+    if n_long:
+        what = "skipped" if on_long == "skip" else "truncated to their first tokens"
+        extra = f"; {n_empty} of those had no trained tokens left and were dropped" if n_empty else ""
+        warnings.warn(
+            f"{path}: {n_long} of {len(samples)} samples are longer than max_seq_length={max_len} "
+            f"and were {what}{extra}",
+            stacklevel=2,
+        )
+    return kept
+
+
+def pack(samples: list[Sample], max_len: int) -> list[Sample]:
+    """Greedily concatenate samples (in order) into rows of at most `max_len` tokens.
+
+    No loss crosses a sample boundary: the label of each sample's first token (which the shifted
+    loss would predict from the previous sample's last token) is set to IGNORE; unpacked, that
+    label is never used either, so packed and unpacked losses see the same targets.
+    `position_ids` restart at 0 per sample, ready for per-sample attention.
+    """
+    rows: list[Sample] = []
+    row: Sample | None = None
+    for s in samples:
+        assert len(s) <= max_len, "fit_length() must run before pack()"
+        if row is None or len(row) + len(s) > max_len:
+            row = Sample([], [], s.source, [])
+            rows.append(row)
+        row.input_ids += s.input_ids
+        row.labels += [IGNORE] + s.labels[1:]
+        row.position_ids += list(range(len(s)))
+    return rows
+
+
+def pad_id_for(tokenizer) -> int:
+    """The tokenizer's pad id, else EOS (padding is masked out of attention and loss anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sample. Returns (B, T) long tensors: input_ids, labels
+    (IGNORE on padding), attention_mask (1 = real token) and position_ids.
+
+    The tensors are host tensors, on the CPU whatever the default device is: the trainer counts
+    target tokens on them, then moves them to the model's device (`lorafit.device.to_device`).
+    Use with a DataLoader as `functools.partial(collate, pad_id=pad_id_for(tokenizer))`.
+    """
+    B, T = len(samples), max(len(s) for s in samples)
+    host = torch.device("cpu")
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long, device=host)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long, device=host)
+    attention_mask = torch.zeros((B, T), dtype=torch.long, device=host)
+    position_ids = torch.arange(T, dtype=torch.long, device=host).repeat(B, 1)
+    for b, s in enumerate(samples):
+        n = len(s)
+        input_ids[b, :n] = torch.tensor(s.input_ids, device=host)
+        labels[b, :n] = torch.tensor(s.labels, device=host)
+        attention_mask[b, :n] = 1
+        if s.position_ids is not None:
+            position_ids[b, :n] = torch.tensor(s.position_ids, device=host)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
+

@@ -1,0 +1,153 @@
+"""Model shapes: the dimensions of a Llama-style decoder that decide its memory, and parameter counts.
+
+A shape comes from a size name (`SIZES`: public Llama-family configs), a `ModelShape`, an HF config, a
+config dict, or a config.json path. No torch, no transformers: the numbers are read from the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafit.errors import LorafitError
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = ATTENTION + MLP
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-style decoder that decide its memory."""
+
+    hidden: int
+    """Model width (hidden_size)."""
+    intermediate: int
+    """MLP width (intermediate_size)."""
+    layers: int
+    """Number of decoder blocks."""
+    heads: int
+    """Query heads."""
+    kv_heads: int
+    """Key/value heads (< heads for grouped-query attention)."""
+    vocab: int
+    """Vocabulary size (rows of the embedding and the LM head)."""
+    tie_embeddings: bool = False
+    """LM head shares the embedding matrix (counted once)."""
+    head_dim: int = 0
+    """Per-head width; 0 means hidden // heads."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
+            if getattr(self, name) <= 0:
+                raise LorafitError(f"model shape: field '{name}' must be positive, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise LorafitError(
+                f"model shape: heads={self.heads} is not a multiple of kv_heads={self.kv_heads}"
+            )
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one block."""
+        q, kv, h, i = (
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.hidden,
+            self.intermediate,
+        )
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def n_linear_params(self) -> int:
+        """Weights of all blocks' linear layers (what QLoRA quantizes; no biases in Llama)."""
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    @property
+    def n_params(self) -> int:
+        """All parameters: linears, two RMSNorms per block + the final one, embedding (+ LM head)."""
+        norms = (2 * self.layers + 1) * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
+        return self.n_linear_params + norms + embeddings
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """Exact shape from an HF `PretrainedConfig`, a config dict, or a config.json path (file or dir)."""
+        where = "config"
+        if isinstance(config, str | Path):
+            path = Path(config)
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise LorafitError(f"{path}: file not found: pass a model directory with config.json")
+            try:
+                where, config = str(path), json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise LorafitError(
+                    f"{path}:{e.lineno}: invalid JSON ({e.msg}): fix the config file"
+                ) from None
+        elif not isinstance(config, dict):
+            config = config.to_dict()
+        config = config.get("text_config") or config  # multimodal wrappers keep the decoder inside
+
+        def need(key: str) -> int:
+            if not isinstance(config.get(key), int):
+                raise LorafitError(
+                    f"{where}: field '{key}' is missing: this estimator needs a Llama-style config"
+                )
+            return config[key]
+
+        heads = need("num_attention_heads")
+        return cls(
+            hidden=need("hidden_size"),
+            intermediate=need("intermediate_size"),
+            layers=need("num_hidden_layers"),
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            vocab=need("vocab_size"),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            head_dim=config.get("head_dim") or 0,
+        )
+
+
+# Size names -> public Llama-family shapes (hidden, intermediate, layers, heads, kv_heads, vocab, tied).
+SIZES: dict[str, ModelShape] = {
+    "135M": ModelShape(576, 1536, 30, 9, 3, 49152, True),  # SmolLM2-135M
+    "360M": ModelShape(960, 2560, 32, 15, 5, 49152, True),  # SmolLM2-360M
+    "1B": ModelShape(2048, 8192, 16, 32, 8, 128256, True),  # Llama-3.2-1B
+    "3B": ModelShape(3072, 8192, 28, 24, 8, 128256, True),  # Llama-3.2-3B
+    "7B": ModelShape(4096, 11008, 32, 32, 32, 32000),  # Llama-2-7B
+    "8B": ModelShape(4096, 14336, 32, 32, 8, 128256),  # Llama-3.1-8B
+    "13B": ModelShape(5120, 13824, 40, 40, 40, 32000),  # Llama-2-13B
+    "34B": ModelShape(8192, 22016, 48, 64, 8, 32000),  # CodeLlama-34B
+    "70B": ModelShape(8192, 28672, 80, 64, 8, 128256),  # Llama-3.1-70B
+}
+
+
+def model_shape(model: str | Path | dict | Any) -> ModelShape:
+    """A size name from SIZES, a ModelShape, or anything `ModelShape.from_config` reads."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, str) and model.upper() in SIZES:
+        return SIZES[model.upper()]
+    if isinstance(model, str) and not Path(model).exists():
+        raise LorafitError(
+            f"model size {model!r} is unknown: use one of {', '.join(SIZES)} or a config.json path"
+        )
+    return ModelShape.from_config(model)
+
+
+def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...] = ALL_LINEAR) -> int:
+    """LoRA adds A (rank x in) and B (out x rank) to each targeted linear: rank*(in+out) per layer."""
+    linears = shape.linears()
+    return shape.layers * sum(rank * (linears[t][0] + linears[t][1]) for t in targets)
+

@@ -1,0 +1,27 @@
+"""`import lorafit` is light: public names load on first use, from the modules that define them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lorafit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_public_name_resolves_to_its_module():
+    assert sorted(lorafit.__all__) == sorted(lorafit._EXPORTS)
+    for name in lorafit.__all__:
+        assert getattr(lorafit, name).__module__ == lorafit._EXPORTS[name], name
+    assert lorafit.io.save_adapter is lorafit.save_adapter  # submodules are attributes too
+    assert set(lorafit.__all__) <= set(dir(lorafit))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lorafit.nope  # noqa: B018
+
+
+def test_import_lorafit_does_not_import_torch():
+    code = "import sys, lorafit; assert 'torch' not in sys.modules; lorafit.LorafitError; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

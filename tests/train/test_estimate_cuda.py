@@ -1,0 +1,150 @@
+"""The CUDA memory model (lorafit.train.estimate.cuda) on the CPU: its structure, its arithmetic written
+out by hand, its NF4 constant against lorafit's real storage, and what one real block saves for
+backward against `block_saved`. The measured check against a GPU is tests/train/test_estimate_gpu.py."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorafit as lf
+from lorafit.train.estimate import (
+    CUBLAS_WORKSPACE_BYTES,
+    GIB,
+    NF4_DOUBLE_QUANT_BYTES,
+    SIZES,
+    TrainSetup,
+    cuda_peak,
+    estimate,
+    lora_params,
+    peak_allocated,
+)
+from lorafit.train.estimate.cuda import block_saved, block_working, loss_working, step_saved
+
+
+def cuda(**kw):
+    return estimate(TrainSetup(**{"model": "8B", "method": "qlora", "batch": 1, "seq": 2048, **kw}))
+
+
+@pytest.mark.parametrize("size", ["135M", "1B", "8B", "70B"])
+def test_monotonic_in_batch_seq_and_rank(size):
+    def allocated(**kw):
+        return cuda(model=size, **kw).allocated
+
+    for name, values in {"batch": (1, 2, 4, 8), "seq": (128, 512, 2048, 8192), "rank": (4, 8, 16, 64)}.items():
+        totals = [allocated(**{name: v}) for v in values]
+        assert totals == sorted(totals) and len(set(totals)) == len(totals), (name, totals)
+
+
+@pytest.mark.parametrize("size", ["1B", "8B", "70B"])
+@pytest.mark.parametrize("batch,seq", [(1, 512), (4, 4096)])
+def test_qlora_below_lora_below_full(size, batch, seq):
+    totals = [cuda(model=size, method=m, batch=batch, seq=seq).total for m in ("qlora", "lora", "full")]
+    assert totals == sorted(totals) and len(set(totals)) == 3
+
+
+@pytest.mark.parametrize("kw", [{}, {"method": "lora"}, {"method": "full"}, {"batch": 1, "seq": 64},
+                                {"grad_checkpointing": False}, {"loss_chunk": None}, {"model": "135M", "seq": 128}])
+def test_terms_sum_to_the_total(kw):
+    e = cuda(**kw)
+    assert sum(e.terms().values()) == pytest.approx(e.total)
+    assert e.allocated == pytest.approx(e.total - e.overhead)
+    assert e.overhead == e.setup.overhead_gb * GIB and e.peak_phase in ("backward", "loss")
+    lines = e.breakdown().splitlines()
+    assert [line.split()[0] for line in lines[:8]] == list(e.terms())
+    assert "max_memory_allocated" in lines[-1]
+
+
+def test_hand_arithmetic_8b_qlora():
+    """Llama-3.1-8B, QLoRA r=16 on all linears, 1 x 2048 tokens, bf16, checkpointing, chunked loss."""
+    h, q, kv, i, heads, layers, vocab, hd, r, n = 4096, 4096, 1024, 14336, 32, 32, 128256, 128, 16, 2048
+    s = SIZES["8B"]
+    e = cuda()
+    saved_block = (2 * (4 * h + 4) + 2 * h * 2) + ((q + 2 * kv) * 2 + q * 2 + 4 * heads) + 2 * i * 2 + 7 * r * 2
+    working = h * 2 + h * 2 + 3 * i * 2  # recomputed output, incoming gradient, MLP backward
+    across = layers * h * 2 + 2 * hd * 2 + 32  # checkpointed inputs, RoPE cos/sin, the int64 batch
+    assert e.peak_phase == "backward"
+    assert e.activations == n * (across + saved_block + working)
+    assert e.workspace == CUBLAS_WORKSPACE_BYTES + i * h * 2  # + one dequantized MLP weight in bf16
+    assert e.logits == 0  # the loss phase is smaller: no logits buffer at the peak
+    chunk = (64 << 20) // (4 * vocab)
+    assert cuda_peak(e.setup).logits == chunk * vocab * (4 + 2)
+    trainable = lora_params(s, r)
+    assert (e.master, e.gradients, e.optimizer) == (4 * trainable, 4 * trainable, 8 * trainable)
+    assert e.weights == s.n_linear_params * NF4_DOUBLE_QUANT_BYTES + (s.n_params - s.n_linear_params) * 2
+
+
+def test_the_peak_moves_to_the_loss_for_few_tokens_and_a_large_vocabulary():
+    few = cuda(model="1B", batch=1, seq=128)  # 128 tokens: the (tokens x 128256) fp32 logits dominate
+    assert few.peak_phase == "loss" and few.logits == 128 * 128256 * (4 + 2)
+    assert few.workspace == CUBLAS_WORKSPACE_BYTES  # no block is being recomputed
+    plain = cuda(model="1B", batch=1, seq=128, loss_chunk=None)
+    assert plain.logits == 3 * 128 * 128256 * 4 and plain.total > few.total
+
+
+def test_each_saving_the_trainer_makes_shows():
+    base = cuda(batch=4)
+    assert cuda(batch=4, grad_checkpointing=False).activations > base.activations
+    assert cuda(batch=4, fused_mlp=False).activations > base.activations
+    assert cuda(batch=4, double_quant=False).weights > base.weights
+    assert cuda(batch=4, optimizer="adamw8bit").optimizer < base.optimizer
+    setup = TrainSetup(model="8B", method="qlora", batch=4, seq=2048)
+    assert block_working(setup) > 0 and loss_working(setup) > 0 and step_saved(setup) > 0
+
+
+def test_peak_allocated_takes_a_model_config():
+    config = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=2048)
+    got = peak_allocated(config, batch=2, seq=256, rank=8)
+    e = estimate(TrainSetup(model=config, method="qlora", rank=8, batch=2, seq=256, device="cuda"))
+    assert got == round(e.allocated) and got < e.total
+    assert peak_allocated(config, batch=4, seq=256, rank=8) > got
+
+
+def test_nf4_bytes_per_weight_are_lorafit_storage():
+    """NF4_DOUBLE_QUANT_BYTES is what an NF4Linear really keeps per weight (codes + statistics)."""
+    from lorafit.quant.apply import quantize_model
+    from lorafit.quant.linear import weight_storage_bytes
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    quantize_model(model, "nf4")
+    nbytes, params = weight_storage_bytes(model)
+    layers = 2 * 7
+    assert nbytes == pytest.approx(params * NF4_DOUBLE_QUANT_BYTES + layers * 4, rel=1e-3)  # + fp32 offset each
+
+
+def test_one_block_saves_what_block_saved_counts():
+    """Bytes one real decoder block (prepared as the Trainer prepares it, bf16) saves for backward,
+    counted tensor by tensor through a saved-tensors hook, against `block_saved`. Three differences
+    are by design and written out: under an outer hook GatedMLP stays plain and keeps the SwiGLU
+    product (i d); on the CPU the fused LoRA's thin v is fp32 (CUDA: bf16); RoPE's cos and sin are
+    saved by the block too (shared by all blocks, `step_saved` counts them once)."""
+    from lorafit.train.config import TrainConfig
+    from lorafit.train.prepare import prepare_model
+
+    h, i, heads, kv_heads, r, batch, seq = 256, 704, 8, 2, 8, 2, 128
+    config = LlamaConfig(vocab_size=512, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    prepare_model(model, TrainConfig(lora=lf.LoraConfig(r=r, target_modules="all-linear")))
+    model.train()
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    position_ids = torch.arange(seq).expand(batch, seq)
+    hidden = torch.randn(batch, seq, h, dtype=torch.bfloat16, requires_grad=True)
+    cos_sin = model.model.rotary_emb(hidden, position_ids)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](hidden, attention_mask=None, position_embeddings=cos_sin, position_ids=position_ids)
+    setup = TrainSetup(model=config, method="lora", rank=r, batch=batch, seq=seq, device="cuda")
+    head_dim, d = h // heads, 2
+    expected = block_saved(setup) + i * d + 7 * r * (4 - d) + 2 * head_dim * d
+    assert sum(saved.values()) == batch * seq * expected
