@@ -92,8 +92,10 @@ def _build_lorafit(shape: str, seq: int, device: torch.device, dtype: torch.dtyp
 
     model = _random_model(LlamaForCausalLM, shape, seq, device, dtype)
     quantize_model(model, compute_dtype=dtype)
+    # what the Trainer does with its defaults (checkpointing is on by default for a GPU model; the CPU
+    # dry run sets it so that the same code path runs)
     prepare_model(model, TrainConfig(lora=lf.LoraConfig(r=RANK, alpha=RANK, target_modules="all-linear"),
-                                     gradient_checkpointing=True))  # what the Trainer does
+                                     gradient_checkpointing=True))
     model.train()
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
@@ -166,7 +168,9 @@ def run_side(args: argparse.Namespace) -> None:
     build = _build_lorafit if args.side == "lorafit" else _build_peft
     model, loss_fn = build(args.shape, args.seq, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    # both sides: torch's AdamW, fused on CUDA (lorafit's Trainer does so; so does the HF Trainer's
+    # default "adamw_torch_fused" on recent transformers)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if device.type == "cuda" else None)
     vocab = SHAPES[args.shape]["vocab_size"]
     if args.batch:  # 0: probe
         result = _try_steps(model, loss_fn, opt, args.batch, args.seq, vocab, args.steps, device)
@@ -178,6 +182,13 @@ def run_side(args: argparse.Namespace) -> None:
                 break
             result, batch = r, batch * 2
     result["trainable"] = sum(p.numel() for p in params)
+    if args.side == "lorafit" and result.get("ok"):
+        try:  # what `lorafit estimate --device cuda` predicts for this very setup
+            from lorafit.train.estimate import peak_allocated
+
+            result["estimate_gib"] = peak_allocated(model.config, result["batch"], args.seq, RANK) / 2**30
+        except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
+            result["estimate_error"] = repr(e)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -34,8 +34,13 @@ MAKERS = {"llama": make_llama, "gpt2": make_gpt2}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped (with the reason) on machines without it, as in CI."""
+    """Tests marked `gpu` need CUDA: skipped (with the reason) on machines without it, as in CI.
+    Where there is a GPU, the Triton kernel tests (fixture `triton_device`) run on it and count as
+    `gpu` tests too, so `pytest -m gpu` covers them; elsewhere they run under the interpreter."""
     if torch.cuda.is_available():
+        for item in items:
+            if "triton_device" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
     for item in items:

@@ -42,10 +42,11 @@ class TrainConfig:
     """"adamw" (torch), or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (states in 8 bits)."""
     max_grad_norm: float | None = 1.0
     """Clip the adapter gradients' global norm (None: no clipping)."""
-    gradient_checkpointing: bool = False
-    """Recompute block activations in backward: much less memory for ~30% more compute."""
+    gradient_checkpointing: bool | None = None
+    """Recompute block activations in backward: much less memory for ~30% more compute. None: on for
+    a model on a GPU (where memory is what runs out), off on the CPU."""
     offload_activations: bool = False
-    """With gradient checkpointing, keep each block's saved input in CPU memory (GPU runs)."""
+    """With gradient checkpointing, keep each block's saved input in pinned host memory (GPU runs)."""
     fused_lora: bool = True
     """Run each adapted linear layer as one fused autograd Function (lorafit.ops.fused_lora): same
     numbers as the module path, less kept for backward, 16-bit low-rank matmuls on CUDA."""

@@ -3,7 +3,7 @@
     1. add the adapter (unless the model already has it) and make it the active, trainable one
     2. the fused LoRA Function on or off (`TrainConfig.fused_lora`)
     3. gated MLPs as `GatedMLP` (`fused_mlp`), RMSNorms as the Triton kernel on CUDA
-    4. per-layer activation checkpointing, optionally offloaded to host memory
+    4. per-layer activation checkpointing (by default on a GPU only), optionally offloaded to host memory
     5. no KV cache (training never reads one back)
 
 Each step is its own function elsewhere; this file only says which run, in which order, from the
@@ -35,6 +35,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_
         fuse_rmsnorms(model)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    if config.gradient_checkpointing:
+    checkpointing = config.gradient_checkpointing
+    if checkpointing if checkpointing is not None else model_device(model).type == "cuda":
         enable_checkpointing(model, offload=config.offload_activations)
     return model
