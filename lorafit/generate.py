@@ -27,8 +27,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     device = model_device(model)  # the prompts' tensors follow the model
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = tokenizer(prompts[i:i + batch_size], padding=True, add_special_tokens=False)
+            enc = {k: torch.tensor(enc[k], device=device) for k in ("input_ids", "attention_mask")}  # (B, T)
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, **sampling)
