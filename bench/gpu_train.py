@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{100 * r['mfu']:5.1f}% {r['loss']:8.3f}", flush=True)
         if all(r.get("ok") for r in rows.values()):
             speed = rows["lorafit"]["tokens_per_s"] / rows["peft"]["tokens_per_s"]
-            memory = rows["lorafit"]["peak_gib"] / rows["peft"]["peak_gib"]
+            memory = rows["lorafit"]["peak_gib"] / max(rows["peft"]["peak_gib"], 1e-9)  # 0 on the CPU
             print(f"  lorafit / peft: {speed:.2f}x tokens/s (target >= 2), {memory:.2f}x peak memory (target <= 0.6)")
         report["shapes"][shape] = {"batch": batch, "flops_per_token": flops, **rows}
     if args.json:
