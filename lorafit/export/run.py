@@ -25,7 +25,7 @@ from lorafit.export.arch import family_for
 from lorafit.export.lora_gguf import LORA_OUTTYPES, export_gguf_lora
 from lorafit.export.model_gguf import export_gguf
 from lorafit.export.writer import OUTTYPES, check_out_path, check_outtype
-from lorafit.io import load_adapter, read_adapter
+from lorafit.io import WEIGHTS_NAME, load_adapter, read_adapter
 from lorafit.lora.base import is_quantized
 from lorafit.lora.inject import merge_and_unload
 from lorafit.lora.state import check_fits
@@ -61,12 +61,13 @@ def export_command(model: str, adapter: str | None, fmt: str, outtype: str | Non
     folder = resolve_model(model)
     config = AutoConfig.from_pretrained(folder)
     family_for(config)  # an unsupported architecture fails here, before any weight is read
+    if fmt == "gguf-lora" and adapter is None:
+        raise LorafitError("--format gguf-lora writes an adapter: give it with --adapter DIR")
+    if adapter is not None:  # an adapter for another base fails here too
+        lora_config, state = read_adapter(adapter)
+        check_fits(_skeleton(config), state, str(Path(adapter) / WEIGHTS_NAME))
 
     if fmt == "gguf-lora":
-        if adapter is None:
-            raise LorafitError("--format gguf-lora writes an adapter: give it with --adapter DIR")
-        lora_config, state = read_adapter(adapter)
-        check_fits(_skeleton(config), state, str(Path(adapter)))
         done = export_gguf_lora(lora_config, state, config, path, outtype, source=str(adapter),
                                 name=Path(adapter).resolve().name)
         print(f"wrote {done.path}: GGUF LoRA ({done.n_tensors // 2} adapted matrices, {outtype}, arch {done.arch}); "
@@ -91,6 +92,8 @@ def export_command(model: str, adapter: str | None, fmt: str, outtype: str | Non
 def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, dense: bool = False,
                   quantize: str | None = None) -> Path:
     """`lorafit merge`: see the module docstring. Prints what it did; returns the folder written."""
+    from transformers import AutoConfig
+
     from lorafit.quant.load import save_bnb_checkpoint
 
     if quantize is not None and quantize not in MERGE_QUANTIZE:
@@ -99,6 +102,8 @@ def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, d
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise LorafitError(f"{target}: exists and is not empty; choose another --out or pass --overwrite")
+    _, state = read_adapter(adapter)  # checked against the base's shapes before any weight is read
+    check_fits(_skeleton(AutoConfig.from_pretrained(resolve_model(model))), state, str(Path(adapter) / WEIGHTS_NAME))
     base, tokenizer = load_model(model, quantize=quantize)
     load_adapter(base, adapter)
     quantized = any(is_quantized(m) for m in base.modules())
@@ -109,13 +114,13 @@ def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, d
 
         def save(folder: Path) -> None:
             save_bnb_checkpoint(merged, folder)
-        kind = "a bitsandbytes 4-bit (NF4) checkpoint"
+        kind = "a bitsandbytes 4-bit (NF4) checkpoint (transformers + bitsandbytes load it)"
     else:
         merged = merge_to_dense(base, torch.bfloat16).to(torch.bfloat16) if quantized else merge_and_unload(base)
 
         def save(folder: Path) -> None:
             merged.save_pretrained(folder)
-        kind = "exact merged weights in bf16" if quantized else "exact merged weights"
+        kind = "a plain transformers checkpoint" + (" with the exact merged weights in bf16" if quantized else "")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
@@ -126,5 +131,5 @@ def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, d
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged {adapter} into {model}: a plain transformers checkpoint ({kind}) in {target}")
+    print(f"merged {adapter} into {model}: {kind} in {target}")
     return target

@@ -7,6 +7,8 @@ llama_cpp_python is not a dependency of lorafit: CI installs a prebuilt wheel fr
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -23,11 +25,14 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import lorafit as lf
 from lorafit.export.vocab import LLAMA3_REGEX, QWEN2_REGEX
 from lorafit.train.demo_task import make_dataset
 
 LLAMA_CPP_REASON = ("llama_cpp (llama-cpp-python) is not installed; CI installs it from ../shared/wheels "
-                    "(.ci/run); locally: pip install ../shared/wheels/llama_cpp_python-*.whl")
+                    "(.ci/run, make llama-cpp); locally: pip install ../shared/wheels/llama_cpp_python-*.whl")
+# marks a test that runs llama.cpp, so it is skipped before its (sometimes slow) fixtures are built
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason=LLAMA_CPP_REASON)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -138,6 +143,17 @@ def tiny_model(family: str, vocab: int, seed: int = 0):
             for name, p in model.named_parameters():
                 if ".post_" in name:
                     p.sub_(0.5)
+    return model
+
+
+def random_adapter(model, seed: int = 1, **options):
+    """`model` with a rank-4 adapter (all-linear unless told) whose B is random, so the merge shows."""
+    lf.apply_lora(model, lf.LoraConfig(r=4, alpha=8, **{"target_modules": "all-linear", **options}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
 

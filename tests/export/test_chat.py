@@ -4,8 +4,9 @@ that travels in the file (no chat format is given to llama.cpp)."""
 
 from lorafit.train.data import alpaca_user_text
 from lorafit.train.demo_task import exact_match
-from tests.export.kit import llama
+from tests.export.kit import llama, needs_llama_cpp
 
+pytestmark = needs_llama_cpp
 N_QUESTIONS = 20
 
 

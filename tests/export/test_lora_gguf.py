@@ -12,7 +12,7 @@ from lorafit.errors import LorafitError
 from lorafit.export import export_gguf, export_gguf_lora
 from lorafit.io import read_adapter, save_adapter
 from lorafit.merge import merge_to_dense
-from tests.export.kit import FAMILIES, hf_logits, llama_logits, rel_max_err, tiny_model
+from tests.export.kit import FAMILIES, hf_logits, llama_logits, needs_llama_cpp, rel_max_err, tiny_model
 
 PROMPT = "the third of March, nineteen ninety-eight -> 1998-03-03, and then some more words"
 
@@ -32,6 +32,7 @@ PATTERNED = lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_patter
                           alpha_pattern={"v_proj": 3.0}, use_rslora=True)
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_llama_cpp_applies_the_lora_like_the_merged_file(family, tmp_path):
     tok = FAMILIES[family][1]()

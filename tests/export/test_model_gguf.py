@@ -15,7 +15,16 @@ from transformers import AutoModelForCausalLM
 import lorafit as lf
 from lorafit.export import export_gguf
 from lorafit.merge import merge_to_dense
-from tests.export.kit import EXTRA_TEXT, FAMILIES, hf_logits, llama, llama_logits, rel_max_err, tiny_model
+from tests.export.kit import (
+    EXTRA_TEXT,
+    FAMILIES,
+    hf_logits,
+    llama,
+    llama_logits,
+    needs_llama_cpp,
+    rel_max_err,
+    tiny_model,
+)
 
 PROMPT = "Convert the date to ISO format (YYYY-MM-DD). the third of March, nineteen ninety-eight -> 1998-03-03"
 BOUND = {"f32": 1e-3, "f16": 1e-2}
@@ -51,6 +60,7 @@ def tiny_exports(tmp_path_factory):
     return made
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_llama_cpp_logits_match_the_merged_model(family, outtype, tiny_exports):
@@ -62,6 +72,7 @@ def test_llama_cpp_logits_match_the_merged_model(family, outtype, tiny_exports):
     assert rel_max_err(hf_logits(base, ids), want) > 20 * BOUND[outtype]  # the adapter is in there
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_q8_0_greedy_tokens_agree(family, tiny_exports):
     _, merged, tok, paths = tiny_exports[family]
@@ -70,6 +81,7 @@ def test_q8_0_greedy_tokens_agree(family, tiny_exports):
     assert agree >= 0.95
 
 
+@needs_llama_cpp
 def test_metadata_says_what_it_holds(tiny_exports):
     _, merged, _, paths = tiny_exports["gemma3"]
     meta = llama(paths["q8_0"]).metadata
@@ -78,6 +90,7 @@ def test_metadata_says_what_it_holds(tiny_exports):
     assert "<start_of_turn>" in meta["tokenizer.chat_template"]
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_smollm2_with_the_demo_adapter(outtype, smollm2_merged, smollm2_gguf):
     model, tok = smollm2_merged
@@ -86,6 +99,7 @@ def test_smollm2_with_the_demo_adapter(outtype, smollm2_merged, smollm2_gguf):
     assert rel_max_err(got, hf_logits(model, ids)) <= BOUND[outtype]
 
 
+@needs_llama_cpp
 def test_smollm2_q8_0_greedy_tokens_agree(smollm2_merged, smollm2_gguf):
     model, tok = smollm2_merged
     ids = text_ids(tok)

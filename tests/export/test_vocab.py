@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 from lorafit.errors import LorafitError
 from lorafit.export import export_gguf
 from lorafit.export.vocab import read_vocab
-from tests.export.kit import EXTRA_TEXT, bpe_tokenizer, llama, spm_tokenizer
+from tests.export.kit import EXTRA_TEXT, bpe_tokenizer, llama, needs_llama_cpp, spm_tokenizer
 
 TEXTS = EXTRA_TEXT + ["Convert the date to ISO format (YYYY-MM-DD). Mar 3rd, '98", "  leading spaces\n\n\ntrailing  ",
                       "<|im_start|>user\nhi<|im_end|>", "numbers 1234567 and 3.14159", "ünïcödé ÄÖÜ ß"]
@@ -26,6 +26,7 @@ def _gguf_with(tokenizer, tmp_path, extra_rows: int = 0):
     return path
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("kind", ["gpt-2", "smollm", "qwen2", "llama-bpe", "spm", "spm-prefix"])
 def test_llama_cpp_tokenizes_like_transformers(kind, tmp_path):
     tok = spm_tokenizer(space_prefix=kind == "spm-prefix") if kind.startswith("spm") else bpe_tokenizer(kind)
@@ -46,6 +47,7 @@ def test_llama_cpp_tokenizes_like_transformers(kind, tmp_path):
     llm.close()
 
 
+@needs_llama_cpp
 def test_real_smollm2_tokenizer(smollm2_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     vocab = read_vocab(tok, 49152)
