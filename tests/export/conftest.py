@@ -16,7 +16,7 @@ from tests.export.kit import FAMILIES, bpe_tokenizer, random_adapter, tiny_model
 
 @pytest.fixture(scope="session")
 def demo_adapter(smollm2_dir, tmp_path_factory):
-    """(adapter folder, held-out records) of a short QLoRA run of the demo's recipe."""
+    """(adapter folder, held-out records) of a short run of the demo's recipe (see kit.train_demo_adapter)."""
     return train_demo_adapter(tmp_path_factory.mktemp("demo"))
 
 

@@ -32,4 +32,4 @@ def test_exported_demo_model_answers_held_out_questions(demo_adapter, smollm2_me
     print(f"llama.cpp chat completion, exported SmolLM2 + demo adapter: {sum(right)}/{len(right)} held-out dates right")
     for a, r in list(zip(answers, records))[:3]:
         print(f"  {r['input']!r} -> {a!r} (wanted {r['output']})")
-    assert sum(right) >= 0.4 * len(right)  # 20 steps of training reach ~60% (the bundled model alone: 0%)
+    assert sum(right) >= 0.4 * len(right)  # 20 steps reach 13/20 here; the bundled model alone gets 1/20
