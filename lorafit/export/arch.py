@@ -58,7 +58,7 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
 
 
 def _refuse(config, what: str) -> None:
-    raise LorafitError(f"{config.model_type} model with {what}: llama.cpp's {config.model_type} graph cannot "
+    raise LorafitError(f"{config.model_type} model with {what}: llama.cpp's graph for this architecture cannot "
                        "compute that, so lorafit does not export it to GGUF")
 
 

@@ -24,7 +24,6 @@ separate output tensor in the base GGUF to apply it to).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import torch
 from gguf import GGUFWriter, Keys
@@ -70,11 +69,13 @@ def plan_lora(state: AdapterState, config: LoraConfig, names: NameMap, outtype: 
         factor = lora_scaling(config.alpha_for(path), r, config.use_rslora) * r / config.alpha
         heads = names.heads_to_permute(base)
 
+        def a_tensor(A=A) -> torch.Tensor:
+            return A.float()
+
         def b_tensor(B=B, factor=factor, heads=heads) -> torch.Tensor:
             B = B.float() * factor
             return B if heads is None else rotary_permute(B, heads)
 
-        a_tensor: Callable[[], torch.Tensor] = lambda A=A: A.float()  # noqa: E731
         planned.append(Planned(f"{base}.lora_a", tuple(A.shape), tensor_type(tuple(A.shape), outtype), a_tensor))
         planned.append(Planned(f"{base}.lora_b", tuple(B.shape), tensor_type(tuple(B.shape), outtype), b_tensor))
     return planned
