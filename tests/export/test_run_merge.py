@@ -94,3 +94,12 @@ def test_modules_to_save_are_folded_in(base, files, tmp_path, capsys):
     assert torch.equal(loaded.lm_head.weight.float(), trained_head.float())  # the trained copy, not the original
     tol = 0.5 if base.endswith("nf4") else 1e-4  # requantizing q_proj moves the NF4 base a little
     assert (got - want).abs().max().item() < tol
+
+
+def test_quantize_flag_merges_into_the_qlora_base(files, tmp_path, capsys):
+    code, out, _ = merge(capsys, "--model", files / "llama", "--adapter", files / "adapter", "--out", tmp_path / "m",
+                         "--quantize", "nf4")
+    assert code == 0 and "merged into 14 quantized layers" in out and "bitsandbytes 4-bit" in out
+    code, _, err = merge(capsys, "--model", files / "llama", "--adapter", files / "adapter", "--out", tmp_path / "t",
+                         "--quantize", "ternary")
+    assert code == 2 and err.strip().count("\n") == 0 and "--quantize ternary" in err and not (tmp_path / "t").exists()
