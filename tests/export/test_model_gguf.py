@@ -27,7 +27,7 @@ from tests.export.kit import (
 )
 
 PROMPT = "Convert the date to ISO format (YYYY-MM-DD). the third of March, nineteen ninety-eight -> 1998-03-03"
-BOUND = {"f32": 1e-3, "f16": 1e-2}
+BOUND = {"f32": 1e-3, "f16": 1e-2, "bf16": 3e-2}  # bf16 (beyond the acceptance): 8 significant bits, not 11
 
 
 def adapted(model, seed: int = 1, std: float = 0.05):
@@ -55,13 +55,13 @@ def tiny_exports(tmp_path_factory):
         tok = make_tokenizer()
         base = tiny_model(family, len(tok) + (5 if family == "qwen2" else 0))  # Qwen pads its embedding rows
         merged = merge_to_dense(adapted(tiny_model(family, base.config.vocab_size)), torch.float32)
-        paths = {t: export_gguf(merged, tok, folder / f"{family}-{t}.gguf", t).path for t in ("f32", "f16", "q8_0")}
+        paths = {t: export_gguf(merged, tok, folder / f"{family}-{t}.gguf", t).path for t in ("f32", "f16", "bf16", "q8_0", "q4_0")}
         made[family] = (base, merged, tok, paths)
     return made
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_llama_cpp_logits_match_the_merged_model(family, outtype, tiny_exports):
     base, merged, tok, paths = tiny_exports[family]
@@ -69,7 +69,7 @@ def test_llama_cpp_logits_match_the_merged_model(family, outtype, tiny_exports):
     want = hf_logits(merged, ids)
     got = llama_logits(paths[outtype], ids, f32_cache=outtype == "f32")
     assert rel_max_err(got, want) <= BOUND[outtype]
-    assert rel_max_err(hf_logits(base, ids), want) > 20 * BOUND[outtype]  # the adapter is in there
+    assert rel_max_err(hf_logits(base, ids), want) > 0.1  # the adapter is in there, well above the bounds
 
 
 @needs_llama_cpp
@@ -79,6 +79,17 @@ def test_q8_0_greedy_tokens_agree(family, tiny_exports):
     ids = text_ids(tok)
     agree = (llama_logits(paths["q8_0"], ids, f32_cache=False).argmax(-1) == hf_logits(merged, ids).argmax(-1)).mean()
     assert agree >= 0.95
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_q4_0_runs_and_mostly_agrees(family, tiny_exports):
+    """q4_0 (beyond the acceptance): 4-bit weights move tiny random models more; a loose check."""
+    _, merged, tok, paths = tiny_exports[family]
+    ids = text_ids(tok)
+    agree = (llama_logits(paths["q4_0"], ids, f32_cache=False).argmax(-1) == hf_logits(merged, ids).argmax(-1)).mean()
+    print(f"{family} q4_0 greedy agreement {agree:.2f}")
+    assert agree >= 0.6
 
 
 @needs_llama_cpp
