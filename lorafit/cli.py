@@ -7,10 +7,7 @@ status 2, no traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 from lorafit.errors import LorafitError
 from lorafit.flags import dashed, suggest
@@ -55,27 +52,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lorafit.io import load_adapter
-    from lorafit.lora.inject import merge_and_unload
+    from lorafit.device import resolve_device, resolve_dtype
+    from lorafit.export.run import merge_command
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LorafitError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    model, tokenizer = _load(args)
-    load_adapter(model, args.adapter)
-    merged = merge_and_unload(model)
-    # written beside `out` and renamed into place: an interrupted merge never leaves a half checkpoint
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged {args.adapter} into {args.model}: a plain transformers checkpoint in {out}")
+    device = resolve_device(args.device)
+    merge_command(args.model, args.adapter, args.out, overwrite=args.overwrite, dense=args.dense,
+                  quantize=args.quantize, device=device, dtype=resolve_dtype(args.dtype, device))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lorafit.export.run import export_command
+
+    export_command(args.model, args.adapter, args.format, args.outtype, args.out, overwrite=args.overwrite)
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -178,8 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dense", action="store_true",
+                   help="quantized base: write exact merged 16-bit weights instead of requantizing")
+    p.add_argument("--quantize", help="nf4: merge into the base quantized as in QLoRA training (drift report)")
     add_placement(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write the merged model (or the adapter alone) as GGUF for llama.cpp")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base: HF folder, .gguf file or the default name")
+    p.add_argument("--adapter", help="adapter folder to merge in (gguf) or to convert (gguf-lora); none: the base")
+    p.add_argument("--format", default="gguf", help="gguf (one merged model file) or gguf-lora (the adapter alone)")
+    p.add_argument("--outtype", help="gguf: f32, f16 (default), bf16, q8_0, q4_0; gguf-lora: f32 (default), f16, bf16")
+    p.add_argument("--out", required=True, help="the .gguf file to write (its folder must exist)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA or QLoRA")
     p.add_argument("--model", help="a size (1B, 7B, 70B, ...) or a model folder; omit for the table of sizes")

@@ -3,8 +3,12 @@
 Merging into an NF4 or ternary base means dequantize, add the update, requantize: the update is
 small next to the quantization step, so part of it is rounded away. `merge_quantized` does the
 merge and measures, per layer, how far the requantized layer's output moved from the exact merged
-output on a probe batch. `merge_to_dense` instead writes the exact merged weights into 16/32-bit
-`nn.Linear` layers, for export without that loss.
+output on a probe batch; `merge_quantized_report` adds the same comparison for the model's logits
+on probe tokens. `merge_to_dense` instead writes the exact merged weights into 16/32-bit
+`nn.Linear` layers (every quantized layer, adapted or not), for export without that loss.
+
+Relative change of one layer: mean |y_requantized - y_exact| / mean |y_exact| over a Gaussian probe
+batch x, with y_exact = x (W_base + s B A)^T computed in fp32 before requantizing.
 """
 
 from __future__ import annotations
@@ -59,37 +63,77 @@ def merge_quantized(model: nn.Module, probe_tokens: int = 64, seed: int = 0) -> 
     return report
 
 
-def format_report(report: list[MergeError]) -> str:
-    if not report:
+@dataclass
+class MergeReport:
+    """`merge_quantized`'s per-layer errors plus the change of the model's logits on probe tokens."""
+
+    layers: list[MergeError]
+    logits_rel: float  # mean |logits_after - logits_before| / mean |logits_before|
+    logits_max_abs: float
+    n_probe_tokens: int
+
+
+def probe_ids(vocab_size: int, n: int = 32, seed: int = 0) -> torch.Tensor:
+    """(1, n) token ids, the same for the same arguments: what the logits drift is measured on."""
+    return torch.randint(0, vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def merge_quantized_report(model: nn.Module, ids: torch.Tensor | None = None) -> MergeReport:
+    """`merge_quantized`, with the logits on `ids` (default `probe_ids`) compared before and after."""
+    if ids is None:
+        ids = probe_ids(model.get_input_embeddings().weight.shape[0])
+    ids = ids.to(model.get_input_embeddings().weight.device)
+    before = model(ids).logits.float()  # (1, n, vocab): adapters applied on top of the quantized base, exact
+    layers = merge_quantized(model)
+    diff = (model(ids).logits.float() - before).abs()
+    return MergeReport(layers, (diff.mean() / before.abs().mean().clamp_min(1e-12)).item(), diff.max().item(),
+                       ids.shape[-1])
+
+
+def format_report(report: list[MergeError] | MergeReport, worst: int = 3) -> str:
+    """A few lines for people: how much requantizing moved the layers (mean, max, the worst ones)
+    and, given a MergeReport, the logits."""
+    layers = report.layers if isinstance(report, MergeReport) else report
+    if not layers:
         return "no quantized layer was merged: the merge is exact"
-    worst = max(report, key=lambda e: e.max_abs)
-    mean_rel = sum(e.rel for e in report) / len(report)
-    return (f"merged into {len(report)} quantized layers; requantizing changed layer outputs by "
-            f"{100 * mean_rel:.2f}% on average (worst: {worst.layer}, max abs {worst.max_abs:.3g}); "
-            "use merge_to_dense for an exact 16-bit export")
+    mean_rel = sum(e.rel for e in layers) / len(layers)
+    ranked = sorted(layers, key=lambda e: e.rel, reverse=True)
+    lines = [f"merged into {len(layers)} quantized layers and requantized them; relative change of each layer's "
+             f"output on a random probe: mean {100 * mean_rel:.3g}%, max {100 * ranked[0].rel:.3g}%",
+             "  worst layers: " + ", ".join(f"{e.layer} {100 * e.rel:.3g}%" for e in ranked[:worst])]
+    if isinstance(report, MergeReport):
+        lines.append(f"  logits on {report.n_probe_tokens} probe tokens: mean relative change "
+                     f"{100 * report.logits_rel:.3g}%, max abs change {report.logits_max_abs:.3g}")
+    lines.append("  for exact weights instead, merge to dense 16-bit (lorafit merge --dense, merge_to_dense)")
+    return "\n".join(lines)
 
 
 @torch.no_grad()
 def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace every adapted layer by a plain layer holding the exact merged weight: quantized bases
-    become `nn.Linear` in `dtype` (no requantization), modules_to_save become their trained copy.
-    Returns a model with no adapters."""
+    become `nn.Linear` in `dtype` (no requantization), modules_to_save become their trained copy, and
+    quantized layers no adapter touched are dequantized into `nn.Linear` in `dtype` too.
+    Returns a model with no adapters and no quantized layers."""
     for path, layer in list(lora_layers(model)):
         if layer.is_embedding or not is_quantized(layer.base_layer):
             layer.merge()
             set_submodule(model, path, layer.base_layer)
             continue
-        W = _exact_merged(layer)
-        bias = getattr(layer.base_layer, "bias", None)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, dtype=dtype,
-                           device=W.device)
-        linear.weight.copy_(W)
-        if bias is not None:
-            linear.bias.copy_(bias)
-        linear.requires_grad_(False)
-        set_submodule(model, path, linear)
+        set_submodule(model, path, _dense_linear(_exact_merged(layer), getattr(layer.base_layer, "bias", None), dtype))
     for path, module in list(saved_modules(model)):  # the trained copy replaces the wrapper
         keep = module.copies[module.active] if module.active in module.copies else module.original  # noqa: SIM401
         set_submodule(model, path, keep)
+    for path, module in [(n, m) for n, m in model.named_modules() if is_quantized(m)]:  # layers no adapter touched
+        set_submodule(model, path, _dense_linear(dense_weight(module, torch.float32), getattr(module, "bias", None), dtype))
     forget_adapters(model)
     return model
+
+
+def _dense_linear(W: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen nn.Linear holding the (out, in) weight W (and bias) in `dtype`."""
+    linear = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, dtype=dtype, device=W.device)
+    linear.weight.copy_(W)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear.requires_grad_(False)

@@ -1,0 +1,135 @@
+"""The two commands that write a model with its adapter folded in: `lorafit merge` (a transformers
+checkpoint) and `lorafit export` (GGUF for llama.cpp, Ollama, LM Studio).
+
+Both check everything a user can get wrong (flags, output path, architecture, that the adapter fits
+the base) before the slow part, and write atomically: a temporary name beside the target, renamed
+when complete.
+
+    lorafit merge   dense base      -> merge_and_unload, the exact merged weights in the base's dtype
+                    quantized base  -> merge_quantized (requantize; the drift report says what it cost),
+                                       saved as a bitsandbytes 4-bit checkpoint; --dense: merge_to_dense, bf16
+    lorafit export  --format gguf       merge_to_dense in fp32 (an NF4 base is dequantized), then model_gguf
+                    --format gguf-lora  the adapter alone (lora_gguf), checked against the base's shapes
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.export.arch import family_for
+from lorafit.export.lora_gguf import LORA_OUTTYPES, export_gguf_lora
+from lorafit.export.model_gguf import export_gguf
+from lorafit.export.writer import OUTTYPES, check_out_path, check_outtype
+from lorafit.io import WEIGHTS_NAME, load_adapter, read_adapter
+from lorafit.lora.base import is_quantized
+from lorafit.lora.inject import merge_and_unload
+from lorafit.lora.state import check_fits
+from lorafit.merge import format_report, merge_quantized_report, merge_to_dense
+from lorafit.model import load_model, resolve_model
+
+FORMATS = ("gguf", "gguf-lora")
+MERGE_QUANTIZE = ("nf4",)
+
+
+def _skeleton(config):
+    """The base model's modules with no memory behind them (for shape checks)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = config.__class__.from_dict(config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a bitsandbytes checkpoint's shapes are the dense ones
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def export_command(model: str, adapter: str | None, fmt: str, outtype: str | None, out: str,
+                   overwrite: bool = False) -> Path:
+    """`lorafit export`: see the module docstring. Prints what it did; returns the file written."""
+    from transformers import AutoConfig
+
+    if fmt not in FORMATS:
+        raise LorafitError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
+    outtype = outtype or ("f16" if fmt == "gguf" else "f32")
+    check_outtype(outtype, OUTTYPES if fmt == "gguf" else LORA_OUTTYPES)
+    path = check_out_path(out, overwrite)
+    folder = resolve_model(model)
+    config = AutoConfig.from_pretrained(folder)
+    family_for(config)  # an unsupported architecture fails here, before any weight is read
+    if fmt == "gguf-lora" and adapter is None:
+        raise LorafitError("--format gguf-lora writes an adapter: give it with --adapter DIR")
+    if adapter is not None:  # an adapter for another base fails here too
+        lora_config, state = read_adapter(adapter)
+        check_fits(_skeleton(config), state, str(Path(adapter) / WEIGHTS_NAME))
+
+    if fmt == "gguf-lora":
+        done = export_gguf_lora(lora_config, state, config, path, outtype, source=str(adapter),
+                                name=Path(adapter).resolve().name)
+        print(f"wrote {done.path}: GGUF LoRA ({done.n_tensors // 2} adapted matrices, {outtype}, arch {done.arch}); "
+              f"llama.cpp applies it on a GGUF of {model} (--lora)")
+        return done.path
+
+    base, tokenizer = load_model(folder)
+    quantized = any(is_quantized(m) for m in base.modules())
+    if adapter is not None:
+        load_adapter(base, adapter)
+    if quantized:
+        print(f"lorafit export: the base {model} is quantized (NF4); it is exported by dequantizing its weights "
+              "to fp32 first" + (", then merging the adapter exactly" if adapter else ""))
+    merge_to_dense(base, dtype=torch.float32)  # the exact fp32 merge; dequantizes every NF4 layer
+    done = export_gguf(base, tokenizer, path, outtype, name=Path(adapter or folder).resolve().name)
+    what = f"{model} + adapter {adapter}" if adapter else str(model)
+    print(f"wrote {done.path}: {what} as GGUF ({outtype}, arch {done.arch}, {done.n_tensors} tensors, "
+          f"{done.n_bytes / 2**20:.0f} MiB of weights, tokenizer and chat template included)")
+    return done.path
+
+
+def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, dense: bool = False,
+                  quantize: str | None = None, device=None, dtype=None) -> Path:
+    """`lorafit merge`: see the module docstring. Prints what it did; returns the folder written."""
+    from transformers import AutoConfig
+
+    from lorafit.quant.load import save_bnb_checkpoint
+
+    if quantize is not None and quantize not in MERGE_QUANTIZE:
+        raise LorafitError(f"--quantize {quantize}: merging supports {', '.join(MERGE_QUANTIZE)} "
+                           "(a base quantized as during QLoRA training)")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise LorafitError(f"{target}: exists and is not empty; choose another --out or pass --overwrite")
+    _, state = read_adapter(adapter)  # checked against the base's shapes before any weight is read
+    check_fits(_skeleton(AutoConfig.from_pretrained(resolve_model(model))), state, str(Path(adapter) / WEIGHTS_NAME))
+    base, tokenizer = load_model(model, quantize=quantize, device=device or "cpu", dtype=dtype)
+    load_adapter(base, adapter)
+    quantized = any(is_quantized(m) for m in base.modules())
+    if quantized and not dense:
+        report = merge_quantized_report(base)
+        print(format_report(report))
+        merged = merge_and_unload(base)  # adapters are merged already: this unwraps and folds modules_to_save
+
+        def save(folder: Path) -> None:
+            save_bnb_checkpoint(merged, folder)
+        kind = "a bitsandbytes 4-bit (NF4) checkpoint (transformers + bitsandbytes load it)"
+    else:
+        merged = merge_to_dense(base, torch.bfloat16).to(torch.bfloat16) if quantized else merge_and_unload(base)
+
+        def save(folder: Path) -> None:
+            merged.save_pretrained(folder)
+        kind = "a plain transformers checkpoint" + (" with the exact merged weights in bf16" if quantized else "")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        save(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged {adapter} into {model}: {kind} in {target}")
+    return target
