@@ -25,9 +25,9 @@ Saving and loading see whole tensors whatever the strategy:
                         shards, for `save_adapter` / `set_adapter_state`; with write_back=True rank
                         0's values are sent back into every rank's shard (or replica) on exit
     optimizer_state()   the AdamW states gathered to rank 0, keyed by parameter name
-                        (torch.distributed.checkpoint.state_dict, full_state_dict=True): the same
-                        file whatever the number of processes or the strategy, so a run resumes on
-                        another world size or strategy
+                        (torch.distributed.checkpoint.state_dict, full_state_dict=True), so a run
+                        resumes on another world size or strategy; one process keeps
+                        `optimizer.state_dict()` (keyed by position), and either form loads in both
 """
 
 from __future__ import annotations
@@ -38,12 +38,6 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lorafit.errors import LorafitError
 from lorafit.quant.linear import NF4Linear
@@ -85,7 +79,7 @@ def local_bytes(module: nn.Module, trainable: bool = False) -> int:
     tensors = [p for p in module.parameters() if p.requires_grad == trainable]
     if not trainable:
         tensors += list(module.buffers())
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # DTensor: its shard
     return sum(t.numel() * t.element_size() for t in local)
 
 
@@ -152,37 +146,62 @@ class Parallel:
             for module, name, p in slots:
                 setattr(module, name, p)
         if write_back:
+            from torch.distributed.tensor import distribute_tensor
+
             with torch.no_grad():
                 for (_, _, p), full in zip(slots, whole):
                     p.to_local().copy_(distribute_tensor(full.data, p.device_mesh, p.placements,
                                                          src_data_rank=0).to_local())
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
-        """The optimizer's state, whole and on the host, keyed by parameter name, on rank 0 (None on
-        the others). Every rank must call it (the shards are gathered)."""
+        """The optimizer's state on rank 0 (None on the others); every rank must call it. One process:
+        `optimizer.state_dict()`, as lorafit always saved it (keyed by position). Several: whole and on
+        the host, keyed by parameter name (torch.distributed.checkpoint.state_dict, gathered)."""
+        if self.strategy == "single":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
         state = get_optimizer_state_dict(self.model, optimizer,
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.world.is_main else None
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
-        """Load what `optimizer_state` returned (rank 0 passes it, the others None; it is broadcast
-        and each rank keeps its shard). A state keyed by parameter index (a checkpoint of lorafit
-        before 0.x: `optimizer.state_dict()`) is renamed first."""
+        """Load what `optimizer_state` returned, by this or another number of processes (rank 0
+        passes it, the others None; it is broadcast and each rank keeps its shard)."""
+        if self.strategy == "single":
+            optimizer.load_state_dict(index_keyed(state, optimizer, self.model))
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         if self.world.is_main:
             state = name_keyed(state, optimizer, self.model)
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.world.distributed)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(self.model, optimizer, state if self.world.is_main else {}, options=options)
 
 
+def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The names in `model` of the optimizer's parameters, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def name_keyed(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
-    """An `optimizer.state_dict()` (states keyed by index into the param groups) keyed by the
+    """An `optimizer.state_dict()` (states keyed by position in the param groups) keyed by the
     parameters' names in `model` instead, as torch.distributed.checkpoint.state_dict keys them."""
     if not any(isinstance(k, int) for k in state.get("state", {})):
         return state
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    order = _param_names(optimizer, model)
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def index_keyed(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """The reverse of `name_keyed`: a state keyed by parameter name as `optimizer.load_state_dict` takes it."""
+    if not any(isinstance(k, str) for k in state.get("state", {})):
+        return state
+    position = {name: i for i, name in enumerate(_param_names(optimizer, model))}
+    groups = [{**g, "params": [position[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {position[n]: s for n, s in state["state"].items()}, "param_groups": groups}
 
 
 def _shard(step: StepModule, model: nn.Module, world: World) -> nn.Module:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lorafit.quant.linear import NF4Linear
 from lorafit.train.distributed.world import SINGLE
-from lorafit.train.distributed.wrap import Parallel, decoder_blocks, local_bytes, name_keyed
+from lorafit.train.distributed.wrap import Parallel, decoder_blocks, index_keyed, local_bytes, name_keyed
 from lorafit.train.loss import loss_sum
 from lorafit.train.trainer import Trainer, latest_checkpoint
 from tests.train.distributed import kit
@@ -91,15 +91,22 @@ def test_fsdp_shards_each_decoder_block(tmp_path):
     assert Parallel(model, loss_sum, SINGLE, "fsdp").strategy == "single"  # one process: nothing to wrap
 
 
-def test_old_optimizer_states_are_renamed_by_parameter():
+def test_optimizer_states_convert_between_positions_and_names():
+    """One process saves `optimizer.state_dict()` (by position), several save by parameter name: either
+    loads in both."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    named = name_keyed(optimizer.state_dict(), optimizer, model)
+    by_position = optimizer.state_dict()
+    named = name_keyed(by_position, optimizer, model)
     assert list(named["state"]) == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert named["param_groups"][0]["params"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert name_keyed(named, optimizer, model) is named
+    back = index_keyed(named, optimizer, model)
+    assert back["param_groups"] == by_position["param_groups"] and back["state"].keys() == by_position["state"].keys()
+    assert index_keyed(by_position, optimizer, model) is by_position
+    optimizer.load_state_dict(back)
 
 
 def test_local_bytes_count_a_ranks_own_tensors():
