@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lorafit as lf  # noqa: E402
 from lorafit.lora.inject import lora_layers  # noqa: E402
 from lorafit.model import load_model  # noqa: E402
-from lorafit.serve.engine import Engine, SamplingParams  # noqa: E402
+from lorafit.serve import Engine, SamplingParams  # noqa: E402
 
 PROMPTS = ["Write a SQL query that counts users by country.", "Summarize the plot of Hamlet in two lines.",
            "What is the derivative of x squared?", "Give three tips for writing clear emails.",

@@ -10,18 +10,13 @@ import torch
 
 import lorafit as lf
 from lorafit.errors import AdapterError
+from lorafit.io import read_adapter
 from lorafit.lora.inject import adapter_configs
 from lorafit.model import load_model
-from lorafit.serve.engine import (
-    MIN_SHARED_PREFIX,
-    Engine,
-    Event,
-    Request,
-    SamplingParams,
-    UnknownAdapter,
-    check_servable,
-    shared_prefixes,
-)
+from lorafit.serve.adapters import check_servable
+from lorafit.serve.engine import Engine
+from lorafit.serve.prefix import MIN_SHARED_PREFIX, shared_prefixes
+from lorafit.serve.requests import Event, Request, SamplingParams, UnknownAdapter
 from tests.serve.tiny import randomize
 
 PROMPTS = ["hello world", "the quick brown fox jumps", "a", "a server answers many clients at once, and then"]
@@ -226,4 +221,4 @@ def test_adapters_that_train_biases_are_refused(tmp_path):
     model = lf.apply_lora(make_gpt2(), lf.LoraConfig(r=2, bias="all"))
     lf.save_adapter(model, tmp_path / "biased")
     with pytest.raises(AdapterError, match="trains biases"):
-        check_servable(tmp_path / "biased")
+        check_servable(*read_adapter(tmp_path / "biased"), tmp_path / "biased")
