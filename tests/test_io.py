@@ -125,3 +125,19 @@ def test_duplicate_adapter_name_is_refused(tmp_path):
         lf.load_adapter(model, tmp_path, adapter="default")
     with pytest.raises(lf.LorafitError, match="no dots"):
         lf.load_adapter(model, tmp_path, adapter="a.b")
+
+
+def test_add_adapter_state_loads_what_read_adapter_parsed(ids, tmp_path):
+    """read_adapter + add_adapter_state is load_adapter: a caller can inspect the parsed adapter in between."""
+    from lorafit.io import add_adapter_state, read_adapter
+
+    model = _saved_adapter(tmp_path)
+    config, state = read_adapter(tmp_path)
+    bare = MAKERS["llama"]()
+    add_adapter_state(bare, config, state, "mine", activate=True, source=str(tmp_path))
+    torch.testing.assert_close(bare(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+    other = MAKERS["gpt2"]()
+    snap = _snapshot(other)
+    with pytest.raises(lf.AdapterError, match=f"{tmp_path}.*another base model"):
+        add_adapter_state(other, config, state, "mine", source=str(tmp_path))
+    assert _unchanged(other, snap)

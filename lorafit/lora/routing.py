@@ -47,6 +47,9 @@ class StackCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     @staticmethod
     def _key(layer: nn.Module, names: list[str]) -> tuple:
         """Identifies the current weights of `names`: any in-place change bumps a version."""
