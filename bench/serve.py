@@ -173,6 +173,13 @@ def make_jobs(tokenizer, adapters: list[Path], per_adapter: int) -> list[tuple[l
     return jobs
 
 
+def progress(side: Side, index: int, tokens: int, run: Run) -> None:
+    """Keep the run and say so at once (a long benchmark shows where it is)."""
+    side.runs.append(run)
+    print(f"[{side.name}, round {index + 1}] {tokens / run.seconds:.1f} tok/s in {run.seconds:.2f}s, "
+          f"other load {run.other_load:.0%}", file=sys.stderr, flush=True)
+
+
 def report(sides: list[Side], tokens: int) -> dict:
     for side in sides:
         best = side.best()
@@ -228,14 +235,15 @@ def main() -> None:
         print(f"{len(jobs)} requests over {len(adapters)} rank-{args.rank} adapters (all-linear), "
               f"{args.max_tokens} tokens each, all arriving at t=0")
         mixed, base = Side("lorafit mixed batch"), Side("lorafit base only")
-        for _ in range(args.rounds):
-            base.runs.append(run_lorafit(args.model, tokenizer, [], [(ids, None) for ids, _ in jobs],
-                                         args.max_tokens, share_prefixes=share))
-            mixed.runs.append(run_lorafit(args.model, tokenizer, adapters, jobs, args.max_tokens, share_prefixes=share))
+        for i in range(args.rounds):
+            progress(base, i, tokens, run_lorafit(args.model, tokenizer, [], [(ids, None) for ids, _ in jobs],
+                                                  args.max_tokens, share_prefixes=share))
+            progress(mixed, i, tokens, run_lorafit(args.model, tokenizer, adapters, jobs, args.max_tokens,
+                                                   share_prefixes=share))
         sides = [mixed, base]
         if not args.skip_peft:
-            sides.append(Side("PEFT set_adapter per group", [run_peft(args.model, tokenizer, adapters, jobs,
-                                                                       args.max_tokens)]))
+            sides.append(Side("PEFT set_adapter per group"))
+            progress(sides[-1], 0, tokens, run_peft(args.model, tokenizer, adapters, jobs, args.max_tokens))
     result = report(sides, tokens)
     if args.json:
         write_json(args.json, {"machine": info, "args": vars(args), **result}, indent=2)
