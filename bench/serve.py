@@ -1,25 +1,35 @@
-"""Mixed-adapter batching vs one adapter at a time, on the same requests.
+"""Serving throughput: mixed-adapter batches vs the base model alone vs PEFT's one adapter at a time.
 
-    python bench/serve.py [--model M] [--adapters 8] [--per-adapter 4] [--max-tokens 32] [--no-share-prefixes]
+    python bench/serve.py [--model M] [--adapters 8] [--per-adapter 4] [--max-tokens 32] [--rounds 3]
+                          [--threads N] [--no-share-prefixes] [--skip-peft] [--json out.json]
 
-Every request arrives at t=0, spread evenly over N adapters. lorafit's engine runs them all in
-one continuous batch, each row on its own adapter; prompts on one adapter that start alike (the
-chat template's system prompt) prefill that prefix once, unless --no-share-prefixes. The baseline is what a PEFT user does: one
-PeftModel with the same adapters loaded, requests grouped by adapter, `set_adapter` per group,
-each group one batched `generate`. Both decode greedily and exactly --max-tokens tokens, so the
-work is identical; a request's latency is from t=0 to its last token.
+Every request arrives at t=0, spread evenly over N adapters. Three ways to serve the same requests:
+
+* lorafit mixed batch: one continuous batch, each row on its own adapter; prompts on one adapter
+  that start alike (the chat template's system prompt) prefill that prefix once, unless
+  --no-share-prefixes.
+* lorafit base only: the same prompts on the bare base model (no adapter loaded anywhere), the
+  ceiling for the mixed batch: what the adapters cost is the gap to it (target: mixed >= 0.85x).
+* PEFT set_adapter per group: what a PEFT user does, one PeftModel with the same adapters loaded,
+  requests grouped by adapter, `set_adapter` per group, each group one batched `generate`
+  (target: mixed >= 5x).
+
+All decode greedily and exactly --max-tokens tokens, so the work is identical; a request's latency
+is from t=0 to its last token. The two lorafit sides alternate for --rounds rounds (the best round
+of each is reported, and the median next to it), so a neighbour's load hits both alike; each side
+also prints `other load`: the CPU other processes used meanwhile, as a share of all cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import queue
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lorafit as lf  # noqa: E402
+from bench.common import machine_busy_seconds, machine_info, write_json  # noqa: E402
 from lorafit.lora.inject import lora_layers  # noqa: E402
 from lorafit.model import load_model  # noqa: E402
-from lorafit.serve.engine import Engine, SamplingParams  # noqa: E402
+from lorafit.serve import Engine, SamplingParams  # noqa: E402
 
 PROMPTS = ["Write a SQL query that counts users by country.", "Summarize the plot of Hamlet in two lines.",
            "What is the derivative of x squared?", "Give three tips for writing clear emails.",
@@ -37,14 +48,40 @@ PROMPTS = ["Write a SQL query that counts users by country.", "Summarize the plo
            "Name the planets of the solar system.", "Why is the sky blue?"]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
-             if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with {torch.get_num_threads()} threads; "
-            f"Python {platform.python_version()}; {platform.system()} {platform.release()}")
+@dataclass
+class Run:
+    """One timed pass over all requests."""
+
+    seconds: float
+    latencies: list[float]
+    other_load: float  # CPU used by other processes meanwhile, as a share of all cores
+    cpu_seconds: float  # CPU this process used (all threads): less sensitive to a neighbour than wall time
+
+
+@dataclass
+class Side:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    def best(self) -> Run:
+        return min(self.runs, key=lambda r: r.seconds)
+
+    def tok_s(self, tokens: int) -> float:
+        return tokens / self.best().seconds
+
+    def median_tok_s(self, tokens: int) -> float:
+        return tokens / statistics.median(r.seconds for r in self.runs)
+
+    def tok_per_cpu_s(self, tokens: int) -> float:
+        return tokens / min(r.cpu_seconds for r in self.runs)
+
+
+def timed(work) -> Run:
+    busy0, own0, wall0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
+    seconds, latencies = work()
+    wall, own = time.perf_counter() - wall0, time.process_time() - own0
+    foreign = (machine_busy_seconds() - busy0) - own
+    return Run(seconds, latencies, max(0.0, foreign) / (wall * (os.cpu_count() or 1)), own)
 
 
 def make_adapters(model_name: str | None, n: int, rank: int, out: Path) -> list[Path]:
@@ -68,10 +105,10 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
     return q[9], q[18]
 
 
-def run_lorafit(model_name, tokenizer, adapters, jobs, max_tokens, batch_size,
-                share_prefixes=True) -> tuple[float, list[float]]:
+def run_lorafit(model_name, tokenizer, adapters, jobs, max_tokens, share_prefixes=True) -> Run:
+    """The requests through one engine; `adapters` empty and every job's adapter None: the base alone."""
     model, _ = load_model(model_name)
-    engine = Engine(model, tokenizer, base_name="base", max_batch_size=batch_size, max_wait_ms=50,
+    engine = Engine(model, tokenizer, base_name="base", max_batch_size=len(jobs), max_wait_ms=50,
                     share_prefixes=share_prefixes)
     for path in adapters:
         engine.load_adapter(path.name, path)
@@ -86,13 +123,13 @@ def run_lorafit(model_name, tokenizer, adapters, jobs, max_tokens, batch_size,
                 done.get()
             return time.perf_counter() - start, [r.t_done - start for r in requests]
 
-        once(jobs[:2])  # warm-up
-        return once(jobs)
+        once(jobs[: max(len(adapters), 2)])  # warm-up: one request per adapter (the first of each stacks them)
+        return timed(lambda: once(jobs))
     finally:
         engine.stop()
 
 
-def run_peft(model_name, tokenizer, adapters, jobs, max_tokens) -> tuple[float, list[float]]:
+def run_peft(model_name, tokenizer, adapters, jobs, max_tokens) -> Run:
     from peft import PeftModel
 
     base, _ = load_model(model_name)
@@ -109,8 +146,7 @@ def run_peft(model_name, tokenizer, adapters, jobs, max_tokens) -> tuple[float, 
             model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
 
-    try:
-        group(jobs[:1])  # warm-up
+    def all_groups():
         start = time.perf_counter()
         latencies = []
         for adapter in dict.fromkeys(a for _, a in jobs):
@@ -118,8 +154,58 @@ def run_peft(model_name, tokenizer, adapters, jobs, max_tokens) -> tuple[float, 
             group(batch)
             latencies += [time.perf_counter() - start] * len(batch)
         return time.perf_counter() - start, latencies
+
+    try:
+        group(jobs[:1])  # warm-up
+        return timed(all_groups)
     finally:
         tokenizer.padding_side = side
+
+
+def make_jobs(tokenizer, adapters: list[Path], per_adapter: int) -> list[tuple[list[int], str]]:
+    jobs = []
+    for i in range(per_adapter):
+        for j, path in enumerate(adapters):
+            prompt = PROMPTS[(i + j) % len(PROMPTS)]
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]
+            jobs.append((list(ids), path.name))
+    return jobs
+
+
+def progress(side: Side, index: int, tokens: int, run: Run) -> None:
+    """Keep the run and say so at once (a long benchmark shows where it is)."""
+    side.runs.append(run)
+    print(f"[{side.name}, round {index + 1}] {tokens / run.seconds:.1f} tok/s in {run.seconds:.2f}s, "
+          f"other load {run.other_load:.0%}", file=sys.stderr, flush=True)
+
+
+def report(sides: list[Side], tokens: int) -> dict:
+    for side in sides:
+        best = side.best()
+        p50, p95 = percentiles(best.latencies)
+        loads = ", ".join(f"{r.other_load:.0%}" for r in side.runs)
+        print(f"{side.name:28s} {side.tok_s(tokens):7.1f} tok/s (median {side.median_tok_s(tokens):6.1f}, "
+              f"{side.tok_per_cpu_s(tokens):6.1f} per CPU-s)  wall {best.seconds:6.2f}s  p50 {p50:6.2f}s  "
+              f"p95 {p95:6.2f}s  other load {loads}")
+    by = {s.name: s for s in sides}
+    mixed, base, peft = by["lorafit mixed batch"], by["lorafit base only"], by.get("PEFT set_adapter per group")
+    ratios = {"mixed / base only": mixed.tok_s(tokens) / base.tok_s(tokens),
+              "mixed / base only (medians)": mixed.median_tok_s(tokens) / base.median_tok_s(tokens),
+              "mixed / base only (per CPU-s)": mixed.tok_per_cpu_s(tokens) / base.tok_per_cpu_s(tokens)}
+    print(f"mixed / base only: throughput x{ratios['mixed / base only']:.3f} "
+          f"(medians x{ratios['mixed / base only (medians)']:.3f}, "
+          f"per CPU-s x{ratios['mixed / base only (per CPU-s)']:.3f}; target >= 0.85)")
+    if peft is not None:
+        ratios["mixed / PEFT"] = mixed.tok_s(tokens) / peft.tok_s(tokens)
+        p95 = percentiles(peft.best().latencies)[1] / percentiles(mixed.best().latencies)[1]
+        print(f"mixed / PEFT per adapter: throughput x{ratios['mixed / PEFT']:.2f} (target >= 5), "
+              f"p95 latency x{p95:.2f} lower")
+    return {"tokens": tokens, "ratios": ratios,
+            "sides": {s.name: {"tok_s_best": s.tok_s(tokens), "tok_s_median": s.median_tok_s(tokens),
+                               "runs": [{"seconds": r.seconds, "cpu_seconds": r.cpu_seconds,
+                                         "other_load": r.other_load} for r in s.runs]}
+                      for s in sides}}
 
 
 def main() -> None:
@@ -130,35 +216,37 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating base-only / mixed rounds")
     parser.add_argument("--no-share-prefixes", action="store_true", help="lorafit prefills every prompt in full")
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("machine:", machine())
+    info = {**machine_info(), "torch_threads": torch.get_num_threads()}
+    print("machine:", "; ".join(f"{k} {v}" for k, v in info.items()))
     _, tokenizer = load_model(args.model)
+    share = not args.no_share_prefixes
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(args.model, args.adapters, args.rank, Path(tmp))
-        jobs = []
-        for i in range(args.per_adapter):
-            for j, path in enumerate(adapters):
-                prompt = PROMPTS[(i + j) % len(PROMPTS)]
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)["input_ids"]
-                jobs.append((list(ids), path.name))
+        jobs = make_jobs(tokenizer, adapters, args.per_adapter)
         tokens = len(jobs) * args.max_tokens
         print(f"{len(jobs)} requests over {len(adapters)} rank-{args.rank} adapters (all-linear), "
               f"{args.max_tokens} tokens each, all arriving at t=0")
-        results = {
-            "lorafit mixed batch": run_lorafit(args.model, tokenizer, adapters, jobs, args.max_tokens, len(jobs),
-                                               share_prefixes=not args.no_share_prefixes),
-            "PEFT set_adapter per group": run_peft(args.model, tokenizer, adapters, jobs, args.max_tokens),
-        }
-    for name, (seconds, latencies) in results.items():
-        p50, p95 = percentiles(latencies)
-        print(f"{name:28s} {tokens / seconds:7.1f} tok/s  wall {seconds:6.2f}s  p50 {p50:6.2f}s  p95 {p95:6.2f}s")
-    (a, la), (b, lb) = results.values()
-    print(f"mixed / per-adapter: throughput x{b / a:.2f}, p95 latency x{percentiles(lb)[1] / percentiles(la)[1]:.2f} lower")
+        mixed, base = Side("lorafit mixed batch"), Side("lorafit base only")
+        for i in range(args.rounds):
+            progress(base, i, tokens, run_lorafit(args.model, tokenizer, [], [(ids, None) for ids, _ in jobs],
+                                                  args.max_tokens, share_prefixes=share))
+            progress(mixed, i, tokens, run_lorafit(args.model, tokenizer, adapters, jobs, args.max_tokens,
+                                                   share_prefixes=share))
+        sides = [mixed, base]
+        if not args.skip_peft:
+            sides.append(Side("PEFT set_adapter per group"))
+            progress(sides[-1], 0, tokens, run_peft(args.model, tokenizer, adapters, jobs, args.max_tokens))
+    result = report(sides, tokens)
+    if args.json:
+        write_json(args.json, {"machine": info, "args": vars(args), **result}, indent=2)
 
 
 if __name__ == "__main__":

@@ -83,20 +83,21 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from lorafit.train.estimate import TrainSetup, estimate, format_table
+    from lorafit.train.estimate import MARKS, TrainSetup, estimate, format_grid
 
+    if not args.gpu_memory > 0:
+        raise LorafitError(f"--gpu-memory {args.gpu_memory:g} must be a positive size in GB")
+    setup = {"method": args.method, "batch": args.batch, "seq": args.seq, "device": args.device,
+             "group_size": args.group_size}
     if args.nproc != 1:
         from lorafit.train.estimate.distributed import format_per_device
 
         if not args.model:
             raise LorafitError("--nproc needs --model: the per-device memory of one model on N devices")
-        setup = TrainSetup(model=args.model, method=args.method, rank=args.rank, batch=args.batch, seq=args.seq,
-                           device=args.device)
-        print(format_per_device(setup, args.nproc, args.gpu_memory if args.device == "cuda" else None))
+        print(format_per_device(TrainSetup(model=args.model, rank=args.rank, **setup), args.nproc,
+                                args.gpu_memory if args.device == "cuda" else None))
     elif args.model:
-        setup = TrainSetup(model=args.model, method=args.method, rank=args.rank, batch=args.batch, seq=args.seq,
-                           device=args.device)
-        result = estimate(setup)
+        result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
         print(result.breakdown())
         if args.device == "cuda":
             verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
@@ -104,8 +105,12 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         else:
             print(f"{result.total_gb:.1f} GB of RAM at the peak (the process's resident size)")
     else:
-        print(format_table(method=args.method, batch=args.batch, seq=args.seq, gpu_gb=args.gpu_memory,
-                           device=args.device))
+        try:  # ✓ / ✗ where the terminal can show them
+            "".join(MARKS).encode(getattr(sys.stdout, "encoding", None) or "ascii")
+            marks = MARKS
+        except (UnicodeEncodeError, LookupError):
+            marks = ("yes", "no")
+        print(format_grid(rank=args.rank, gpu_gb=args.gpu_memory, marks=marks, **setup))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -208,15 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA or QLoRA")
+    from lorafit.train.estimate import DEVICES, METHODS
+
+    p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base")
     p.add_argument("--model", help="a size (1B, 7B, 70B, ...) or a model folder; omit for the table of sizes")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--method", choices=METHODS, default="qlora",
+                   help="full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (the table's total column)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--gpu-memory", type=float, default=16.0, help="GB")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+    p.add_argument("--gpu-memory", type=float, default=16.0, help="the card's size in GB, for 'fits?'")
+    p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="cuda: GPU memory of a bf16 run with gradient checkpointing; cpu: peak RSS of an fp32 run")
+    p.add_argument("--group-size", type=int, help="ternary: columns per fp32 scale (default: one scale per row)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="per-device memory of DDP and of FSDP on N devices (--batch is then the micro-batch of all)")
     p.set_defaults(func=cmd_estimate)

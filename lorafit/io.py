@@ -244,9 +244,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
 
     Everything is read and checked against the model first; on any error the model is unchanged."""
     config, state = read_adapter(directory)
-    ranks = check_fits(model, state, str(Path(directory) / WEIGHTS_NAME))
+    return add_adapter_state(model, config, state, adapter, activate=activate, source=str(directory))
+
+
+def add_adapter_state(model: nn.Module, config: LoraConfig, state: AdapterState, adapter: str = DEFAULT_ADAPTER,
+                      activate: bool = True, source: str = "adapter") -> nn.Module:
+    """Put an adapter already read (`read_adapter`) into `model` under the name `adapter`, as
+    `load_adapter` does; `source` names it in errors. A caller that inspects the parsed adapter
+    first (a server refusing what it cannot batch) so reads the files once.
+
+    Checked against the model first; on any error the model is unchanged."""
+    ranks = check_fits(model, state, str(Path(source) / WEIGHTS_NAME))
     if not ranks and not state.saved:
-        raise AdapterError(f"{directory}: the adapter holds no LoRA weights")
+        raise AdapterError(f"{source}: the adapter holds no LoRA weights")
     load_config = LoraConfig(**{**config.to_dict(), "init": "zeros"})
     add_adapter(model, load_config, adapter, ranks=ranks, activate=False)
     try:

@@ -122,6 +122,44 @@ def test_estimate_for_a_gpu_and_for_the_cpu():
     assert "| cpu |" in lorafit("estimate", "--device", "cpu").stdout
 
 
+def test_estimate_ternary_prints_the_table_of_sizes():
+    from lorafit.train.estimate import format_grid
+
+    result = lorafit("estimate", "--method", "ternary")
+    assert result.returncode == 0 and result.stdout.strip() == format_grid("ternary")
+    header = result.stdout.splitlines()[1].split()
+    assert header[2:5] == ["packed", "scales", "bf16"] and header[-3:] == ["r=64", "total", "r=16"]
+    assert "fits 16 GB? (✓/✗)" in result.stdout.splitlines()[0]
+    card = lorafit("estimate", "--method", "ternary", "--gpu-memory", "80", "--rank", "64", "--device", "cpu")
+    assert card.returncode == 0 and "fits 80 GB?" in card.stdout and "total r=64" in card.stdout
+    assert "| cpu |" in card.stdout and "fp32 parts" in card.stdout
+
+
+def test_estimate_from_a_model_folder_on_the_cpu(tiny_model_dir):
+    result = lorafit("estimate", "--device", "cpu", "--model", str(tiny_model_dir), "--method", "qlora")
+    assert result.returncode == 0, result.stderr
+    assert "GB of RAM at the peak" in result.stdout and "codes" in result.stdout.splitlines()[0]
+    ternary = lorafit("estimate", "--model", str(tiny_model_dir), "--method", "ternary", "--group-size", "16")
+    assert ternary.returncode == 0 and "packed" in ternary.stdout and "GPU" in ternary.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "dora"], "argument --method: invalid choice: 'dora'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--rank", "-4"], "rank=-4 must be at least 1"),
+    (["--rank", "-4", "--model", "7B"], "rank=-4 must be at least 1"),
+    (["--batch", "0", "--device", "cpu"], "batch=0 must be at least 1"),
+    (["--gpu-memory", "-16"], "--gpu-memory -16 must be a positive size"),
+    (["--method", "qlora", "--group-size", "64"], "group_size=64 applies to method='ternary' only"),
+    (["--method", "ternary", "--group-size", "100"], "group_size=100 must divide every linear's in_features"),
+    (["--model", "9B"], "model size '9B' is unknown"),
+])
+def test_estimate_bad_values_are_one_line_and_status_2(args, message):
+    result = lorafit("estimate", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
 def test_merge_writes_a_plain_checkpoint_with_the_adapted_outputs(tiny_model_dir, tmp_path):
     import lorafit as lf
     from lorafit.io import save_adapter

@@ -156,3 +156,19 @@ def test_load_without_activating_leaves_outputs_unchanged(ids, tmp_path):
         torch.testing.assert_close(other(ids).logits, before, rtol=0, atol=0)
     trainable = {n for n, p in other.named_parameters() if p.requires_grad}
     assert trainable and all(".b" in n for n in trainable)
+
+
+def test_add_adapter_state_loads_what_read_adapter_parsed(ids, tmp_path):
+    """read_adapter + add_adapter_state is load_adapter: a caller can inspect the parsed adapter in between."""
+    from lorafit.io import add_adapter_state, read_adapter
+
+    model = _saved_adapter(tmp_path)
+    config, state = read_adapter(tmp_path)
+    bare = MAKERS["llama"]()
+    add_adapter_state(bare, config, state, "mine", activate=True, source=str(tmp_path))
+    torch.testing.assert_close(bare(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+    other = MAKERS["gpt2"]()
+    snap = _snapshot(other)
+    with pytest.raises(lf.AdapterError, match=f"{tmp_path}.*another base model"):
+        add_adapter_state(other, config, state, "mine", source=str(tmp_path))
+    assert _unchanged(other, snap)

@@ -169,13 +169,13 @@ class LoraLayer(nn.Module):
         return names[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None and not self.disabled:  # serving: each row its own adapter
+            return self.routing.forward(self, x, self.base_layer(x))
         if (name := self.fused_adapter()) is not None:
             return self._fused_forward(x, name)  # one autograd node; same numbers
         y = self.base_layer(x)
         if self.disabled:
             return y
-        if self.routing is not None:
-            return self.routing.forward(self, x, y)
         for name in self.active:
             if name in self.merged or name not in self.lora_A:
                 continue

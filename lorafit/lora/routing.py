@@ -8,12 +8,18 @@ Sheng et al. 2023; Chen et al. 2023). The layer itself holds no serving state be
 Two paths, chosen per layer:
 
 * stacked (`lorafit.ops.multi_lora`): rows gathered into equal slots per adapter, two batched matmuls
-  against the adapters' stacked A^T and B^T. A few ops per layer for any number of adapters: what a
-  decode step wants. The stacks are detached copies kept in a `StackCache` between batches, rebuilt
-  only when an adapter joins or its weights change.
+  against the adapters' stacked A^T (scaling folded in) and B^T. Two to five ops per layer for any
+  number of adapters: what a decode step wants. The stacks are detached copies kept in a
+  `StackCache` between batches, rebuilt only when an adapter joins or its weights or scaling change;
+  adapters are stacked in the order the rows first use them, so a batch whose rows are grouped by
+  adapter (the engine's usually are) needs no gather at all.
 * grouped (`lorafit.ops.reference.lora_rows`): one pair of thin matmuls per adapter present. Used for
-  prefill (many tokens per row), for embeddings, when padding the slots would cost too much, and
-  whenever gradients may flow to a routed adapter (the stacks are detached copies).
+  prefill (many tokens per row) unless the rows need no gather, for embeddings, when padding the
+  slots would cost too much, and whenever gradients may flow to a routed adapter (the stacks are
+  detached copies).
+
+Everything a layer's forward needs (the groups, the plan, the stacks) is worked out when the routing
+is attached, so a routed forward is a dictionary lookup and the ops.
 
 Weights and scalings are read when the routing is attached: a change made while routed applies from
 the next `adapter_per_row`.
@@ -35,10 +41,11 @@ Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]  # (rows, A, B, s
 
 
 class StackCache:
-    """Per-layer stacks (A^T (n, in, r_max), B^T (n, r_max, out)) of adapters recently served together.
+    """Per-layer stacks (s·A^T (n, in, r_max), B^T (n, r_max, out)) of adapters recently served together.
 
-    Entries are keyed weakly by layer and carry the identity and version of every weight they copied,
-    so a stale entry (an adapter deleted, re-added or trained in place) is never used."""
+    Entries are keyed weakly by layer and carry the identity and version of every weight they copied
+    and the scaling folded in, so a stale entry (an adapter deleted, re-added, trained in place or
+    rescaled) is never used."""
 
     def __init__(self) -> None:
         self._entries: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor]] = \
@@ -47,32 +54,37 @@ class StackCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     @staticmethod
     def _key(layer: nn.Module, names: list[str]) -> tuple:
-        """Identifies the current weights of `names`: any in-place change bumps a version."""
-        return tuple((n, layer.lora_A[n].data_ptr(), layer.lora_A[n]._version, layer.lora_B[n].data_ptr(),
-                      layer.lora_B[n]._version) for n in names)
+        """Identifies the current weights and scalings of `names`: any in-place change bumps a version."""
+        key = []
+        for n in names:
+            A, B = layer.lora_A[n], layer.lora_B[n]
+            key.append((n, A.data_ptr(), A._version, B.data_ptr(), B._version, layer.effective_scaling(n)))
+        return tuple(key)
 
-    def names(self, layer: nn.Module) -> list[str] | None:
-        """The adapters of `layer`'s cached stack, if it still holds their current weights."""
+    def cached(self, layer: nn.Module) -> tuple[list[str], torch.Tensor, torch.Tensor] | None:
+        """(adapters, s·At, Bt) of `layer`'s cached stack, if it still holds their current weights."""
         entry = self._entries.get(layer)
         if entry is None:
             return None
-        names = [item[0] for item in entry[0]]
-        if not all(n in layer.lora_A for n in names) or self._key(layer, names) != entry[0]:
+        key, At, Bt = entry
+        names = [item[0] for item in key]
+        if not all(n in layer.lora_A for n in names) or self._key(layer, names) != key:
             return None
-        return names
+        return names, At, Bt
 
     def stack(self, layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(At, Bt) of `names` in this order, restacked unless the cache holds exactly these weights."""
-        key = self._key(layer, names)
-        entry = self._entries.get(layer)
-        if entry is None or entry[0] != key:
-            # not an inference tensor even when routed under inference_mode: the cache outlives the call
-            with torch.inference_mode(False), torch.no_grad():
-                At, Bt = multi_lora.stack_adapters([layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names])
-            entry = self._entries[layer] = (key, At, Bt)
-        return entry[1], entry[2]
+        """(s·At, Bt) of `names` in this order, stacked anew (and cached)."""
+        # not an inference tensor even when routed under inference_mode: the cache outlives the call
+        with torch.inference_mode(False), torch.no_grad():
+            At, Bt = multi_lora.stack_adapters([layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names],
+                                               [layer.effective_scaling(n) for n in names])
+        self._entries[layer] = (self._key(layer, names), At, Bt)
+        return At, Bt
 
 
 _MODEL_STACKS: weakref.WeakKeyDictionary[nn.Module, StackCache] = weakref.WeakKeyDictionary()
@@ -90,10 +102,11 @@ def stacks_for(model: nn.Module) -> StackCache:
 class LayerRoute:
     """How one layer serves the current rows."""
 
-    groups: list[tuple[str, torch.Tensor]]  # (adapter, its batch rows)
+    groups: list[Group]  # (its batch rows, A, B, scaling) per adapter present
     plan: multi_lora.RowPlan | None  # the stacked layout, when it pays
-    stacked: tuple[torch.Tensor, torch.Tensor] | None  # (At, Bt) the plan indexes into
+    stacked: tuple[torch.Tensor, torch.Tensor] | None  # (s·At, Bt) the plan indexes into
     trainable: bool  # a routed adapter requires grad: gradients need the grouped reference path
+    max_stacked_tokens: float  # above this many tokens the grouped path runs (inf: the plan needs no gather)
 
 
 class RowRouting:
@@ -101,8 +114,10 @@ class RowRouting:
 
     def __init__(self, row_adapters: list[str | None], stacks: StackCache | None = None) -> None:
         self.row_adapters = list(row_adapters)
+        self._order = [n for n in dict.fromkeys(row_adapters) if n is not None]  # adapters by first row
         self.stacks = stacks if stacks is not None else StackCache()
-        self._plans: dict = {}  # layers with the same adapters and scalings share one row layout
+        self._plans: dict = {}  # layers with the same adapters share one row layout
+        self._rows: dict = {}  # (adapter, device) -> its batch rows, the same in every layer
         self._routes: dict[int, LayerRoute] = {}
 
     # -- attaching ------------------------------------------------------------------------------
@@ -116,14 +131,14 @@ class RowRouting:
 
     def attach(self, layer: nn.Module) -> None:
         names = self._names(layer)
-        device = layer.lora_A[names[0]].device if names else torch.device("cpu")
-        groups = [(n, torch.tensor([i for i, r in enumerate(self.row_adapters) if r == n], device=device))
-                  for n in names]
-        trainable = any(layer.lora_A[n].requires_grad or layer.lora_B[n].requires_grad for n in names)
+        weights = [(layer.lora_A[n], layer.lora_B[n]) for n in names]
+        groups = [(self._rows_of(n, A.device), A, B, layer.effective_scaling(n)) for n, (A, B) in zip(names, weights)]
+        trainable = any(A.requires_grad or B.requires_grad for A, B in weights)
         plan = stacked = None
         if names and not layer.is_embedding:
             plan, stacked = self._stacked_plan(layer, names)
-        self._routes[id(layer)] = LayerRoute(groups, plan, stacked, trainable)
+        tokens = float("inf") if plan is not None and plan.identity else multi_lora.MAX_STACKED_TOKENS
+        self._routes[id(layer)] = LayerRoute(groups, plan, stacked, trainable, tokens)
         layer.routing = self
 
     def detach(self, layer: nn.Module) -> None:
@@ -133,8 +148,16 @@ class RowRouting:
     def route(self, layer: nn.Module) -> LayerRoute:
         return self._routes[id(layer)]
 
+    def _rows_of(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._rows:
+            self._rows[key] = torch.tensor([i for i, r in enumerate(self.row_adapters) if r == name], device=device)
+        return self._rows[key]
+
     def _names(self, layer: nn.Module) -> list[str]:
-        return sorted({n for n in self.row_adapters if n is not None and n in layer.lora_A})
+        """The adapters present, in the order the rows first use them (rows grouped by adapter then
+        sit in stack order: no gather needed)."""
+        return [n for n in self._order if n in layer.lora_A]
 
     def _stacked_plan(self, layer: nn.Module, names: list[str]):
         """The stacked layout for this layer, or (None, None) to keep the grouped path.
@@ -142,43 +165,41 @@ class RowRouting:
         A cached stack that holds every adapter present is reused as it is, its absent adapters left
         as empty (padding) groups, so a batch whose adapters only leave never restacks; only when that
         padding costs too much, or an adapter joins, are `names` stacked anew."""
-        cached = self.stacks.names(layer)
-        if cached is not None and set(names) <= set(cached):
-            plan = self._layout(layer, cached)
+        cached = self.stacks.cached(layer)
+        if cached is not None and set(names) <= set(cached[0]):
+            plan = self._layout(layer, cached[0])
             if plan is not None:
-                return plan, self.stacks.stack(layer, cached)
+                return plan, cached[1:]
         plan = self._layout(layer, names)
         return (plan, self.stacks.stack(layer, names)) if plan is not None else (None, None)
 
     def _layout(self, layer: nn.Module, names: list[str]) -> multi_lora.RowPlan | None:
-        scales = [layer.effective_scaling(n) for n in names]
         A0 = layer.lora_A[names[0]]
-        key = (tuple(names), tuple(scales), A0.dtype, A0.device)
-        if key not in self._plans:
+        key = (tuple(names), A0.device)
+        if key not in self._plans:  # (scalings are folded into the stacks: the layout is the same for all)
             index = {n: g for g, n in enumerate(names)}
-            self._plans[key] = multi_lora.plan_rows([index.get(r) for r in self.row_adapters], scales,
-                                                    dtype=A0.dtype, device=A0.device,
-                                                    max_padding=multi_lora.MAX_PADDING)
+            self._plans[key] = multi_lora.plan_rows([index.get(r) for r in self.row_adapters], n=len(names),
+                                                    device=A0.device, max_padding=multi_lora.MAX_PADDING,
+                                                    zero_slot=False)
         return self._plans[key]
 
     # -- the forward ----------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base output for the whole batch) plus each row's own adapter update."""
-        route = self.route(layer)
+        route = self._routes[id(layer)]
+        if route.plan is not None and x.shape[:-1].numel() <= route.max_stacked_tokens and \
+                not (route.trainable and torch.is_grad_enabled()):
+            At, Bt = route.stacked  # decode: a few ops per layer for any number of adapters
+            return multi_lora.add_lora_rows_stacked_(y, x, At, Bt, route.plan)
         if not route.groups:
             return y
-        groups: list[Group] = [(rows, layer.lora_A[n], layer.lora_B[n], layer.effective_scaling(n))
-                               for n, rows in route.groups]
-        dtype = groups[0][1].dtype
+        dtype = route.groups[0][1].dtype
         if layer.is_embedding:
             out = torch.zeros(*x.shape, layer.out_features, dtype=dtype, device=x.device)  # (B, T, dim)
-            for rows, A, B, s in groups:
+            for rows, A, B, s in route.groups:
                 out.index_copy_(0, rows, (F.embedding(x.index_select(0, rows), A.t()) @ B.t()) * s)
             return y + out.to(y.dtype)
         if torch.is_grad_enabled() and route.trainable:  # gradients for A and B: the reference
-            return y + ops.lora_rows(x.to(dtype), groups).to(y.dtype)
-        if route.plan is not None and x.shape[:-1].numel() <= multi_lora.MAX_STACKED_TOKENS:
-            At, Bt = route.stacked  # decode: a few ops per layer for any number of adapters
-            return multi_lora.add_lora_rows_stacked_(y, x.to(At.dtype), At, Bt, route.plan)
+            return y + ops.lora_rows(x.to(dtype), route.groups).to(y.dtype)
         # prefill: matmuls big enough to hide their call overhead, and no padding
-        return multi_lora.add_lora_rows_grouped_(y, x.to(dtype), groups)
+        return multi_lora.add_lora_rows_grouped_(y, x.to(dtype), route.groups)

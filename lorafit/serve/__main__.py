@@ -17,8 +17,6 @@ from pathlib import Path
 
 from lorafit.errors import LorafitError
 
-_DTYPES = ("float32", "bfloat16", "float16")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The serve options; shared with `lorafit serve`."""
@@ -36,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long an idle server waits for more requests to start a batch together")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto",
+                        help="the base model's dtype: auto (bfloat16 or float16 on a GPU, float32 on the CPU), "
+                             "float32, bfloat16 or float16")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-level", default="warning")
     return parser
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
+    from lorafit.device import resolve_device, resolve_dtype
     from lorafit.model import load_model
     from lorafit.serve.app import create_app
     from lorafit.serve.engine import Engine
@@ -77,7 +79,9 @@ def run(args: argparse.Namespace) -> None:
     adapters = _adapter_specs(args.adapter)
     if args.adapter_root and not Path(args.adapter_root).is_dir():
         raise LorafitError(f"--adapter-root {args.adapter_root}: not a directory")
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     name = args.served_name or served_name(args.model)
     engine = Engine(model, tokenizer, base_name=name, max_batch_size=args.max_batch_size,
                     max_wait_ms=args.max_wait_ms)

@@ -93,3 +93,42 @@ def test_stack_pads_ranks_with_zeros():
     assert torch.equal(At[0, :, 2:], torch.zeros(IN, 3)) and torch.equal(Bt[0, 2:], torch.zeros(3, OUT))
     assert torch.equal(At[1], A2.t()) and torch.equal(Bt[1], B2.t())
     assert At.is_contiguous() and Bt.is_contiguous()
+
+
+def folded(x: torch.Tensor, row_groups: list[int | None], ranks: list[int], scales: list[float],
+           y_dtype: torch.dtype = torch.float32):
+    """(y + the serving path: scalings folded into At, no zero slot; y + reference; the plan; y)."""
+    weights = adapters(ranks)
+    groups = [(torch.tensor([i for i, g in enumerate(row_groups) if g == k], dtype=torch.long), A, B, s)
+              for k, ((A, B), s) in enumerate(zip(weights, scales)) if k in row_groups]
+    y = torch.randn(*x.shape[:-1], OUT).to(y_dtype)
+    plan = multi_lora.plan_rows(row_groups, n=len(scales), max_padding=float("inf"), zero_slot=False)
+    At, Bt = multi_lora.stack_adapters([A for A, _ in weights], [B for _, B in weights], scales)
+    expected = (y.float() + ops.lora_rows(x, groups)).to(y_dtype)
+    return multi_lora.add_lora_rows_stacked_(y.clone(), x, At, Bt, plan), expected, plan, y
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+@pytest.mark.parametrize(("row_groups", "identity"), [
+    ([0, 0, 1, 1, 2, 2], True),  # rows in adapter order, equal groups: no gather, no scatter
+    ([1, 1, 0, 0, 2, 2], False),  # grouped, but not in stack order
+    ([0, None, 1, None, 0, 2], False),  # rows with no adapter: no slot for them
+    ([2, 2, 2, 2, 0, None], False),  # uneven: padding slots
+])
+def test_folded_scales_and_identity_layout_match_reference(shape, row_groups, identity):
+    torch.manual_seed(3)
+    x = torch.randn(len(row_groups), *shape, IN)
+    got, expected, plan, y = folded(x, row_groups, ranks=[4, 8, 2], scales=[0.5, 2.0, 1.25])
+    assert plan.identity == identity and plan.scale is None
+    assert plan.slots == max(row_groups.count(g) for g in range(3))  # no extra slot for rows with no adapter
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    base = [i for i, g in enumerate(row_groups) if g is None]
+    assert torch.equal(got[base], y[base])
+
+
+def test_identity_layout_with_a_16_bit_base_output():
+    x = torch.randn(6, IN)
+    got, expected, plan, _ = folded(x, [0, 0, 1, 1, 2, 2], ranks=[4, 8, 2], scales=[0.5, 2.0, 1.25],
+                                 y_dtype=torch.bfloat16)
+    assert plan.identity and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)

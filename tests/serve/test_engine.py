@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import queue
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import lorafit as lf
 from lorafit.errors import AdapterError
+from lorafit.io import read_adapter
 from lorafit.lora.inject import adapter_configs
 from lorafit.model import load_model
-from lorafit.serve.engine import (
-    MIN_SHARED_PREFIX,
-    Engine,
-    Event,
-    Request,
-    SamplingParams,
-    UnknownAdapter,
-    check_servable,
-    shared_prefixes,
-)
+from lorafit.serve.adapters import check_servable
+from lorafit.serve.engine import Engine
+from lorafit.serve.prefix import MIN_SHARED_PREFIX, shared_prefixes
+from lorafit.serve.requests import Event, Request, SamplingParams, UnknownAdapter
 from tests.serve.tiny import randomize
 
+TORCH_DIR = str(Path(torch.__file__).parent)
+LORAFIT_DIR = Path(lf.__file__).parent
 PROMPTS = ["hello world", "the quick brown fox jumps", "a", "a server answers many clients at once, and then"]
 
 
@@ -226,4 +226,54 @@ def test_adapters_that_train_biases_are_refused(tmp_path):
     model = lf.apply_lora(make_gpt2(), lf.LoraConfig(r=2, bias="all"))
     lf.save_adapter(model, tmp_path / "biased")
     with pytest.raises(AdapterError, match="trains biases"):
-        check_servable(tmp_path / "biased")
+        check_servable(*read_adapter(tmp_path / "biased"), tmp_path / "biased")
+
+
+class HostTensors(TorchFunctionMode):
+    """Records tensors made by lorafit code without saying on which device (so on the CPU), and `.cpu()`."""
+
+    FACTORIES = {torch.tensor, torch.as_tensor, torch.full, torch.zeros, torch.ones, torch.empty, torch.arange,
+                 torch.rand, torch.randn, torch.randint, torch.eye, torch.linspace}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pinned: list[str] = []
+        self.placed = 0  # factory calls from lorafit that named a device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES or func is torch.Tensor.cpu:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(TORCH_DIR):
+                frame = frame.f_back
+            where = Path(frame.f_code.co_filename) if frame is not None else None
+            if where is not None and where.is_relative_to(LORAFIT_DIR):
+                if func is torch.Tensor.cpu or kwargs.get("device") is None:
+                    self.pinned.append(f"{where.name}:{frame.f_lineno} {func.__name__}")
+                else:
+                    self.placed += 1
+        return func(*args, **kwargs)
+
+
+def test_the_engine_makes_every_tensor_on_the_models_device(tiny, tiny_engine):
+    """Run with the scheduler thread watched: no lorafit code in it makes a tensor on the default (CPU) device."""
+    tiny_engine.stop()
+    watch, loop = HostTensors(), tiny_engine._loop
+
+    def watched_loop() -> None:
+        with watch:
+            loop()
+
+    tiny_engine._loop = watched_loop  # what start() runs on the scheduler thread
+    tiny_engine.start()
+    tokenizer = tiny_engine.tokenizer
+    system = "you are a helpful server that answers many clients at once, and then some more:"
+    jobs = [(tokenizer(system + " " + p).input_ids, a) for p in PROMPTS for a in (None, "alpha", "beta")]
+    sinks = [Sink() for _ in jobs]
+    for i, ((ids, adapter), sink) in enumerate(zip(jobs, sinks)):
+        params = SamplingParams(max_tokens=6 + i % 3, temperature=0.7 * (i % 2), seed=i, stop=("zz",))
+        tiny_engine.submit(ids, adapter, params, sink)  # shared prefixes, sampling, stops, rows leaving early
+    for sink in sinks:
+        sink.result()
+    assert watch.placed > 0  # the watch saw the engine make tensors
+    assert watch.pinned == []

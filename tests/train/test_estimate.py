@@ -16,6 +16,7 @@ from lorafit.train.estimate import (
     TrainSetup,
     activation_bytes,
     estimate,
+    format_grid,
     format_table,
     lora_params,
 )
@@ -113,6 +114,10 @@ def test_bad_inputs_are_user_errors(tmp_path):
         TrainSetup(method="dora")
     with pytest.raises(LorafitError, match="lm_head"):
         TrainSetup(targets=("lm_head",))
+    with pytest.raises(LorafitError, match="group_size=64 applies to method='ternary' only"):
+        TrainSetup(method="qlora", group_size=64)
+    with pytest.raises(LorafitError, match=r"group_size=3 must divide every linear's in_features \(4096, 11008\)"):
+        TrainSetup(model="7B", method="ternary", group_size=3)
     (tmp_path / "config.json").write_text('{"hidden_size": 64}')
     with pytest.raises(LorafitError, match="config.json: field 'num_attention_heads' is missing"):
         ModelShape.from_config(tmp_path)
@@ -128,7 +133,7 @@ def test_monotonic(size):
 
     ranks = [total(rank=r) for r in (4, 8, 16, 32, 64)]
     assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
-    assert total(method="qlora") < total(method="lora") < total(method="full")
+    assert total(method="ternary") < total(method="qlora") < total(method="lora") < total(method="full")
     assert total(grad_checkpointing=True) < total(grad_checkpointing=False)
     assert total(batch=1) < total(batch=2) and total(seq=256) < total(seq=512)
     assert total(optimizer="adamw8bit") < total(optimizer="adamw")
@@ -142,6 +147,45 @@ def test_qlora_weights_are_nf4_for_linears_only():
     assert e.weights == pytest.approx(
         s.n_linear_params * bits_per_linear_weight / 8 + (s.n_params - s.n_linear_params) * 2
     )
+
+
+def grid_row(table: str, model: str) -> list[str]:
+    (row,) = [line.split() for line in table.splitlines()[3:] if line.split()[0] == model]
+    return row
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_ternary_table_row_by_hand(group):
+    """Llama-3.1-8B as a packed ternary base: weights = packed codes + fp32 scales + the bf16 parts."""
+    h, i, layers, heads, kv, vocab, r = 4096, 14336, 32, 32, 8, 128256, 16
+    linears = llama_linears(h, i, heads, kv)  # (in, out) of q, k, v, o, gate, up, down
+    packed = layers * sum(out * -(-inp // 4) for inp, out in linears)  # (out, ceil(in/4)) uint8 each
+    scales = layers * sum(out * (inp // (group or inp)) * 4 for inp, out in linears)  # (out, groups) fp32
+    bf16 = (2 * vocab * h + (2 * layers + 1) * h) * 2  # embedding, untied head, norms
+    # 6,979,321,856 linear weights: 1/4 byte each packed, 4 bytes per row (43,008 rows a block) or per 64
+    assert packed == 1_744_830_464 and scales == (5_505_024 if group is None else 436_207_616)
+    table = format_grid("ternary", group_size=group)
+    row = grid_row(table, "8B")
+    assert table.splitlines()[1].split()[:6] == ["model", "params", "packed", "scales", "bf16", "parts"]
+    gib = [float(c) for c in row[2:6]]
+    assert gib == [round(b / GIB, 2) for b in (packed, scales, bf16, packed + scales + bf16)]
+    e = estimate(TrainSetup(model="8B", method="ternary", rank=r, group_size=group))
+    assert e.weights == packed + scales + bf16 == e.base.total
+    assert (e.base.codes, e.base.scales, e.base.dense) == (packed, scales, bf16)
+    trainable = lora_params(SIZES["8B"], r)
+    assert (e.master, e.gradients, e.optimizer) == (4 * trainable, 4 * trainable, 8 * trainable)  # as QLoRA
+    assert row[6:10] == ["✓"] * 4 and float(row[10]) == round(e.total_gb, 2)  # r=8..64 fit; total at r=16
+
+
+def test_ternary_table_marks_follow_the_totals():
+    table = format_grid("ternary", gpu_gb=16)
+    for size in ("1B", "34B", "70B"):
+        row = grid_row(table, size)
+        for mark, rank in zip(row[6:10], (8, 16, 32, 64), strict=True):
+            fits = estimate(TrainSetup(model=size, method="ternary", rank=rank)).total <= 16 * GIB
+            assert mark == ("✓" if fits else "✗")
+    assert grid_row(table, "34B")[7] == "✓" and grid_row(table, "65B")[7] == grid_row(table, "70B")[7] == "✗"
+    assert grid_row(format_grid("full"), "1B")[3:] == ["✗", grid_row(format_grid("full"), "1B")[-1]]
 
 
 def test_cpu_activation_formula_and_calibration_constant():

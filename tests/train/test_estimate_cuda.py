@@ -1,9 +1,13 @@
 """The CUDA memory model (lorafit.train.estimate.cuda) on the CPU: its structure, its arithmetic written
-out by hand, its NF4 constant against lorafit's real storage, and what one real block saves for
-backward against `block_saved`. The measured check against a GPU is tests/train/test_estimate_gpu.py."""
+out by hand, its NF4 and ternary bytes against lorafit's real storage, the ternary dequantizer's peak
+against the bytes its tensors really hold, and what one real block saves for backward against
+`block_saved`. The measured check against a GPU is tests/train/test_estimate_gpu.py."""
+
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafit as lf
@@ -12,13 +16,21 @@ from lorafit.train.estimate import (
     GIB,
     NF4_DOUBLE_QUANT_BYTES,
     SIZES,
+    ModelShape,
     TrainSetup,
     cuda_peak,
     estimate,
     lora_params,
     peak_allocated,
+    ternary_bytes,
 )
-from lorafit.train.estimate.cuda import block_saved, block_working, loss_working, step_saved
+from lorafit.train.estimate.cuda import (
+    block_saved,
+    block_working,
+    dequantized_weight,
+    loss_working,
+    step_saved,
+)
 
 
 def cuda(**kw):
@@ -37,12 +49,13 @@ def test_monotonic_in_batch_seq_and_rank(size):
 
 @pytest.mark.parametrize("size", ["1B", "8B", "70B"])
 @pytest.mark.parametrize("batch,seq", [(1, 512), (4, 4096)])
-def test_qlora_below_lora_below_full(size, batch, seq):
-    totals = [cuda(model=size, method=m, batch=batch, seq=seq).total for m in ("qlora", "lora", "full")]
-    assert totals == sorted(totals) and len(set(totals)) == 3
+def test_ternary_below_qlora_below_lora_below_full(size, batch, seq):
+    methods = ("ternary", "qlora", "lora", "full")
+    totals = [cuda(model=size, method=m, batch=batch, seq=seq).total for m in methods]
+    assert totals == sorted(totals) and len(set(totals)) == 4
 
 
-@pytest.mark.parametrize("kw", [{}, {"method": "lora"}, {"method": "full"}, {"batch": 1, "seq": 64},
+@pytest.mark.parametrize("kw", [{}, {"method": "lora"}, {"method": "full"}, {"method": "ternary"}, {"batch": 1, "seq": 64},
                                 {"grad_checkpointing": False}, {"loss_chunk": None}, {"model": "135M", "seq": 128}])
 def test_terms_sum_to_the_total(kw):
     e = cuda(**kw)
@@ -71,6 +84,91 @@ def test_hand_arithmetic_8b_qlora():
     trainable = lora_params(s, r)
     assert (e.master, e.gradients, e.optimizer) == (4 * trainable, 4 * trainable, 8 * trainable)
     assert e.weights == s.n_linear_params * NF4_DOUBLE_QUANT_BYTES + (s.n_params - s.n_linear_params) * 2
+
+
+def test_hand_arithmetic_8b_ternary():
+    """The same run on a packed ternary base: only the weights and the dequantized weight change."""
+    h, i, vocab, layers = 4096, 14336, 128256, 32
+    q, t = cuda(), cuda(method="ternary")
+    assert t.peak_phase == "backward" and t.activations == q.activations
+    assert (t.master, t.gradients, t.optimizer) == (q.master, q.gradients, q.optimizer)
+    # down_proj's (4096 x 14336) weight: int8 values + the bf16 output scaled in place = 3 bytes a weight
+    assert t.workspace == CUBLAS_WORKSPACE_BYTES + i * h * (1 + 2)
+    rows = layers * (h + 1024 + 1024 + h + i + i + h)  # out_features of q, k, v, o, gate, up, down
+    n = SIZES["8B"].n_linear_params
+    assert t.weights == n // 4 + rows * 4 + (2 * vocab * h + (2 * layers + 1) * h) * 2  # + bf16 parts
+
+
+def test_ternary_bytes_are_lorafit_storage():
+    """`ternary_bytes` is what TernaryLinear layers really keep: packed codes and fp32 scales, per row
+    and per group, with in_features that are not a multiple of 4 (rows padded to whole bytes)."""
+    from lorafit.quant.apply import quantize_model
+    from lorafit.quant.linear import weight_storage_bytes
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=258, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    shape = ModelShape.from_config(config)
+    for group in (None, 6):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        quantize_model(model, "ternary", group_size=group)
+        nbytes, params = weight_storage_bytes(model)
+        assert params == shape.n_linear_params and nbytes == sum(ternary_bytes(shape, group))
+    assert ternary_bytes(shape)[0] > shape.n_linear_params / 4  # down_proj's 258-wide rows take 65 bytes
+
+
+def tensors(x):
+    """The tensors in an op's (nested) arguments or outputs."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, list | tuple | dict):
+        for y in x.values() if isinstance(x, dict) else x:
+            yield from tensors(y)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops create inside the mode while they are alive (a
+    storage is freed when its last tensor or view goes; torch keeps one Python object per storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.alive: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.alive.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        out = func(*args, **(kwargs or {}))
+        for t in tensors(out):
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if key in self.alive or key in inputs or not nbytes:
+                continue  # a view, an in-place result, or nothing allocated
+            self.alive.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_ternary_dequantize_peak_is_what_the_estimate_counts(dtype, name):
+    """TernaryLinear.dequantize at its widest holds the int8 values and the output it scales in place:
+    `dequantized_weight` counts 1 + d bytes per weight of the largest linear."""
+    from lorafit.quant.ternary import TernaryLinear
+
+    torch.manual_seed(0)
+    out_f, in_f = 352, 128
+    layer = TernaryLinear(torch.randn(out_f, in_f))
+    with LiveBytes() as live:
+        weight = layer.dequantize(dtype)
+    assert live.live == weight.numel() * weight.element_size()  # only the result is left
+    shape = ModelShape(hidden=in_f, intermediate=out_f, layers=1, heads=4, kv_heads=4, vocab=8)
+    setup = TrainSetup(model=shape, method="ternary", dtype=name)
+    assert live.peak == dequantized_weight(setup) == out_f * in_f * (1 + (2 if name == "bf16" else 4))
 
 
 def test_the_peak_moves_to_the_loss_for_few_tokens_and_a_large_vocabulary():

@@ -1,7 +1,7 @@
 """The CUDA model: what lorafit's trainer holds in GPU memory at the peak of a training step.
 
 What is modelled is the Trainer's CUDA run: compute in `setup.dtype` (bf16; d bytes per element), the
-base's linear layers frozen in that dtype (LoRA) or in NF4 (QLoRA), fp32 LoRA master weights, their
+base's linear layers frozen in that dtype (LoRA), in NF4 (QLoRA) or packed ternary, fp32 LoRA master weights, their
 fp32 gradients and fp32 AdamW states (the persistent terms, lorafit.train.estimate.memory), every
 adapted linear run by the fused LoRA Function with its 16-bit low-rank path, SiLU-gated MLPs as
 GatedMLP with the Triton SwiGLU, per-layer gradient checkpointing (`grad_checkpointing`, what a CUDA
@@ -30,6 +30,9 @@ linears per block of rank r, and every token assumed a target (the upper bound):
       3i d          down_proj's recomputed input, the gradient from its LoRA path and its d(input); then
                     SwiGLU's incoming gradient and the two it returns
       + QLoRA: one (out x in) weight dequantized in d (the largest linear), not per token
+      + ternary: the same weight at the widest moment of TernaryLinear.dequantize, which is PyTorch code:
+                    the int8 values (1) and the output in d, scaled in place: 1 + d bytes per weight
+                    (the table lookup before holds its int32 index and result, 2 bytes per weight)
                     (the attention's backward, later, holds less: the MLP's 2i d are freed by then)
   kept across the whole step (`step_saved`)
       L h d         with checkpointing, each block's input; without, L * block_saved
@@ -115,10 +118,14 @@ def loss_logits(setup: TrainSetup) -> float:
 
 
 def dequantized_weight(setup: TrainSetup) -> float:
-    """QLoRA: the largest linear's weight, dequantized in the compute dtype for one matmul."""
-    if setup.method != "qlora":
-        return 0.0
-    return max(a * b for a, b in setup.shape.linears().values()) * DTYPE_BYTES[setup.dtype]
+    """Quantized bases: the bytes that dequantizing the largest linear for one matmul holds at its widest.
+
+    QLoRA: the weight in the compute dtype (the NF4 kernel writes it directly), d bytes per weight.
+    Ternary: max(2, 1 + d) bytes per weight (see the module docstring).
+    """
+    d = DTYPE_BYTES[setup.dtype]
+    per_weight = {"qlora": d, "ternary": max(2, 1 + d)}.get(setup.method, 0)
+    return max(a * b for a, b in setup.shape.linears().values()) * per_weight
 
 
 @dataclass(frozen=True)

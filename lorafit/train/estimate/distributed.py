@@ -23,19 +23,19 @@ import dataclasses
 
 from lorafit.errors import LorafitError
 from lorafit.train.estimate.memory import TERMS, MemoryEstimate, estimate
-from lorafit.train.estimate.setup import DTYPE_BYTES, GIB, NF4_BYTES, NF4_DOUBLE_QUANT_BYTES, TrainSetup
+from lorafit.train.estimate.setup import DTYPE_BYTES, GIB, TrainSetup
+from lorafit.train.estimate.weights import base_weights
 
 STRATEGIES = ("ddp", "fsdp")
 
 
 def block_weight_bytes(setup: TrainSetup) -> float:
-    """Bytes of one decoder block's weights: its linear layers (NF4 for QLoRA, else the dtype) and
-    its two RMSNorm weights (the dtype)."""
+    """Bytes of one decoder block's weights: its linear layers (NF4 or ternary storage when quantized,
+    else the dtype) and its two RMSNorm weights (the dtype)."""
     s, d = setup.shape, DTYPE_BYTES[setup.dtype]
-    per_weight = d
-    if setup.method == "qlora":
-        per_weight = NF4_DOUBLE_QUANT_BYTES if setup.double_quant else NF4_BYTES
-    return s.n_linear_params / s.layers * per_weight + 2 * s.hidden * d
+    base = base_weights(setup)
+    linears = base.codes + base.scales if setup.method in ("qlora", "ternary") else s.n_linear_params * d
+    return linears / s.layers + 2 * s.hidden * d
 
 
 def per_device(setup: TrainSetup, nproc: int) -> dict[str, MemoryEstimate]:

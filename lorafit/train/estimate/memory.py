@@ -2,7 +2,9 @@
 
 Terms (bytes; `MemoryEstimate` holds them and their sum, `total`):
 
-    weights      base model: dtype bytes/param (full, LoRA) or NF4 for the linear layers (QLoRA)
+    weights      base model: dtype bytes/param (full, LoRA), or the linear layers in NF4 (QLoRA) or as
+                 packed ternary codes + fp32 scales (ternary) and the rest in dtype
+                 (lorafit.train.estimate.weights; `MemoryEstimate.base` holds the three parts)
     master       fp32 copies of what is trained: LoRA adapters live in fp32 (this term is the
                  adapters themselves); full fine-tuning in a 16-bit dtype keeps an fp32 master copy
                  of every weight, and none when the weights already are fp32 (no duplicate)
@@ -13,8 +15,8 @@ Terms (bytes; `MemoryEstimate` holds them and their sum, `total`):
                  scaled by its fitted factor (lorafit.train.estimate.cpu)
     logits       (tokens x vocab) buffers of the loss: the chunked loss's one (chunk x vocab) buffer,
                  or the plain loss's full logits; on CUDA counted only when the loss phase is the peak
-    workspace    CUDA: cuBLAS's workspace, and QLoRA's dequantized weight when a block's backward is
-                 the peak; 0 on the CPU
+    workspace    CUDA: cuBLAS's workspace, and the largest linear dequantized (QLoRA, ternary: with the
+                 ternary dequantizer's fp32 intermediates) when a block's backward is the peak; 0 on the CPU
     overhead     cuda: CUDA context and the caching allocator's cached blocks (an allowance);
                  cpu: the process baseline, python + torch + transformers + lorafit resident
 
@@ -28,15 +30,9 @@ from typing import Any
 
 from lorafit.train.estimate.cpu import activation_bytes, logits_bytes
 from lorafit.train.estimate.cuda import cuda_peak
-from lorafit.train.estimate.setup import (
-    DTYPE_BYTES,
-    GIB,
-    NF4_BYTES,
-    NF4_DOUBLE_QUANT_BYTES,
-    OPTIMIZER_BYTES,
-    TrainSetup,
-)
+from lorafit.train.estimate.setup import DTYPE_BYTES, GIB, OPTIMIZER_BYTES, TrainSetup
 from lorafit.train.estimate.shapes import ALL_LINEAR, lora_params
+from lorafit.train.estimate.weights import BaseWeights, base_weights
 
 TERMS = ("weights", "master", "gradients", "optimizer", "activations", "logits", "workspace", "overhead")
 
@@ -58,6 +54,8 @@ class MemoryEstimate:
     workspace: float = 0.0
     peak_phase: str = ""
     """CUDA: where the peak falls, "backward" (of one block) or "loss"; "" on the CPU."""
+    base: BaseWeights | None = None
+    """`weights` in its parts: quantized codes, their scales, and what stays in the compute dtype."""
 
     @property
     def total(self) -> float:
@@ -83,6 +81,11 @@ class MemoryEstimate:
     def breakdown(self) -> str:
         """Multi-line, human-readable breakdown in GiB."""
         lines = [f"{t:<12} {b / GIB:8.2f} GiB" for t, b in self.terms().items()]
+        if self.base is not None and self.base.codes:
+            b = self.base
+            codes = "packed" if self.setup.method == "ternary" else "codes"
+            lines[0] += (f"  ({codes} {b.codes / GIB:.2f} + scales {b.scales / GIB:.2f} + "
+                         f"{self.setup.dtype} parts {b.dense / GIB:.2f})")
         lines.append(
             f"{'total':<12} {self.total_gb:8.2f} GiB  ({self.n_trainable:,} of {self.n_params:,} params train)"
         )
@@ -95,19 +98,13 @@ class MemoryEstimate:
 def estimate(setup: TrainSetup) -> MemoryEstimate:
     """The memory breakdown of `setup` (see the module docstring for what each term counts)."""
     s, dtype_b = setup.shape, DTYPE_BYTES[setup.dtype]
-    n_params = s.n_params
+    n_params, base = s.n_params, base_weights(setup)
     if setup.method == "full":
         n_trainable = n_params
-        weights = n_params * dtype_b
         master = n_params * 4 if dtype_b < 4 else 0  # fp32 master copy for mixed precision
         gradients = n_params * dtype_b  # same dtype as the weights they belong to
-    else:
+    else:  # lora, qlora, ternary: the same fp32 adapters on a frozen base
         n_trainable = lora_params(s, setup.rank, setup.targets)
-        if setup.method == "qlora":  # linears in NF4; embeddings, LM head and norms stay in dtype
-            nf4 = NF4_DOUBLE_QUANT_BYTES if setup.double_quant else NF4_BYTES
-            weights = s.n_linear_params * nf4 + (n_params - s.n_linear_params) * dtype_b
-        else:
-            weights = n_params * dtype_b
         master = n_trainable * 4  # adapters are kept in fp32
         gradients = n_trainable * 4
     if setup.device == "cuda":
@@ -117,9 +114,9 @@ def estimate(setup: TrainSetup) -> MemoryEstimate:
                 "workspace": peak.workspace + (0.0 if loss else peak.dequantized), "peak_phase": peak.phase}
     else:
         step = {"activations": activation_bytes(setup), "logits": logits_bytes(setup)}
-    return MemoryEstimate(setup=setup, n_params=n_params, n_trainable=n_trainable, weights=weights, master=master,
-                          gradients=gradients, optimizer=n_trainable * OPTIMIZER_BYTES[setup.optimizer],
-                          overhead=setup.overhead_gb * GIB, **step)
+    return MemoryEstimate(setup=setup, n_params=n_params, n_trainable=n_trainable, weights=base.total,
+                          master=master, gradients=gradients, optimizer=n_trainable * OPTIMIZER_BYTES[setup.optimizer],
+                          overhead=setup.overhead_gb * GIB, base=base, **step)
 
 
 def peak_allocated(model: Any, batch: int, seq: int, rank: int, method: str = "qlora",

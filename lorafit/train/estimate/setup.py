@@ -14,7 +14,7 @@ from lorafit.train.estimate.shapes import ALL_LINEAR, ModelShape, model_shape
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "ternary")
 # Optimizer state per trainable parameter, bytes.
 #   adamw:     exp_avg + exp_avg_sq in fp32 = 2 * 4
 #   adamw8bit: both states in 8 bits (2 * 1) plus one fp32 scale per 256-value block for each
@@ -28,6 +28,11 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / 256), "sgd": 0.0}
 # (plus one fp32 offset per layer, and the 256-entry code table shared by all: nothing per weight)
 NF4_BYTES = 0.5 + 4 / 64
 NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (256 * 64)
+# Ternary storage (what lorafit.quant.ternary.TernaryLinear keeps; lorafit.train.estimate.weights adds it up):
+#   packed: (out, ceil(in / 4)) uint8, four 2-bit codes a byte        -> 1/4 B per weight (rows padded)
+#   scale:  (out, in / group_size) fp32, one per row by default       -> 4 / group_size B per weight
+TERNARY_CODES_PER_BYTE = 4
+TERNARY_SCALE_BYTES = 4
 
 DEVICES = ("cuda", "cpu")
 # Defaults that depend on the device (TrainSetup fields left as None take these).
@@ -60,7 +65,8 @@ class TrainSetup:
     model: Any = "7B"
     """Size name ('135M' .. '70B'), ModelShape, HF config, or config.json path."""
     method: str = "lora"
-    """'full' (all weights train), 'lora' (adapters on a frozen 16-bit base), 'qlora' (frozen NF4 base)."""
+    """'full' (all weights train), 'lora' (adapters on a frozen 16-bit base), 'qlora' (frozen NF4 base),
+    'ternary' (frozen packed ternary base: 2-bit codes + fp32 scales, lorafit.quant.ternary)."""
     rank: int = 16
     """LoRA rank r (ignored for 'full')."""
     targets: tuple[str, ...] = ALL_LINEAR
@@ -78,6 +84,9 @@ class TrainSetup:
     """'adamw' (two fp32 states), 'adamw8bit' (two 8-bit states), or 'sgd' (none)."""
     double_quant: bool = True
     """QLoRA: quantize the NF4 block scales too (~0.127 instead of 0.5 extra bits per weight)."""
+    group_size: int | None = None
+    """Ternary: input columns sharing one fp32 scale (TernaryLinear's group_size); None: one scale per
+    row, what `load_model(quantize="ternary")` stores. Must divide every linear's in_features."""
     device: str = "cuda"
     """'cuda': the GPU memory of lorafit's trainer on CUDA (lorafit.train.estimate.cuda); 'cpu': the
     peak RSS of a CPU process running it (lorafit.train.estimate.cpu)."""
@@ -124,6 +133,17 @@ class TrainSetup:
         for name in ("rank", "batch", "seq"):
             if getattr(self, name) < 1:
                 raise LorafitError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.group_size is not None:
+            self._check_group_size()
+
+    def _check_group_size(self) -> None:
+        if self.method != "ternary":
+            raise LorafitError(f"group_size={self.group_size} applies to method='ternary' only, not {self.method!r}")
+        widths = sorted({i for i, _ in self.shape.linears().values()})
+        if self.group_size < 1 or any(w % self.group_size for w in widths):
+            raise LorafitError(
+                f"group_size={self.group_size} must divide every linear's in_features ({', '.join(map(str, widths))})"
+            )
 
     @property
     def tokens(self) -> int:

@@ -129,6 +129,7 @@ SIZES: dict[str, ModelShape] = {
     "8B": ModelShape(4096, 14336, 32, 32, 8, 128256),  # Llama-3.1-8B
     "13B": ModelShape(5120, 13824, 40, 40, 40, 32000),  # Llama-2-13B
     "34B": ModelShape(8192, 22016, 48, 64, 8, 32000),  # CodeLlama-34B
+    "65B": ModelShape(8192, 22016, 80, 64, 64, 32000),  # LLaMA-65B
     "70B": ModelShape(8192, 28672, 80, 64, 8, 128256),  # Llama-3.1-70B
 }
 

@@ -1,0 +1,78 @@
+"""The running batch: its rows, their KV cache and attention mask, and how batches merge and shrink.
+
+Rows are left-padded and right-aligned: every row's real tokens end at the last KV column. Merging
+two batches is then a left pad of the shorter one's KV and mask, and dropping finished rows can
+trim the KV columns that have become padding in every remaining row. Per-row position ids keep
+each row's rotary positions independent of the padding (a shared-prefix prefill also leaves
+masked padding between a row's prefix and the rest of its prompt).
+
+Every tensor is made on the device of the tensors it comes from (or the one passed in); only
+small index lists are built in Python first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafit.serve.kvcache import AppendCache
+from lorafit.serve.requests import Request
+
+
+@dataclass
+class Batch:
+    """Running rows and their KV cache: mask (B, L) with each row's real tokens right-aligned."""
+
+    rows: list[Request]
+    cache: AppendCache
+    mask: torch.Tensor  # (B, L) long
+    positions: torch.Tensor  # (B,) the position id of each row's next token
+    last: torch.Tensor  # (B,) each row's last sampled token, the next step's input
+
+
+def kv(cache: AppendCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values), each (B, heads, L, head_dim)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`t` with zeros prepended along `dim` up to `length`."""
+    if t.shape[dim] == length:
+        return t
+    shape = list(t.shape)
+    shape[dim] = length - t.shape[dim]
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def left_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (len(seqs), longest) on `device`, every sequence right-aligned."""
+    length = max(len(s) for s in seqs)
+    ids = [[pad_id] * (length - len(s)) + list(s) for s in seqs]
+    mask = [[0] * (length - len(s)) + [1] * len(s) for s in seqs]
+    return (torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(mask, dtype=torch.long, device=device))
+
+
+def merge_batches(a: Batch, b: Batch) -> Batch:
+    """One batch from two: the shorter is left-padded (masked out) to the longer's KV length."""
+    length = max(a.mask.shape[1], b.mask.shape[1])
+    merged = [(torch.cat([left_pad(ka, length, 2), left_pad(kb, length, 2)]),
+               torch.cat([left_pad(va, length, 2), left_pad(vb, length, 2)]))
+              for (ka, va), (kb, vb) in zip(kv(a.cache), kv(b.cache))]
+    return Batch(a.rows + b.rows, AppendCache.from_kv(merged),
+                 torch.cat([left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)]),
+                 torch.cat([a.positions, b.positions]), torch.cat([a.last, b.last]))
+
+
+def select_rows(batch: Batch, keep: list[int]) -> Batch | None:
+    """The batch without finished rows, its KV trimmed of columns that are padding in every row."""
+    if not keep:
+        return None
+    index = torch.tensor(keep, device=batch.mask.device)
+    mask = batch.mask.index_select(0, index)
+    start = int((mask.sum(0) > 0).nonzero()[0])  # rows are right-aligned: padding is a prefix
+    trimmed = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+               for k, v in kv(batch.cache)]
+    return Batch([batch.rows[i] for i in keep], AppendCache.from_kv(trimmed), mask[:, start:],
+                 batch.positions.index_select(0, index), batch.last.index_select(0, index))
