@@ -18,6 +18,7 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.quant.linear import PackedLinear
+from lorafit.quant.ternary import TernaryLinear
 from lorafit.train.estimate.distributed import per_device
 from lorafit.train.estimate.setup import GIB, TrainSetup
 
@@ -33,8 +34,9 @@ def device_memory(device: torch.device, world_size: int) -> float:
 
 
 def method_of(quantize: str | None) -> str:
-    """The estimator's method for a base: NF4 is QLoRA; ternary (2 bits) is counted as NF4, an upper bound."""
-    return "lora" if quantize is None else "qlora"
+    """The estimator's method for a base: dense is LoRA, NF4 is QLoRA, ternary is ternary (one fp32
+    scale per row; smaller groups add 4 bytes per group, at most a few percent of the base)."""
+    return {None: "lora", "nf4": "qlora", "ternary": "ternary"}[quantize]
 
 
 def choose_strategy(requested: str, world_size: int, model_config: Any, *, quantize: str | None, rank: int,
@@ -62,5 +64,9 @@ def choose_strategy(requested: str, world_size: int, model_config: Any, *, quant
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """"nf4" when the model's linear layers are quantized (any packed format), else None."""
-    return "nf4" if any(isinstance(m, PackedLinear) for m in model.modules()) else None
+    """"ternary" when the model's linear layers are TernaryLinear, "nf4" when they are another packed
+    format (NF4Linear), else None."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not packed:
+        return None
+    return "ternary" if all(isinstance(m, TernaryLinear) for m in packed) else "nf4"

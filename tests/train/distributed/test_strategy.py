@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lorafit.train.distributed.strategy import choose_strategy, device_memory, method_of
+from lorafit.quant.linear import NF4Linear
+from lorafit.quant.ternary import TernaryLinear
+from lorafit.train.distributed.strategy import choose_strategy, device_memory, method_of, quantization_of
 from lorafit.train.estimate import SIZES
 from lorafit.train.estimate.distributed import per_device
 from lorafit.train.estimate.setup import TrainSetup
@@ -35,4 +37,11 @@ def test_configured_strategies_and_unknown_models():
     assert choose(None)[0] == "ddp"
     strategy, why = choose({"hidden_size": 8})  # not a Llama-style config: no estimate, DDP
     assert strategy == "ddp" and "no memory estimate" in why
-    assert method_of(None) == "lora" and method_of("nf4") == method_of("ternary") == "qlora"
+    assert method_of(None) == "lora" and method_of("nf4") == "qlora" and method_of("ternary") == "ternary"
+
+
+def test_the_estimate_is_of_the_base_the_model_holds():
+    linear = torch.nn.Linear(64, 32)
+    assert quantization_of(torch.nn.Sequential(linear)) is None
+    assert quantization_of(torch.nn.Sequential(NF4Linear.from_linear(linear))) == "nf4"
+    assert quantization_of(torch.nn.Sequential(TernaryLinear.from_linear(linear))) == "ternary"
