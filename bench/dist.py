@@ -7,6 +7,7 @@ Each run is `lorafit.train.run.run` (what `lorafit train` executes) on the bundl
 steps, LoRA and seed, in fresh processes:
 
     1 process    `python bench/dist.py --child ...`, torch threads = the cores this benchmark may use
+                 (and with --one-thread once more with 1 thread: the fair baseline on a loaded machine)
     2 processes  `torchrun --standalone --nproc-per-node 2 bench/dist.py --child ...`, half the threads
                  each, once per strategy (ddp, fsdp)
 
@@ -88,26 +89,28 @@ def run_child(args: argparse.Namespace) -> None:
 
 
 # -- parent ----------------------------------------------------------------------------------------
-def child_command(args: argparse.Namespace, nproc: int, strategy: str, out: str) -> list[str]:
+def child_command(args: argparse.Namespace, nproc: int, strategy: str, out: str, threads: int) -> list[str]:
     flags = ["--child", "--child-out", out, "--strategy", strategy, "--quant", args.quant,
              "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
-             "--max-seq-length", str(args.max_seq_length), "--threads", str(max(1, args.cores // nproc))]
+             "--max-seq-length", str(args.max_seq_length), "--threads", str(threads)]
     script = os.path.abspath(__file__)
     if nproc == 1:
         return [sys.executable, script, *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *flags]
 
 
-def measure(args: argparse.Namespace, nproc: int, strategy: str) -> list[dict]:
+def measure(args: argparse.Namespace, nproc: int, strategy: str, threads: int | None = None) -> list[dict]:
+    """One run of `nproc` processes of `threads` torch threads each (default: the cores shared out)."""
     from bench.common import children_cpu_seconds, machine_busy_seconds
 
+    threads = threads or max(1, args.cores // nproc)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, args.cores // nproc))}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     busy0, child0, wall0 = machine_busy_seconds(), children_cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         print(f"[{nproc} process(es), {strategy}] running ...", file=sys.stderr, flush=True)
-        subprocess.run(child_command(args, nproc, strategy, out), check=True, env=env, cwd=ROOT)
+        subprocess.run(child_command(args, nproc, strategy, out, threads), check=True, env=env, cwd=ROOT)
         ranks = []
         for r in range(nproc):
             with open(f"{out}.rank{r}") as f:
@@ -148,6 +151,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--one-thread", action="store_true",
+                        help="also run 1 process of 1 thread (on a loaded machine a process of several threads "
+                             "waits for its slowest one at every op; a process of one thread does not)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -161,6 +167,8 @@ def main() -> None:
     from bench.common import machine_info
 
     runs = {"1 process": measure(args, 1, "auto")}
+    if args.one_thread and args.cores > 1:  # the same work on one core: no thread of its own kept waiting
+        runs["1 process, 1 thread"] = measure(args, 1, "auto", threads=1)
     for strategy in args.strategies.split(","):
         runs[f"2 processes, {strategy}"] = measure(args, 2, strategy)
     machine = machine_info()
