@@ -11,10 +11,10 @@ The packed buffers keep their dtype and values under `module.to(...)`: only the 
 `model.to(torch.bfloat16)` can neither requantize nor corrupt them.
 
 Sharding: FSDP2 (`torch.distributed.fsdp.fully_shard`) shards a module's parameters, never its buffers.
-`NF4Linear.storage_as_parameters()` re-registers the packed storage as frozen Parameters, with the
-codes as (out, in/2) and the block statistics as (out, in/blocksize) rows where the width allows, so
-that FSDP's dim-0 shards hold the codes and statistics of the same rows; the weight itself (what
-`nf4()` reads, the same bytes) is unchanged.
+`storage_as_parameters()` re-registers the packed storage as frozen Parameters, rows first: NF4 codes
+as (out, in/2) and block statistics as (out, in/blocksize) where the width allows, ternary codes
+(out, ceil(in/4)) and scales (out, n_groups) as they are, so that FSDP's dim-0 shards hold the codes
+and statistics of the same rows; the weight itself (the same bytes) is unchanged.
 """
 
 from __future__ import annotations
@@ -101,6 +101,32 @@ class PackedLinear(nn.Module):
                     param.data.to(device), requires_grad=False)
         return self
 
+    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each packed storage tensor takes as a Parameter (`storage_as_parameters`): its
+        rows first where the format allows, so that dim-0 shards hold whole rows of the weight."""
+        raise NotImplementedError
+
+    def storage_as_parameters(self) -> None:
+        """Hold the packed weight as frozen Parameters (what FSDP2 shards) instead of buffers, in the
+        shapes of `storage_shapes`. The bytes and their order are those of the buffers, so everything
+        reading the weight is unchanged. A later `set_weight` holds it as buffers again."""
+        names = []
+        for name, shape in self.storage_shapes().items():
+            tensor = self._buffers.get(name)
+            if tensor is None:
+                continue  # already a Parameter, or absent (NF4 without double quantization)
+            del self._buffers[name]
+            self.register_parameter(name, nn.Parameter(tensor.reshape(shape), requires_grad=False))
+            names.append(name)
+        self.STORAGE = tuple(dict.fromkeys((*self.STORAGE, *names)))
+
+    def _as_buffers(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        """Register the packed storage as buffers (dropping Parameters of the same names)."""
+        for name, tensor in tensors.items():
+            self._parameters.pop(name, None)
+            self.register_buffer(name, tensor)
+        self.STORAGE = ()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -142,32 +168,15 @@ class NF4Linear(PackedLinear):
 
     def _store(self, t: NF4Tensor) -> None:
         self.weight_dtype = t.dtype
-        for name in ("packed", "absmax", "state2", "offset"):
-            self._parameters.pop(name, None)  # a requantized weight is held as buffers again
-            self.register_buffer(name, getattr(t, name))
-        self.STORAGE = ()
+        self._as_buffers({name: getattr(t, name) for name in ("packed", "absmax", "state2", "offset")})
 
-    def storage_as_parameters(self) -> None:
-        """Hold the packed weight as frozen Parameters (what FSDP2 shards) instead of buffers.
-
-        Shapes: `packed` (out, in/2) and `absmax` (out, in/blocksize) when `in` is a multiple of 2 and
-        of the block size (else they stay flat), `state2` (n_blocks/256,) and `offset` (1,). The
-        bytes and their order are those of the buffers, so `nf4()` and everything reading it are
-        unchanged; FSDP's dim-0 shards of `packed` and `absmax` then cover the same rows.
-        """
+    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
+        """`packed` (out, in/2) and `absmax` (out, in/blocksize) when `in` is a multiple of 2 and of the
+        block size (else they stay flat), `state2` (n_blocks/256,) and `offset` (1,)."""
         out, n_in = self.out_features, self.in_features
-        shapes = {"packed": (out, n_in // 2) if n_in % 2 == 0 else (-1,),
-                  "absmax": (out, n_in // self.blocksize) if n_in % self.blocksize == 0 else (-1,),
-                  "state2": (-1,), "offset": (1,)}
-        names = []
-        for name, shape in shapes.items():
-            tensor = self._buffers.get(name)
-            if tensor is None:
-                continue  # already a Parameter, or no double quantization (state2 / offset are None)
-            del self._buffers[name]
-            self.register_parameter(name, nn.Parameter(tensor.reshape(shape), requires_grad=False))
-            names.append(name)
-        self.STORAGE = tuple(dict.fromkeys((*self.STORAGE, *names)))
+        return {"packed": (out, n_in // 2) if n_in % 2 == 0 else (-1,),
+                "absmax": (out, n_in // self.blocksize) if n_in % self.blocksize == 0 else (-1,),
+                "state2": (-1,), "offset": (1,)}
 
     def nf4(self) -> NF4Tensor:
         """The stored weight as an `NF4Tensor` (sharing storage with the buffers or parameters)."""
@@ -196,7 +205,7 @@ def weight_storage_bytes(module: nn.Module) -> tuple[int, int]:
     """(bytes of packed weight storage, number of base weight parameters) over all PackedLinear layers.
 
     Counts every buffer of the quantized layers (codes and statistics; also when they are held as
-    Parameters, `NF4Linear.storage_as_parameters`), not their biases.
+    Parameters, `PackedLinear.storage_as_parameters`), not their biases.
     """
     nbytes = params = 0
     for m in module.modules():

@@ -14,9 +14,10 @@ own forward: lorafit.ops.chunked_loss).
            parameters are all-gathered, and freed after its forward and again after its backward;
            the adapter gradients are reduce-scattered (averaged), so each rank keeps, clips (over
            all shards: clip_grad_norm_ on DTensors) and updates 1/N of the adapter and of its AdamW
-           states. An NF4 base is sharded like any other: its packed codes, block statistics and
-           double-quant statistics become frozen Parameters first (`NF4Linear.storage_as_parameters`,
-           codes and statistics of the same rows in the same shard), so a rank holds ~1/N of it.
+           states. A quantized base is sharded like any other: the packed storage of its NF4 or
+           ternary linears (codes, block statistics, double-quant statistics; ternary codes and
+           scales) becomes frozen Parameters first (`PackedLinear.storage_as_parameters`, codes and
+           statistics of the same rows in the same shard), so a rank holds ~1/N of it.
            FSDP2 keeps the root gathered from its forward to the end of the backward.
 
 Saving and loading see whole tensors whatever the strategy:
@@ -40,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.quant.linear import NF4Linear
+from lorafit.quant.linear import PackedLinear
 from lorafit.train.distributed.world import World
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -210,7 +211,7 @@ def _shard(step: StepModule, model: nn.Module, world: World) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for module in model.modules():
-        if isinstance(module, NF4Linear):
+        if isinstance(module, PackedLinear):  # NF4 and ternary bases: their packed storage is sharded too
             module.storage_as_parameters()
     # the default group itself (init_device_mesh may open a new group, without the run's collective timeout)
     mesh = DeviceMesh.from_group(dist.group.WORLD, world.device.type)

@@ -17,7 +17,7 @@ import pytest
 from lorafit.train.trainer import Trainer
 from tests.train.distributed import kit
 
-PHASES = ["ddp", "fsdp", "resume", "refuse", "raise"]
+PHASES = ["ddp", "fsdp", "ternary", "resume", "refuse", "raise"]
 
 
 @dataclass
@@ -55,10 +55,12 @@ def dist_samples(tokenizer, dist_data):
 
 @pytest.fixture(scope="session")
 def one_rank(tokenizer, dist_samples, tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
-    """The same trainings in one process with the whole batch: {"ddp": (out, history), "fsdp": ...}."""
+    """The same trainings in one process with the whole batch: {"ddp": (out, history), "fsdp": ..., "ternary": ...}."""
     root = tmp_path_factory.mktemp("one-rank")
     ddp = Trainer(kit.config(root / "ddp", save_steps=2, save_total_limit=5, eval_steps=5, grad_accum=2),
                   kit.tiny_llama(), tokenizer, dist_samples.train, dist_samples.val).train()
-    fsdp = Trainer(kit.config(root / "fsdp", eval_steps=5), kit.tiny_llama(nf4=True), tokenizer, dist_samples.train,
+    fsdp = Trainer(kit.config(root / "fsdp", eval_steps=5), kit.tiny_llama(quant="nf4"), tokenizer, dist_samples.train,
                    dist_samples.val).train()
-    return {"ddp": (root / "ddp", ddp), "fsdp": (root / "fsdp", fsdp)}
+    ternary = Trainer(kit.config(root / "ternary", max_steps=3), kit.tiny_llama(quant="ternary"), tokenizer,
+                      dist_samples.train).train()
+    return {"ddp": (root / "ddp", ddp), "fsdp": (root / "fsdp", fsdp), "ternary": (root / "ternary", ternary)}

@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("worker.py")
 
 
-def tiny_llama(seed: int = 0, nf4: bool = False) -> LlamaForCausalLM:
-    """A 2-block Llama with SmolLM2's vocabulary (the real tokenizer's ids), random weights."""
+def tiny_llama(seed: int = 0, quant: str | None = None) -> LlamaForCausalLM:
+    """A 2-block Llama with SmolLM2's vocabulary (the real tokenizer's ids), random weights; its linears
+    quantized (except the head) when `quant` is "nf4" or "ternary"."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = LlamaForCausalLM(config)
-    return quantize_model(model, "nf4") if nf4 else model
+    return quantize_model(model, quant) if quant else model
 
 
 def tokenizer():

@@ -67,7 +67,7 @@ def test_a_rank_stopped_by_a_signal_stops_the_other_and_the_last_checkpoint_resu
     step = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"]
     assert step >= 1
     # the survivor's last checkpoint resumes (here on one process: FSDP's shards were saved whole)
-    history = Trainer(kit.config(tmp_path / "long", max_steps=step + 2), kit.tiny_llama(nf4=True), tokenizer,
+    history = Trainer(kit.config(tmp_path / "long", max_steps=step + 2), kit.tiny_llama(quant="nf4"), tokenizer,
                       dist_samples.train).train(resume=True)
     assert [h["step"] for h in history] == list(range(1, step + 3))
     assert all(math.isfinite(h["loss"]) for h in history)

@@ -48,6 +48,15 @@ def test_fsdp_on_an_nf4_base_equals_one_rank_and_holds_half_the_base(two_ranks, 
     assert_same_adapter(two_ranks.out / "fsdp" / "adapter", out / "adapter")
 
 
+def test_fsdp_shards_a_ternary_base_too(two_ranks, one_rank):
+    """The packed ternary codes and their scales are sharded by rows like NF4's storage."""
+    out, reference = one_rank["ternary"]
+    for rank in two_ranks.ranks:
+        assert rank["ternary"] == pytest.approx([h["loss"] for h in reference], abs=TOL)
+        assert rank["ternary_rank"] <= 0.55 * rank["ternary_whole"]
+    assert_same_adapter(two_ranks.out / "ternary" / "adapter", out / "adapter")
+
+
 def test_adapters_saved_by_two_ranks_load_in_peft_with_the_logits_of_one_rank(two_ranks, one_rank):
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
     for strategy in ("ddp", "fsdp"):
@@ -110,7 +119,7 @@ def test_optimizer_states_convert_between_positions_and_names():
 
 
 def test_local_bytes_count_a_ranks_own_tensors():
-    model = kit.tiny_llama(nf4=True)
+    model = kit.tiny_llama(quant="nf4")
     layer = next(m for m in model.modules() if isinstance(m, NF4Linear))
     before = local_bytes(layer)
     layer.storage_as_parameters()

@@ -8,6 +8,8 @@ compare in OUT/rank<r>.json (rewritten after every phase):
              validation at the end: losses, validation loss
     fsdp     distributed: fsdp on an NF4 base, 5 steps, validation at the end: losses, validation
              loss, and the frozen bytes this rank holds, before (whole) and after sharding
+    ternary  distributed: fsdp on a ternary base, 3 steps: losses, and the ternary storage this rank
+             holds, before (whole) and after sharding
     resume   fsdp + NF4 with LoRA dropout: 6 steps checkpointing at 3, then a second run resumed from
              that checkpoint: both runs' losses
     refuse   the startup errors of a batch the ranks cannot share
@@ -23,15 +25,16 @@ import sys
 from pathlib import Path
 
 from lorafit.errors import LorafitError
-from lorafit.quant.linear import NF4Linear
+from lorafit.quant.linear import PackedLinear
 from lorafit.train.distributed.world import init_world, shutdown_world
 from lorafit.train.distributed.wrap import local_bytes
 from lorafit.train.trainer import Trainer
 from tests.train.distributed import kit
 
 
-def nf4_bytes(model) -> int:
-    return sum(local_bytes(m) for m in model.modules() if isinstance(m, NF4Linear))
+def packed_bytes(model) -> int:
+    """Bytes of the quantized linears' storage (NF4 or ternary) this rank holds."""
+    return sum(local_bytes(m) for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def main(data: str, out: str, phases: list[str]) -> None:
@@ -54,25 +57,31 @@ def main(data: str, out: str, phases: list[str]) -> None:
             history = Trainer(cfg, kit.tiny_llama(), tok, splits.train, splits.val).train()
             record(ddp=[h["loss"] for h in history], ddp_val=history[-1]["val_loss"])
         elif phase == "fsdp":
-            model = kit.tiny_llama(nf4=True)
+            model = kit.tiny_llama(quant="nf4")
             whole = local_bytes(model, trainable=True) + local_bytes(model)  # all of it is the base, for now
-            whole_nf4 = nf4_bytes(model)
+            whole_nf4 = packed_bytes(model)
             trainer = Trainer(kit.config(out_dir / "fsdp", distributed="fsdp", eval_steps=5), model, tok,
                               splits.train, splits.val)
             history = trainer.train()
             record(fsdp=[h["loss"] for h in history], fsdp_val=history[-1]["val_loss"],
-                   frozen_whole=whole, frozen_rank=local_bytes(model), nf4_whole=whole_nf4, nf4_rank=nf4_bytes(model),
+                   frozen_whole=whole, frozen_rank=local_bytes(model), nf4_whole=whole_nf4, nf4_rank=packed_bytes(model),
                    adapter_whole=sum(p.numel() for p in trainer.params),
                    adapter_rank=sum(p.to_local().numel() for p in trainer.params))
+        elif phase == "ternary":
+            model = kit.tiny_llama(quant="ternary")
+            whole = packed_bytes(model)
+            history = Trainer(kit.config(out_dir / "ternary", distributed="fsdp", max_steps=3), model, tok,
+                              splits.train).train()
+            record(ternary=[h["loss"] for h in history], ternary_whole=whole, ternary_rank=packed_bytes(model))
         elif phase == "resume":
             cfg = {"distributed": "fsdp", "dropout": 0.1, "max_steps": 6}
             full = Trainer(kit.config(out_dir / "r-full", save_steps=3, save_total_limit=5, **cfg),
-                           kit.tiny_llama(nf4=True), tok, splits.train).train()
+                           kit.tiny_llama(quant="nf4"), tok, splits.train).train()
             if rank == 0:  # a run that died right after its step-3 checkpoint
                 shutil.copytree(out_dir / "r-full" / "checkpoints" / "step-00000003",
                                 out_dir / "r-resumed" / "checkpoints" / "step-00000003")
             world.barrier()
-            resumed = Trainer(kit.config(out_dir / "r-resumed", **cfg), kit.tiny_llama(nf4=True), tok,
+            resumed = Trainer(kit.config(out_dir / "r-resumed", **cfg), kit.tiny_llama(quant="nf4"), tok,
                               splits.train).train(resume=True)
             record(resume_full=[h["loss"] for h in full], resume_resumed=[h["loss"] for h in resumed])
         elif phase == "refuse":
@@ -85,7 +94,7 @@ def main(data: str, out: str, phases: list[str]) -> None:
             record(refused=messages)
         elif phase.startswith("long="):  # long=SECONDS: the collective timeout
             Trainer(kit.config(out_dir / "long", distributed="fsdp", max_steps=100000, save_steps=1,
-                               collective_timeout=float(phase[5:])), kit.tiny_llama(nf4=True), tok, splits.train).train()
+                               collective_timeout=float(phase[5:])), kit.tiny_llama(quant="nf4"), tok, splits.train).train()
         elif phase == "raise":
             trainer = Trainer(kit.config(out_dir / "raise", distributed="ddp", max_steps=50), kit.tiny_llama(), tok,
                               splits.train)
