@@ -162,3 +162,58 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
         if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
             return key
     return None
+
+
+@dataclass
+class IA3Config:
+    """(IA)³ (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+    In-Context Learning"): one learned vector per adapted layer that rescales its output (keys,
+    values) or, for feed-forward layers, its input. PEFT's `IA3Config`, same field names."""
+
+    target_modules: list[str] | str | None = None
+    """Modules to rescale: names, a regex, or None for the family's defaults (k, v and the MLP's down
+    projection, as PEFT picks them)."""
+
+    feedforward_modules: list[str] | str | None = None
+    """The subset of target_modules whose *input* is scaled (y = W (l ⊙ x)); the others scale their
+    output (y = l ⊙ W x). None: the family's default (the MLP down projection)."""
+
+    fan_in_fan_out: bool = False
+    """PEFT's flag for bases that store weights (in, out) (GPT-2's Conv1D). lorafit reads the layout
+    from the base itself; the flag is kept so a saved file tells PEFT the truth."""
+
+    init_ia3_weights: bool = True
+    """Start every vector at 1 (the model is unchanged at step 0); False starts them random (tests)."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter."""
+
+    bias = "none"  # (IA)³ trains no bias; read by lorafit.lora.inject like LoraConfig.bias
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)):
+                value = list(value)
+                if not all(isinstance(t, str) and t for t in value):
+                    raise LorafitError(f"IA3Config.{name} must be a list of module names, got {value!r}")
+                setattr(self, name, value)
+            elif isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise LorafitError(f"IA3Config.{name}: {value!r} is not a valid regex ({e})") from None
+            elif value is not None:
+                raise LorafitError(f"IA3Config.{name} must be a list of names or a regex, got {value!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise LorafitError("IA3Config.target_modules must not be empty")
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            extra = [f for f in self.feedforward_modules if f not in self.target_modules]
+            if extra:
+                raise LorafitError(f"IA3Config.feedforward_modules {extra} are not in target_modules; "
+                                   "every feed-forward module must also be a target")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorafit.config import DEFAULT_ADAPTER, LoraConfig
+from lorafit.config import DEFAULT_ADAPTER, IA3Config, LoraConfig
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.lora.base import kind_of
-from lorafit.lora.inject import adapter_configs, add_adapter, delete_adapter, lora_layers, set_adapter
+from lorafit.lora.inject import adapter_configs, adapter_layers, add_adapter, delete_adapter, set_adapter
 from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
 
 FORMAT_VERSION = 1
@@ -101,9 +101,39 @@ def config_to_peft(config: LoraConfig, base_model: str | None, pissa_converted: 
     }
 
 
-def config_from_peft(data: dict[str, Any], source: str) -> LoraConfig:
+def ia3_config_to_peft(config: IA3Config, base_model: str | None, fan_in_fan_out: bool) -> dict[str, Any]:
+    return {
+        "peft_type": "IA3",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "target_modules": config.target_modules,
+        "feedforward_modules": config.feedforward_modules,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_ia3_weights": config.init_ia3_weights,
+        "modules_to_save": config.modules_to_save,
+        "inference_mode": True,
+        "lorafit_format_version": FORMAT_VERSION,
+    }
+
+
+def ia3_config_from_peft(data: dict[str, Any], source: str) -> IA3Config:
+    if data.get("exclude_modules"):
+        raise AdapterError(f"{source}: field exclude_modules={data['exclude_modules']!r} is a PEFT option lorafit "
+                           "does not support for (IA)³")
+    try:
+        return IA3Config(target_modules=data.get("target_modules"), feedforward_modules=data.get("feedforward_modules"),
+                         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+                         init_ia3_weights=bool(data.get("init_ia3_weights", True)),
+                         modules_to_save=data.get("modules_to_save"))
+    except LorafitError as e:
+        raise AdapterError(f"{source}: {e}") from None
+
+
+def config_from_peft(data: dict[str, Any], source: str) -> LoraConfig | IA3Config:
+    if data.get("peft_type") == "IA3":
+        return ia3_config_from_peft(data, source)
     if data.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{source}: peft_type is {data.get('peft_type')!r}; lorafit loads LORA adapters")
+        raise AdapterError(f"{source}: peft_type is {data.get('peft_type')!r}; lorafit loads LORA and IA3 adapters")
     version = data.get("lorafit_format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise AdapterError(f"{source}: lorafit_format_version {version!r} is newer than this lorafit "
@@ -149,6 +179,8 @@ def state_to_peft(state: AdapterState) -> dict[str, torch.Tensor]:
     for path, entry in state.layers.items():
         for key, tensor in entry.items():
             out[f"{PREFIX}{path}.{_LAYER_KEYS[key]}"] = tensor
+    for path, tensor in state.ia3.items():
+        out[f"{PREFIX}{path}.ia3_l"] = tensor
     for name, tensor in state.biases.items():
         out[PREFIX + name] = tensor
     for path, sd in state.saved.items():
@@ -164,7 +196,9 @@ def state_from_peft(tensors: dict[str, torch.Tensor], config: LoraConfig, source
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".default.", ".")  # some tools keep the adapter name in the key
         part = next((p for p in _KEY_PARTS if name.endswith("." + p)), None)
-        if part is not None:
+        if name.endswith(".ia3_l"):
+            state.ia3[name[: -len(".ia3_l")]] = tensor
+        elif part is not None:
             state.layers.setdefault(name[: -len(part) - 1], {})[_KEY_PARTS[part]] = tensor
         elif name.endswith(".base_layer.weight"):
             continue  # PEFT also stores the full base embedding next to an embedding adapter; the base is ours
@@ -200,15 +234,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    conv1d = any(kind_of(layer.base_layer).name == "conv1d" for _, layer in lora_layers(model))
-    peft_config = config_to_peft(config, base_name, state.pissa_converted, fan_in_fan_out=conv1d)
+    conv1d = any(kind_of(layer.base_layer).name == "conv1d" for _, layer in adapter_layers(model)
+                 if adapter in layer.adapter_names())
+    if isinstance(config, IA3Config):
+        peft_config = ia3_config_to_peft(config, base_name, fan_in_fan_out=conv1d)
+    else:
+        peft_config = config_to_peft(config, base_name, state.pissa_converted, fan_in_fan_out=conv1d)
     atomic_save_safetensors(state_to_peft(state), directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "lorafit_format_version": str(FORMAT_VERSION)})
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
     return directory
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, AdapterState]:
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig | IA3Config, AdapterState]:
     """Read and parse an adapter folder; every failure names the file and what to do."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -247,7 +285,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     return add_adapter_state(model, config, state, adapter, activate=activate, source=str(directory))
 
 
-def add_adapter_state(model: nn.Module, config: LoraConfig, state: AdapterState, adapter: str = DEFAULT_ADAPTER,
+def add_adapter_state(model: nn.Module, config: LoraConfig | IA3Config, state: AdapterState, adapter: str = DEFAULT_ADAPTER,
                       activate: bool = True, source: str = "adapter") -> nn.Module:
     """Put an adapter already read (`read_adapter`) into `model` under the name `adapter`, as
     `load_adapter` does; `source` names it in errors. A caller that inspects the parsed adapter
@@ -255,9 +293,14 @@ def add_adapter_state(model: nn.Module, config: LoraConfig, state: AdapterState,
 
     Checked against the model first; on any error the model is unchanged."""
     ranks = check_fits(model, state, str(Path(source) / WEIGHTS_NAME))
+    if isinstance(config, IA3Config):
+        ranks = dict.fromkeys(state.ia3, 1)  # the paths to wrap; (IA)³ has no rank
     if not ranks and not state.saved:
         raise AdapterError(f"{source}: the adapter holds no LoRA weights")
-    load_config = LoraConfig(**{**config.to_dict(), "init": "zeros"})
+    if isinstance(config, IA3Config):
+        load_config = config
+    else:
+        load_config = LoraConfig(**{**config.to_dict(), "init": "zeros"})
     add_adapter(model, load_config, adapter, ranks=ranks, activate=False)
     try:
         set_adapter_state(model, adapter, state)

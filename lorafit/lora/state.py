@@ -13,7 +13,8 @@ from torch import nn
 
 from lorafit.errors import AdapterError
 from lorafit.lora.base import base_dims, is_adaptable
-from lorafit.lora.inject import lora_layers, saved_modules
+from lorafit.lora.ia3 import IA3Layer
+from lorafit.lora.inject import adapter_layers, lora_layers, saved_modules
 
 
 @dataclass
@@ -27,6 +28,8 @@ class AdapterState:
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     pissa_converted: bool = False
+    ia3: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(IA)³ vectors: path -> (1, in) for a feed-forward layer, (out, 1) otherwise (PEFT's shapes)."""
 
 
 def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> AdapterState:
@@ -52,6 +55,10 @@ def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> Ada
         state.layers[path] = {k: v.cpu().contiguous() for k, v in entry.items()}
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             state.biases[f"{path}.base_layer.bias"] = layer.base_layer.bias.detach().cpu().contiguous()
+    for path, layer in adapter_layers(model):
+        if isinstance(layer, IA3Layer) and adapter in layer.ia3_l:
+            vec = layer.ia3_l[adapter].detach().cpu()
+            state.ia3[path] = (vec[None, :] if layer.feedforward else vec[:, None]).contiguous()
     if bias == "all":
         for name, p in model.named_parameters():
             if name.endswith("bias") and ".lora_" not in name and ".copies." not in name:
@@ -69,6 +76,16 @@ def check_fits(model: nn.Module, state: AdapterState, source: str) -> dict[str, 
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     ranks = {}
+    for path, tensor in state.ia3.items():
+        module = modules.get(path)
+        base = getattr(module, "base_layer", module)
+        if module is None or not is_adaptable(base):
+            raise AdapterError(f"{source}: (IA)³ vector for {path!r} but the model has no linear module there; "
+                               "is this adapter for another base model?")
+        n_in, n_out = base_dims(base)
+        if tuple(tensor.shape) not in ((1, n_in), (n_out, 1)):
+            raise AdapterError(f"{source}: {path}.ia3_l has shape {tuple(tensor.shape)} but the base model needs "
+                               f"(1, {n_in}) or ({n_out}, 1); the adapter was trained on a different base model")
     for path, entry in state.layers.items():
         module = modules.get(path)
         base = getattr(module, "base_layer", module)
@@ -116,6 +133,13 @@ def set_adapter_state(model: nn.Module, adapter: str, state: AdapterState) -> No
         layer.lora_B[adapter].copy_(entry[b_key])
         if "magnitude" in entry:
             layer.lora_magnitude[adapter].copy_(entry["magnitude"])
+    for path, tensor in state.ia3.items():
+        layer = modules[path]
+        if (tensor.shape[0] == 1) != layer.feedforward or tensor.numel() != layer.ia3_l[adapter].numel():
+            raise AdapterError(f"{path}.ia3_l of shape {tuple(tensor.shape)} does not fit a "
+                               f"{'feed-forward' if layer.feedforward else 'output-scaling'} (IA)³ layer; "
+                               "feedforward_modules in adapter_config.json disagrees with the weights")
+        layer.ia3_l[adapter].copy_(tensor.flatten())
     params = dict(model.named_parameters())
     for name, tensor in state.biases.items():
         params[name].copy_(tensor)

@@ -69,7 +69,8 @@ def find_targets(
     for name, module in model.named_modules():
         if not name or inside_wrapper(name):
             continue
-        base = module.base_layer if isinstance(module, LoraLayer) else module  # wrapped: matched by its own path
+        # wrapped (LoraLayer, IA3Layer): matched by its own path
+        base = module.base_layer if isinstance(module, LoraLayer) or hasattr(module, "ia3_l") else module
         if targets == "all-linear":
             hit = is_linear(base) and module is not output_head
         else:
