@@ -76,7 +76,20 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a new classification head)."""
 
+    target_parameters: list[str] | None = None
+    """3-D expert weights of MoE models to adapt, one low-rank pair per expert (lorafit.lora.experts):
+    'experts.gate_up_proj', 'experts.down_proj', ... (an entry matches `module_path.param` equal to it
+    or ending in '.entry', PEFT's rule). With target_parameters and no target_modules only the
+    experts are adapted. No dropout or DoRA there."""
+
     def __post_init__(self) -> None:
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
+            if not self.target_parameters or not all(isinstance(t, str) and t for t in self.target_parameters):
+                raise LorafitError("LoraConfig.target_parameters must be a non-empty list of parameter names")
+            if self.dropout or self.use_dora or self.init == "pissa":
+                raise LorafitError("LoraConfig.target_parameters: dropout, use_dora and init='pissa' do not apply "
+                                   "to expert weights; set dropout=0, use_dora=False and another init")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise LorafitError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if self.alpha is None:

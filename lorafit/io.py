@@ -25,6 +25,7 @@ from lorafit.errors import AdapterError, LorafitError
 from lorafit.lora.base import kind_of
 from lorafit.lora.inject import adapter_configs, adapter_layers, add_adapter, delete_adapter, set_adapter
 from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
+from lorafit.lora.targets import name_matches
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -36,7 +37,7 @@ PREFIX = "base_model.model."
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True, "random": False, "zeros": True}
 # PEFT options that change the math; loading an adapter that uses them must not silently drop them.
 _UNSUPPORTED = {"lora_bias": False, "use_qalora": False, "layer_replication": None,
-                "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None}
+                "trainable_token_indices": None, "alora_invocation_tokens": None}
 
 
 # -- atomic writes ----------------------------------------------------------------------------
@@ -95,6 +96,7 @@ def config_to_peft(config: LoraConfig, base_model: str | None, pissa_converted: 
         "alpha_pattern": alpha_pattern,
         "layers_to_transform": config.layers_to_transform,
         "modules_to_save": config.modules_to_save,
+        "target_parameters": config.target_parameters,
         "fan_in_fan_out": fan_in_fan_out,  # PEFT's flag for GPT-2's transposed Conv1D weights
         "inference_mode": True,
         "lorafit_format_version": FORMAT_VERSION,
@@ -146,7 +148,7 @@ def config_from_peft(data: dict[str, Any], source: str) -> LoraConfig | IA3Confi
         init, init if init in ("gaussian",) else "kaiming")
     targets = data.get("target_modules")
     if isinstance(targets, (list, set, tuple)):
-        targets = sorted(targets)
+        targets = sorted(targets) or None  # [] with target_parameters: only the experts are adapted
     try:
         return LoraConfig(
             r=int(data["r"]),
@@ -161,6 +163,7 @@ def config_from_peft(data: dict[str, Any], source: str) -> LoraConfig | IA3Confi
             alpha_pattern=data.get("alpha_pattern") or {},
             layers_to_transform=data.get("layers_to_transform"),
             modules_to_save=data.get("modules_to_save"),
+            target_parameters=data.get("target_parameters") or None,
         )
     except KeyError as e:
         raise AdapterError(f"{source}: missing field {e.args[0]!r}") from None
@@ -181,6 +184,10 @@ def state_to_peft(state: AdapterState) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{path}.{_LAYER_KEYS[key]}"] = tensor
     for path, tensor in state.ia3.items():
         out[f"{PREFIX}{path}.ia3_l"] = tensor
+    for path, by_depth in state.experts.items():
+        for depth, entry in by_depth.items():
+            for key, tensor in entry.items():
+                out[f"{PREFIX}{path}.{'base_layer.' * depth}{_LAYER_KEYS[key]}"] = tensor
     for name, tensor in state.biases.items():
         out[PREFIX + name] = tensor
     for path, sd in state.saved.items():
@@ -198,6 +205,11 @@ def state_from_peft(tensors: dict[str, torch.Tensor], config: LoraConfig, source
         part = next((p for p in _KEY_PARTS if name.endswith("." + p)), None)
         if name.endswith(".ia3_l"):
             state.ia3[name[: -len(".ia3_l")]] = tensor
+        elif part in ("lora_A.weight", "lora_B.weight") and _expert_key(name[: -len(part) - 1], config):
+            path, depth = name[: -len(part) - 1], 0
+            while path.endswith(".base_layer"):  # PEFT nests one ParamWrapper per adapted 3-D parameter
+                path, depth = path[: -len(".base_layer")], depth + 1
+            state.experts.setdefault(path, {}).setdefault(depth, {})[_KEY_PARTS[part]] = tensor
         elif part is not None:
             state.layers.setdefault(name[: -len(part) - 1], {})[_KEY_PARTS[part]] = tensor
         elif name.endswith(".base_layer.weight"):
@@ -211,6 +223,15 @@ def state_from_peft(tensors: dict[str, torch.Tensor], config: LoraConfig, source
                                    "module; the file is not a LoRA adapter lorafit understands")
             state.saved.setdefault(owner, {})[name[len(owner) + 1:]] = tensor
     return state
+
+
+def _expert_key(path: str, config: LoraConfig | IA3Config) -> bool:
+    """Whether LoRA weights at `path` belong to MoE expert parameters (target_parameters) rather than to
+    a module: always when nested under '.base_layer', else when the adapter has target_parameters and
+    the path is not one of its target_modules."""
+    if not getattr(config, "target_parameters", None):
+        return False
+    return path.endswith(".base_layer") or config.target_modules is None or not name_matches(path, config.target_modules)
 
 
 def _saved_owner(name: str, saved: list[str]) -> str | None:
@@ -234,7 +255,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    conv1d = any(kind_of(layer.base_layer).name == "conv1d" for _, layer in adapter_layers(model)
+    conv1d = any(getattr(kind_of(layer.base_layer), "name", None) == "conv1d" for _, layer in adapter_layers(model)
                  if adapter in layer.adapter_names())
     if isinstance(config, IA3Config):
         peft_config = ia3_config_to_peft(config, base_name, fan_in_fan_out=conv1d)
@@ -292,7 +313,7 @@ def add_adapter_state(model: nn.Module, config: LoraConfig | IA3Config, state: A
     first (a server refusing what it cannot batch) so reads the files once.
 
     Checked against the model first; on any error the model is unchanged."""
-    ranks = check_fits(model, state, str(Path(source) / WEIGHTS_NAME))
+    ranks = check_fits(model, state, str(Path(source) / WEIGHTS_NAME), getattr(config, "target_parameters", None))
     if isinstance(config, IA3Config):
         ranks = dict.fromkeys(state.ia3, 1)  # the paths to wrap; (IA)³ has no rank
     if not ranks and not state.saved:

@@ -17,6 +17,7 @@ from torch import nn
 from lorafit.config import DEFAULT_ADAPTER, IA3Config, LoraConfig, check_adapter_name
 from lorafit.errors import LorafitError
 from lorafit.lora.base import is_quantized
+from lorafit.lora.experts import ExpertLoraLayer, expert_targets
 from lorafit.lora.ia3 import IA3Layer, ia3_targets
 from lorafit.lora.layer import LoraLayer, ModulesToSave, inside_wrapper
 from lorafit.lora.routing import RowRouting, StackCache, stacks_for
@@ -32,12 +33,12 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | IA3Layer]]:
-    """Every adapter-carrying layer: LoRA layers and (IA)³ layers. They share the small protocol the
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | IA3Layer | ExpertLoraLayer]]:
+    """Every adapter-carrying layer: LoRA, (IA)³ and MoE-expert LoRA layers. They share the small protocol the
     functions below use (active, merged, disabled, merge, unmerge, remove, adapter_names,
     adapter_params, base_layer)."""
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, IA3Layer)):
+        if isinstance(module, (LoraLayer, IA3Layer, ExpertLoraLayer)):
             yield name, module
 
 
@@ -75,10 +76,17 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
     _check_name(model, adapter, exists=False)
     if isinstance(config, IA3Config):
         return _add_ia3(model, config, adapter, activate, only=list(ranks) if ranks is not None else None)
-    if config.target_modules is None:  # record the family default, so the saved file says what was adapted
-        config = replace(config, target_modules=default_targets(model))
-    targets = list(ranks) if ranks is not None else find_targets(
-        model, config.target_modules, config.layers_to_transform)
+    if config.target_modules is None and not config.target_parameters:  # record the family default
+        config = replace(config, target_modules=default_targets(model))  # so the saved file says what was adapted
+    experts = expert_targets(model, config.target_parameters) if config.target_parameters else {}
+    expert_keys = {f"{p}.{n}" for p, names in experts.items() for n in names}
+    if ranks is not None:
+        experts = {p: [n for n in names if f"{p}.{n}" in ranks] for p, names in experts.items()}
+        experts = {p: names for p, names in experts.items() if names}
+        targets = [p for p in ranks if p not in expert_keys]
+    else:
+        targets = [] if config.target_modules is None else find_targets(
+            model, config.target_modules, config.layers_to_transform)
     modules = dict(model.named_modules())
     if config.use_dora:
         embeddings = [t for t in targets if isinstance(_unwrapped(modules[t]), nn.Embedding)]
@@ -99,6 +107,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
         r = ranks[path] if ranks is not None else config.rank_for(path)
         layer.add(adapter, r, config.alpha_for(path), dropout=config.dropout, use_rslora=config.use_rslora,
                   use_dora=config.use_dora, init=config.init)
+        for p in layer.adapter_params(adapter):
+            p.requires_grad_(False)
+    for path, names in experts.items():
+        layer = modules[path]
+        if not isinstance(layer, ExpertLoraLayer):
+            layer = ExpertLoraLayer(layer)
+            set_submodule(model, path, layer)
+        r = ranks[f"{path}.{names[0]}"] if ranks is not None else config.r
+        layer.add(adapter, names, r, config.alpha, use_rslora=config.use_rslora, init=config.init)
         for p in layer.adapter_params(adapter):
             p.requires_grad_(False)
     for path in saved:

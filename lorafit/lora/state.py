@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorafit.errors import AdapterError
+from lorafit.errors import AdapterError, LorafitError
 from lorafit.lora.base import base_dims, is_adaptable
+from lorafit.lora.experts import ExpertLoraLayer, expert_targets, from_peft_layout, to_peft_layout
 from lorafit.lora.ia3 import IA3Layer
 from lorafit.lora.inject import adapter_layers, lora_layers, saved_modules
 
@@ -30,6 +31,10 @@ class AdapterState:
     pissa_converted: bool = False
     ia3: dict[str, torch.Tensor] = field(default_factory=dict)
     """(IA)³ vectors: path -> (1, in) for a feed-forward layer, (out, 1) otherwise (PEFT's shapes)."""
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    """MoE expert LoRA: experts-module path -> depth -> {"A": (r·E, in), "B": (out, r·E)}, PEFT's flattened
+    layout (lora.experts). depth d is the (n-1-d)-th of the n adapted 3-D parameters of that module in
+    its registration order (PEFT nests one wrapper per parameter, the first innermost)."""
 
 
 def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> AdapterState:
@@ -56,6 +61,12 @@ def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> Ada
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             state.biases[f"{path}.base_layer.bias"] = layer.base_layer.bias.detach().cpu().contiguous()
     for path, layer in adapter_layers(model):
+        if isinstance(layer, ExpertLoraLayer) and adapter in layer.scaling:
+            names = [p for p in layer.params if adapter in layer.lora_A[p]]
+            for i, param in enumerate(names):
+                A, B = to_peft_layout(layer.lora_A[param][adapter].detach(), layer.lora_B[param][adapter].detach())
+                state.experts.setdefault(path, {})[len(names) - 1 - i] = {
+                    "A": A.cpu().contiguous(), "B": B.cpu().contiguous()}
         if isinstance(layer, IA3Layer) and adapter in layer.ia3_l:
             vec = layer.ia3_l[adapter].detach().cpu()
             state.ia3[path] = (vec[None, :] if layer.feedforward else vec[:, None]).contiguous()
@@ -69,8 +80,10 @@ def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> Ada
     return state
 
 
-def check_fits(model: nn.Module, state: AdapterState, source: str) -> dict[str, int]:
-    """Validate every tensor against the model before anything changes; return the rank per path.
+def check_fits(model: nn.Module, state: AdapterState, source: str,
+               target_parameters: list[str] | None = None) -> dict[str, int]:
+    """Validate every tensor against the model before anything changes; return the rank per path
+    (per `path.param` for expert weights, resolved through `target_parameters`).
 
     Raises AdapterError naming the key and both shapes on the first mismatch."""
     modules = dict(model.named_modules())
@@ -103,6 +116,7 @@ def check_fits(model: nn.Module, state: AdapterState, source: str) -> dict[str, 
                 raise AdapterError(f"{source}: {path}.{key} has shape {tuple(tensor.shape)} but the base model "
                                    f"needs {expected[key]}; the adapter was trained on a different base model")
         ranks[path] = r
+    ranks.update(_check_experts(model, state, source, target_parameters))
     for name, tensor in state.biases.items():
         # before injection a wrapped layer's bias lives at path.bias rather than path.base_layer.bias
         target = params.get(name) if name in params else params.get(name.replace(".base_layer.bias", ".bias"))
@@ -122,6 +136,36 @@ def check_fits(model: nn.Module, state: AdapterState, source: str) -> dict[str, 
     return ranks
 
 
+def _check_experts(model: nn.Module, state: AdapterState, source: str,
+                   target_parameters: list[str] | None) -> dict[str, int]:
+    if not state.experts:
+        return {}
+    try:
+        found = expert_targets(model, target_parameters or [])
+    except LorafitError as e:
+        raise AdapterError(f"{source}: {e}") from None
+    modules = dict(model.named_modules())
+    ranks = {}
+    for path, by_depth in state.experts.items():
+        names = found.get(path, [])
+        for depth, entry in by_depth.items():
+            if depth >= len(names) or "A" not in entry or "B" not in entry:
+                raise AdapterError(f"{source}: expert LoRA weights for {path!r} (nesting {depth}) match no targeted "
+                                   f"3-D parameter there (target_parameters {target_parameters}); another base model?")
+            param = names[len(names) - 1 - depth]
+            module = modules[path]
+            base = module.base_layer if isinstance(module, ExpertLoraLayer) else module
+            E, d1, d2 = getattr(base, param).shape
+            n_in, n_out = (d1, d2) if getattr(base, "is_transposed", False) else (d2, d1)
+            A, B = entry["A"], entry["B"]
+            r = A.shape[0] // E
+            if r < 1 or A.shape != (r * E, n_in) or B.shape != (n_out, r * E):
+                raise AdapterError(f"{source}: {path}.{param} LoRA shapes {tuple(A.shape)}, {tuple(B.shape)} do not "
+                                   f"fit {E} experts of ({n_out}, {n_in}); the adapter was trained on another model")
+            ranks[f"{path}.{param}"] = r
+    return ranks
+
+
 @torch.no_grad()
 def set_adapter_state(model: nn.Module, adapter: str, state: AdapterState) -> None:
     """Copy checked tensors into an adapter that `add_adapter` has already created."""
@@ -133,6 +177,14 @@ def set_adapter_state(model: nn.Module, adapter: str, state: AdapterState) -> No
         layer.lora_B[adapter].copy_(entry[b_key])
         if "magnitude" in entry:
             layer.lora_magnitude[adapter].copy_(entry["magnitude"])
+    for path, by_depth in state.experts.items():
+        layer = modules[path]
+        names = [p for p in layer.params if adapter in layer.lora_A[p]]
+        for depth, entry in by_depth.items():
+            param = names[len(names) - 1 - depth]
+            A, B = from_peft_layout(entry["A"], entry["B"], layer.lora_A[param][adapter].shape[0])
+            layer.lora_A[param][adapter].copy_(A)
+            layer.lora_B[param][adapter].copy_(B)
     for path, tensor in state.ia3.items():
         layer = modules[path]
         if (tensor.shape[0] == 1) != layer.feedforward or tensor.numel() != layer.ia3_l[adapter].numel():
