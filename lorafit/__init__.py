@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "AdaLoraConfig": "lorafit.config",
     "AdapterError": "lorafit.errors",
     "IA3Config": "lorafit.config",
     "LoraConfig": "lorafit.config",
@@ -33,6 +34,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterError",
     "IA3Config",
     "LoraConfig",
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports on demand
-    from lorafit.config import IA3Config, LoraConfig
+    from lorafit.config import AdaLoraConfig, IA3Config, LoraConfig
     from lorafit.errors import AdapterError, LorafitError
     from lorafit.io import load_adapter, save_adapter
     from lorafit.lora.inject import (

@@ -230,3 +230,89 @@ class IA3Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class AdaLoraConfig:
+    """AdaLoRA (Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient
+    Fine-Tuning", ICLR; arXiv:2303.10512): each update is P Λ Q in SVD form and an importance-based
+    allocator prunes singular values from init_r per layer down to a total budget of target_r per
+    layer on average (lorafit.lora.adalora, lorafit.lora.allocator). PEFT's AdaLoraConfig, same names."""
+
+    init_r: int = 12
+    """Rank every adapted layer starts with."""
+
+    target_r: int = 8
+    """Average rank per layer at the end: the final budget is target_r x (number of adapted layers)."""
+
+    tinit: int = 0
+    """Steps of warm-up before any pruning (the full init_r budget)."""
+
+    tfinal: int = 0
+    """Last steps that train with the final, fixed rank pattern."""
+
+    deltaT: int = 1
+    """Between tinit and total_step - tfinal, the budget is re-allocated every deltaT steps."""
+
+    beta1: float = 0.85
+    """EMA coefficient of the sensitivity |w · grad| (importance smoothing)."""
+
+    beta2: float = 0.85
+    """EMA coefficient of its uncertainty |I - Ī|."""
+
+    orth_reg_weight: float = 0.5
+    """Weight of the orthogonality regularizer ||PᵀP - I||_F + ||QQᵀ - I||_F added to the loss."""
+
+    total_step: int | None = None
+    """Training steps of the run (the budget schedule needs it; the Trainer fills it in when None)."""
+
+    alpha: float = 8.0
+    """Scaling numerator: the update is multiplied by alpha / init_r (PEFT's lora_alpha, default 8)."""
+
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+
+    target_modules: list[str] | str | None = None
+    """As LoraConfig.target_modules (None: the family's defaults)."""
+
+    rank_pattern: dict[str, list[bool]] | None = None
+    """The allocator's result: module path -> which of the init_r triplets are kept. Set by training,
+    saved and read with the adapter (an adapter file keeps only the kept triplets)."""
+
+    bias = "none"  # AdaLoRA adapters here train no bias; read by lorafit.lora.inject like LoraConfig.bias
+
+    def __post_init__(self) -> None:
+        for name in ("init_r", "target_r", "deltaT"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LorafitError(f"AdaLoraConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise LorafitError(f"AdaLoraConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.target_r > self.init_r:
+            raise LorafitError(f"AdaLoraConfig.target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise LorafitError(f"AdaLoraConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise LorafitError(f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise LorafitError(f"AdaLoraConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise LorafitError(f"AdaLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        """The schedule needs tinit < total_step - tfinal (a pruning phase of at least one step)."""
+        if not isinstance(total_step, int) or total_step <= 0:
+            raise LorafitError(f"AdaLoraConfig.total_step must be a positive integer, got {total_step!r}")
+        if self.tinit >= total_step - self.tfinal:
+            raise LorafitError(f"AdaLoraConfig: tinit ({self.tinit}) must be below total_step - tfinal "
+                               f"({total_step} - {self.tfinal}); shorten tinit/tfinal or train longer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

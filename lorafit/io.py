@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorafit.config import DEFAULT_ADAPTER, IA3Config, LoraConfig
+from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig, IA3Config, LoraConfig
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.lora.base import kind_of
 from lorafit.lora.inject import adapter_configs, adapter_layers, add_adapter, delete_adapter, set_adapter
@@ -131,11 +131,44 @@ def ia3_config_from_peft(data: dict[str, Any], source: str) -> IA3Config:
         raise AdapterError(f"{source}: {e}") from None
 
 
-def config_from_peft(data: dict[str, Any], source: str) -> LoraConfig | IA3Config:
+_ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
+
+
+def adalora_config_to_peft(config: AdaLoraConfig, base_model: str | None, fan_in_fan_out: bool) -> dict[str, Any]:
+    pattern = None if config.rank_pattern is None else {f"{k}.lora_E": v for k, v in config.rank_pattern.items()}
+    out = {f: getattr(config, f) for f in _ADALORA_FIELDS}
+    if out["total_step"] is None:  # never trained by a schedule: any valid one (inference ignores it)
+        out["total_step"] = config.tinit + config.tfinal + 1
+    return {**out, "peft_type": "ADALORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": config.target_modules,
+            "rank_pattern": pattern, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True,
+            "inference_mode": True, "lorafit_format_version": FORMAT_VERSION}
+
+
+def adalora_config_from_peft(data: dict[str, Any], source: str) -> AdaLoraConfig:
+    for key, default in {**_UNSUPPORTED, "use_dora": False, "modules_to_save": None, "layers_to_transform": None}.items():
+        if data.get(key, default) not in (default, None, False, {}, []):
+            raise AdapterError(f"{source}: field {key}={data[key]!r} is a PEFT option lorafit does not support for AdaLoRA")
+    pattern = data.get("rank_pattern")
+    if pattern is not None:
+        pattern = {k[: -len(".lora_E")] if k.endswith(".lora_E") else k: [bool(b) for b in v] for k, v in pattern.items()}
+    targets = data.get("target_modules")
+    try:
+        return AdaLoraConfig(**{f: data[f] for f in _ADALORA_FIELDS if f in data}, alpha=data.get("lora_alpha", 8),
+                             dropout=data.get("lora_dropout", 0.0) or 0.0, rank_pattern=pattern,
+                             target_modules=sorted(targets) if isinstance(targets, (list, set, tuple)) else targets)
+    except LorafitError as e:
+        raise AdapterError(f"{source}: {e}") from None
+
+
+def config_from_peft(data: dict[str, Any], source: str) -> LoraConfig | IA3Config | AdaLoraConfig:
     if data.get("peft_type") == "IA3":
         return ia3_config_from_peft(data, source)
+    if data.get("peft_type") == "ADALORA":
+        return adalora_config_from_peft(data, source)
     if data.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{source}: peft_type is {data.get('peft_type')!r}; lorafit loads LORA and IA3 adapters")
+        raise AdapterError(f"{source}: peft_type is {data.get('peft_type')!r}; lorafit loads LORA, IA3 and ADALORA "
+                           "adapters")
     version = data.get("lorafit_format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise AdapterError(f"{source}: lorafit_format_version {version!r} is newer than this lorafit "
@@ -184,6 +217,9 @@ def state_to_peft(state: AdapterState) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{path}.{_LAYER_KEYS[key]}"] = tensor
     for path, tensor in state.ia3.items():
         out[f"{PREFIX}{path}.ia3_l"] = tensor
+    for path, entry in state.svd.items():
+        for key, tensor in entry.items():
+            out[f"{PREFIX}{path}.lora_{key}"] = tensor
     for path, by_depth in state.experts.items():
         for depth, entry in by_depth.items():
             for key, tensor in entry.items():
@@ -198,12 +234,15 @@ def state_to_peft(state: AdapterState) -> dict[str, torch.Tensor]:
 
 def state_from_peft(tensors: dict[str, torch.Tensor], config: LoraConfig, source: str) -> AdapterState:
     state = AdapterState()
-    saved = sorted(config.modules_to_save or [], key=len, reverse=True)
+    saved = sorted(getattr(config, "modules_to_save", None) or [], key=len, reverse=True)
     for key, tensor in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".default.", ".")  # some tools keep the adapter name in the key
         part = next((p for p in _KEY_PARTS if name.endswith("." + p)), None)
-        if name.endswith(".ia3_l"):
+        svd = next((p for p in ("lora_A", "lora_E", "lora_B") if name.endswith("." + p)), None)
+        if svd is not None and isinstance(config, AdaLoraConfig):
+            state.svd.setdefault(name[: -len(svd) - 1], {})[svd[-1]] = tensor
+        elif name.endswith(".ia3_l"):
             state.ia3[name[: -len(".ia3_l")]] = tensor
         elif part in ("lora_A.weight", "lora_B.weight") and _expert_key(name[: -len(part) - 1], config):
             path, depth = name[: -len(part) - 1], 0
@@ -259,6 +298,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
                  if adapter in layer.adapter_names())
     if isinstance(config, IA3Config):
         peft_config = ia3_config_to_peft(config, base_name, fan_in_fan_out=conv1d)
+    elif isinstance(config, AdaLoraConfig):
+        peft_config = adalora_config_to_peft(config, base_name, fan_in_fan_out=conv1d)
     else:
         peft_config = config_to_peft(config, base_name, state.pissa_converted, fan_in_fan_out=conv1d)
     atomic_save_safetensors(state_to_peft(state), directory / WEIGHTS_NAME,
@@ -267,7 +308,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     return directory
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig | IA3Config, AdapterState]:
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig | IA3Config | AdaLoraConfig, AdapterState]:
     """Read and parse an adapter folder; every failure names the file and what to do."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -306,7 +347,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     return add_adapter_state(model, config, state, adapter, activate=activate, source=str(directory))
 
 
-def add_adapter_state(model: nn.Module, config: LoraConfig | IA3Config, state: AdapterState, adapter: str = DEFAULT_ADAPTER,
+def add_adapter_state(model: nn.Module, config: LoraConfig | IA3Config | AdaLoraConfig, state: AdapterState, adapter: str = DEFAULT_ADAPTER,
                       activate: bool = True, source: str = "adapter") -> nn.Module:
     """Put an adapter already read (`read_adapter`) into `model` under the name `adapter`, as
     `load_adapter` does; `source` names it in errors. A caller that inspects the parsed adapter
@@ -318,7 +359,12 @@ def add_adapter_state(model: nn.Module, config: LoraConfig | IA3Config, state: A
         ranks = dict.fromkeys(state.ia3, 1)  # the paths to wrap; (IA)³ has no rank
     if not ranks and not state.saved:
         raise AdapterError(f"{source}: the adapter holds no LoRA weights")
-    if isinstance(config, IA3Config):
+    pattern = (config.rank_pattern or {}) if isinstance(config, AdaLoraConfig) else {}
+    for path, keep in pattern.items():
+        if path in ranks and sum(keep) != ranks[path]:
+            raise AdapterError(f"{source}: rank_pattern keeps {sum(keep)} triplets of {path} but the weights hold "
+                               f"{ranks[path]}; the config and the weights do not belong together")
+    if isinstance(config, (IA3Config, AdaLoraConfig)):
         load_config = config
     else:
         load_config = LoraConfig(**{**config.to_dict(), "init": "zeros"})

@@ -7,16 +7,17 @@ Every function validates first and modifies second, so a bad call leaves the mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from lorafit.config import DEFAULT_ADAPTER, IA3Config, LoraConfig, check_adapter_name
+from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig, IA3Config, LoraConfig, check_adapter_name
 from lorafit.errors import LorafitError
-from lorafit.lora.base import is_quantized
+from lorafit.lora.adalora import SVDLayer
+from lorafit.lora.base import is_linear, is_quantized
 from lorafit.lora.experts import ExpertLoraLayer, expert_targets
 from lorafit.lora.ia3 import IA3Layer, ia3_targets
 from lorafit.lora.layer import LoraLayer, ModulesToSave, inside_wrapper
@@ -33,12 +34,12 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | IA3Layer | ExpertLoraLayer]]:
-    """Every adapter-carrying layer: LoRA, (IA)³ and MoE-expert LoRA layers. They share the small protocol the
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | IA3Layer | ExpertLoraLayer | SVDLayer]]:
+    """Every adapter-carrying layer: LoRA, (IA)³, MoE-expert LoRA and AdaLoRA layers. They share the small protocol the
     functions below use (active, merged, disabled, merge, unmerge, remove, adapter_names,
     adapter_params, base_layer)."""
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, IA3Layer, ExpertLoraLayer)):
+        if isinstance(module, (LoraLayer, IA3Layer, ExpertLoraLayer, SVDLayer)):
             yield name, module
 
 
@@ -76,6 +77,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
     _check_name(model, adapter, exists=False)
     if isinstance(config, IA3Config):
         return _add_ia3(model, config, adapter, activate, only=list(ranks) if ranks is not None else None)
+    if isinstance(config, AdaLoraConfig):
+        return _add_adalora(model, config, adapter, activate, ranks)
     if config.target_modules is None and not config.target_parameters:  # record the family default
         config = replace(config, target_modules=default_targets(model))  # so the saved file says what was adapted
     experts = expert_targets(model, config.target_parameters) if config.target_parameters else {}
@@ -94,28 +97,35 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
             raise LorafitError(f"use_dora: DoRA is not supported on embedding layers ({embeddings[0]}); "
                                "remove them from target_modules")
     saved = _find_modules_to_save(model, config.modules_to_save)
+    plan: list[_Step] = [(path, LoraLayer, LoraLayer, lambda layer, path=path: layer.add(
+        adapter, ranks[path] if ranks is not None else config.rank_for(path), config.alpha_for(path),
+        dropout=config.dropout, use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init))
+        for path in targets]
+    plan += [(path, ExpertLoraLayer, ExpertLoraLayer, lambda layer, path=path, names=names: layer.add(
+        adapter, names, ranks[f"{path}.{names[0]}"] if ranks is not None else config.r, config.alpha,
+        use_rslora=config.use_rslora, init=config.init)) for path, names in experts.items()]
+    return _install(model, config, adapter, activate, plan, saved)
 
+
+# (module path, wrapper class, how to wrap the module found there, how to add the adapter to the wrapper)
+_Step = tuple[str, type, Callable[[nn.Module], nn.Module], Callable[[nn.Module], None]]
+
+
+def _install(model: nn.Module, config: LoraConfig | IA3Config | AdaLoraConfig, adapter: str,
+             activate: bool | None, plan: list[_Step], saved: list[str]) -> nn.Module:
+    """The one place adding an adapter changes the model, after every check has passed: freeze the
+    base (first adapter), wrap and add along `plan`, freeze the new adapter, register, activate."""
     first = not adapter_configs(model)
     if first:
         for p in model.parameters():
             p.requires_grad_(False)
-    for path in targets:
+    modules = dict(model.named_modules())
+    for path, wrapper, wrap, add in plan:
         layer = modules[path]
-        if not isinstance(layer, LoraLayer):
-            layer = LoraLayer(layer)
+        if not isinstance(layer, wrapper):
+            layer = wrap(layer)
             set_submodule(model, path, layer)
-        r = ranks[path] if ranks is not None else config.rank_for(path)
-        layer.add(adapter, r, config.alpha_for(path), dropout=config.dropout, use_rslora=config.use_rslora,
-                  use_dora=config.use_dora, init=config.init)
-        for p in layer.adapter_params(adapter):
-            p.requires_grad_(False)
-    for path, names in experts.items():
-        layer = modules[path]
-        if not isinstance(layer, ExpertLoraLayer):
-            layer = ExpertLoraLayer(layer)
-            set_submodule(model, path, layer)
-        r = ranks[f"{path}.{names[0]}"] if ranks is not None else config.r
-        layer.add(adapter, names, r, config.alpha, use_rslora=config.use_rslora, init=config.init)
+        add(layer)
         for p in layer.adapter_params(adapter):
             p.requires_grad_(False)
     for path in saved:
@@ -144,32 +154,30 @@ def _add_ia3(model: nn.Module, config: IA3Config, adapter: str, activate: bool |
     config = replace(config, target_modules=config.target_modules or sorted({p.rsplit(".", 1)[-1] for p in targets}),
                      feedforward_modules=config.feedforward_modules if config.feedforward_modules is not None
                      else sorted({p.rsplit(".", 1)[-1] for p, ff in targets.items() if ff}))
-    first = not adapter_configs(model)
-    if first:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    plan: list[_Step] = [(path, IA3Layer, lambda m, ff=ff: IA3Layer(m, ff),
+                          lambda layer: layer.add(adapter, init_ones=config.init_ia3_weights))
+                         for path, ff in targets.items()]
+    return _install(model, config, adapter, activate, plan, saved)
+
+
+def _add_adalora(model: nn.Module, config: AdaLoraConfig, adapter: str, activate: bool | None,
+                 ranks: dict[str, int] | None) -> nn.Module:
+    """add_adapter for an AdaLoraConfig: SVD-form layers of init_r triplets (or `ranks` from a file)."""
+    if config.target_modules is None:
+        config = replace(config, target_modules=default_targets(model))
+    targets = list(ranks) if ranks is not None else find_targets(model, config.target_modules)
     modules = dict(model.named_modules())
-    for path, feedforward in targets.items():
-        layer = modules[path]
-        if not isinstance(layer, IA3Layer):
-            layer = IA3Layer(layer, feedforward)
-            set_submodule(model, path, layer)
-        layer.add(adapter, init_ones=config.init_ia3_weights)
-        layer.ia3_l[adapter].requires_grad_(False)
-    for path in saved:
-        module = modules[path]
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
-            set_submodule(model, path, module)
-        module.add(adapter)
-        module.copies[adapter].requires_grad_(False)
-    adapter_configs(model)[adapter] = config
-    if first if activate is None else activate:
-        set_adapter(model, adapter)
-    return model
+    bad = [p for p in targets if not (isinstance(modules[p], SVDLayer) or is_linear(modules[p]))]
+    if bad:
+        raise LorafitError(f"AdaLoraConfig.target_modules matched {bad[0]} ({type(modules[bad[0]]).__name__}); "
+                           "AdaLoRA adapts plain Linear, Conv1D or NF4 layers only")
+    plan: list[_Step] = [(path, SVDLayer, SVDLayer, lambda layer, path=path: layer.add(
+        adapter, ranks[path] if ranks is not None else config.init_r, config.init_r, config.alpha,
+        dropout=config.dropout, init=ranks is None)) for path in targets]
+    return _install(model, config, adapter, activate, plan, [])
 
 
-def apply_lora(model: nn.Module, config: LoraConfig | IA3Config | None = None, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
+def apply_lora(model: nn.Module, config: LoraConfig | IA3Config | AdaLoraConfig | None = None, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """Freeze the model, add an adapter and make it the active, trainable one."""
     add_adapter(model, config or LoraConfig(), adapter)
     set_adapter(model, adapter)

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from lorafit.errors import AdapterError, LorafitError
+from lorafit.lora.adalora import SVDLayer
 from lorafit.lora.base import base_dims, is_adaptable
 from lorafit.lora.experts import ExpertLoraLayer, expert_targets, from_peft_layout, to_peft_layout
 from lorafit.lora.ia3 import IA3Layer
-from lorafit.lora.inject import adapter_layers, lora_layers, saved_modules
+from lorafit.lora.inject import adapter_configs, adapter_layers, lora_layers, saved_modules
 
 
 @dataclass
@@ -35,6 +36,8 @@ class AdapterState:
     """MoE expert LoRA: experts-module path -> depth -> {"A": (r·E, in), "B": (out, r·E)}, PEFT's flattened
     layout (lora.experts). depth d is the (n-1-d)-th of the n adapted 3-D parameters of that module in
     its registration order (PEFT nests one wrapper per parameter, the first innermost)."""
+    svd: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """AdaLoRA: path -> {"A": Q (r, in), "E": λ (r, 1), "B": P (out, r)}, the kept triplets only."""
 
 
 def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> AdapterState:
@@ -60,7 +63,15 @@ def get_adapter_state(model: nn.Module, adapter: str, bias: str = "none") -> Ada
         state.layers[path] = {k: v.cpu().contiguous() for k, v in entry.items()}
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             state.biases[f"{path}.base_layer.bias"] = layer.base_layer.bias.detach().cpu().contiguous()
+    pattern = getattr(adapter_configs(model).get(adapter), "rank_pattern", None) or {}
     for path, layer in adapter_layers(model):
+        if isinstance(layer, SVDLayer) and adapter in layer.lora_A:
+            A, E, B = (t.detach().cpu() for t in layer.adapter_params(adapter))
+            keep = pattern.get(path)
+            if keep is not None and len(keep) == A.shape[0]:  # drop the pruned triplets, as PEFT's files do
+                mask = torch.tensor(keep, dtype=torch.bool)
+                A, E, B = A[mask], E[mask], B[:, mask]
+            state.svd[path] = {"A": A.contiguous(), "E": E.contiguous(), "B": B.contiguous()}
         if isinstance(layer, ExpertLoraLayer) and adapter in layer.scaling:
             names = [p for p in layer.params if adapter in layer.lora_A[p]]
             for i, param in enumerate(names):
@@ -117,6 +128,20 @@ def check_fits(model: nn.Module, state: AdapterState, source: str,
                                    f"needs {expected[key]}; the adapter was trained on a different base model")
         ranks[path] = r
     ranks.update(_check_experts(model, state, source, target_parameters))
+    for path, entry in state.svd.items():
+        module = modules.get(path)
+        base = getattr(module, "base_layer", module)
+        if module is None or not is_adaptable(base) or set(entry) != {"A", "E", "B"}:
+            raise AdapterError(f"{source}: AdaLoRA weights for {path!r} do not fit the model (no linear module there, "
+                               "or not all of lora_A, lora_E, lora_B); is this adapter for another base model?")
+        n_in, n_out = base_dims(base)
+        r = entry["A"].shape[0]
+        expected = {"A": (r, n_in), "E": (r, 1), "B": (n_out, r)}
+        for key, tensor in entry.items():
+            if tuple(tensor.shape) != expected[key]:
+                raise AdapterError(f"{source}: {path}.lora_{key} has shape {tuple(tensor.shape)} but the base model "
+                                   f"needs {expected[key]}; the adapter was trained on a different base model")
+        ranks[path] = r
     for name, tensor in state.biases.items():
         # before injection a wrapped layer's bias lives at path.bias rather than path.base_layer.bias
         target = params.get(name) if name in params else params.get(name.replace(".base_layer.bias", ".bias"))
@@ -177,6 +202,9 @@ def set_adapter_state(model: nn.Module, adapter: str, state: AdapterState) -> No
         layer.lora_B[adapter].copy_(entry[b_key])
         if "magnitude" in entry:
             layer.lora_magnitude[adapter].copy_(entry["magnitude"])
+    for path, entry in state.svd.items():
+        for param, tensor in zip(modules[path].adapter_params(adapter), (entry["A"], entry["E"], entry["B"])):
+            param.copy_(tensor)
     for path, by_depth in state.experts.items():
         layer = modules[path]
         names = [p for p in layer.params if adapter in layer.lora_A[p]]
