@@ -1,5 +1,7 @@
 """(IA)³ against the real peft package: forward, gradients, merge, files both ways (fp32, 1e-5)."""
 
+import copy
+
 import pytest
 import torch
 from peft import IA3Config as PeftIA3Config
@@ -7,6 +9,7 @@ from peft import PeftModel, get_peft_model
 
 import lorafit as lf
 from lorafit.lora.ia3 import IA3Layer
+from lorafit.merge import merge_to_dense
 from lorafit.quant.apply import quantize_model
 from lorafit.quant.linear import NF4Linear
 from tests.conftest import MAKERS
@@ -79,6 +82,9 @@ def test_merge_unmerge_and_defaults(family, ids):
     torch.testing.assert_close(model(ids).logits, adapted, atol=TOL, rtol=0)
     with lf.disable_adapters(model):
         torch.testing.assert_close(model(ids).logits, base_logits, atol=TOL, rtol=0)
+    dense = merge_to_dense(copy.deepcopy(model), dtype=torch.float32)  # what `lorafit merge --dense` writes
+    assert not any(isinstance(m, IA3Layer) for m in dense.modules())
+    torch.testing.assert_close(dense(ids).logits, adapted, atol=TOL, rtol=0)
     plain = lf.merge_and_unload(model)
     assert not any(isinstance(m, IA3Layer) for m in plain.modules())
     torch.testing.assert_close(plain(ids).logits, adapted, atol=TOL, rtol=0)
