@@ -127,7 +127,7 @@ def ia3_targets(model: nn.Module, config: IA3Config) -> dict[str, bool]:
         targets, default_ff = DEFAULT_IA3_TARGETS[model_type]
         feedforward = default_ff if feedforward is None else feedforward
     feedforward = feedforward if feedforward is not None else DEFAULT_IA3_TARGETS.get(model_type, ([], []))[1]
-    found = find_targets(model, targets)
+    found = find_targets(model, targets, wrapper=IA3Layer)
     modules = dict(model.named_modules())
     bad = [p for p in found if not (isinstance(modules[p], IA3Layer) or is_linear(modules[p]))]
     if bad:

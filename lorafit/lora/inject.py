@@ -91,6 +91,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
         targets = [] if config.target_modules is None else find_targets(
             model, config.target_modules, config.layers_to_transform)
     modules = dict(model.named_modules())
+    taken = [t for t in targets if isinstance(modules[t], (IA3Layer, SVDLayer, ExpertLoraLayer))]
+    if taken:
+        raise LorafitError(f"{taken[0]} already carries an adapter of another method ({type(modules[taken[0]]).__name__}); "
+                           "one module takes adapters of one method")
     if config.use_dora:
         embeddings = [t for t in targets if isinstance(_unwrapped(modules[t]), nn.Embedding)]
         if embeddings:
@@ -165,7 +169,7 @@ def _add_adalora(model: nn.Module, config: AdaLoraConfig, adapter: str, activate
     """add_adapter for an AdaLoraConfig: SVD-form layers of init_r triplets (or `ranks` from a file)."""
     if config.target_modules is None:
         config = replace(config, target_modules=default_targets(model))
-    targets = list(ranks) if ranks is not None else find_targets(model, config.target_modules)
+    targets = list(ranks) if ranks is not None else find_targets(model, config.target_modules, wrapper=SVDLayer)
     modules = dict(model.named_modules())
     bad = [p for p in targets if not (isinstance(modules[p], SVDLayer) or is_linear(modules[p]))]
     if bad:

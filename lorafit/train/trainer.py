@@ -208,6 +208,9 @@ class Trainer:
         cfg, model = self.config, self.model
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
+        if resume and self.allocator is not None and latest_checkpoint(self.out) is not None:
+            raise LorafitError(f"{self.out}: resuming an AdaLoRA run is not supported (the rank allocator's importance "
+                               "averages are not checkpointed); start it again, or load its checkpoint's adapter")
         if resume and (checkpoint := latest_checkpoint(self.out)) is not None:
             self._load_checkpoint(checkpoint)
             print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")

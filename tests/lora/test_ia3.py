@@ -115,7 +115,12 @@ def test_bad_input_is_one_line_and_changes_nothing():
     with pytest.raises(lf.LorafitError, match="embed_tokens.*Linear, Conv1D or NF4"):
         lf.apply_lora(model, lf.IA3Config(target_modules=["embed_tokens", "k_proj"]))
     lf.apply_lora(model, lf.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(lf.LorafitError, match="carry LoRA adapters"):
+    with pytest.raises(lf.LorafitError, match="cannot adapt: .*q_proj \\(LoraLayer\\)"):
         lf.add_adapter(model, lf.IA3Config(target_modules=["q_proj"]), "ia3")
     assert lf.active_adapters(model) == ["default"]
     assert not any(isinstance(m, IA3Layer) for m in model.modules())
+    lf.add_adapter(model, lf.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "ia3")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(lf.LorafitError, match="cannot adapt: .*k_proj \\(IA3Layer\\)"):
+        lf.add_adapter(model, lf.LoraConfig(r=2, target_modules=["k_proj", "v_proj"]), "lora2")
+    assert before.keys() == model.state_dict().keys() and "lora2" not in lf.lora.inject.adapter_configs(model)
