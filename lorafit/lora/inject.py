@@ -255,6 +255,10 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 def set_adapter_scale(model: nn.Module, adapter: str, scale: float) -> None:
     """Multiply an adapter's update by `scale` (0 disables it, 2 doubles it), merged or not."""
     _check_name(model, adapter, exists=True)
+    config = adapter_configs(model)[adapter]
+    if not isinstance(config, LoraConfig) or config.target_parameters:
+        raise LorafitError(f"set_adapter_scale: {adapter!r} is an (IA)³, AdaLoRA or MoE-expert adapter; "
+                           "scaling applies to plain LoRA adapters only")
     for _, layer in lora_layers(model):
         if adapter not in layer.lora_A:
             continue

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import lorafit as lf
 from lorafit.lora.experts import ExpertLoraLayer
@@ -17,9 +17,24 @@ MIXTRAL = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num
                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
 
 
+QWEN2_MOE = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, moe_intermediate_size=16,
+                           shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+
+
 def make_mixtral(seed: int = 0) -> MixtralForCausalLM:
     torch.manual_seed(seed)
     return MixtralForCausalLM(MIXTRAL).eval()
+
+
+def make_qwen2_moe(seed: int = 0) -> Qwen2MoeForCausalLM:
+    """Qwen2-MoE: fused experts next to a plain-Linear shared expert, so one adapter can hold both kinds."""
+    torch.manual_seed(seed)
+    return Qwen2MoeForCausalLM(QWEN2_MOE).eval()
+
+
+# family -> (maker, target_modules next to the experts: Qwen2-MoE's shared expert is plain Linear)
+MOE = {"mixtral": (make_mixtral, None), "qwen2_moe": (make_qwen2_moe, ["gate_proj", "up_proj", "down_proj"])}
 
 
 @pytest.fixture
@@ -79,25 +94,29 @@ def test_trainer_trains_expert_adapters(moe_ids, tmp_path):
     torch.testing.assert_close(reloaded(moe_ids).logits, model(moe_ids).logits, atol=TOL, rtol=0)
 
 
-def test_ours_loads_in_peft_and_back(moe_ids, tmp_path):
-    model = lf.apply_lora(make_mixtral(), lf.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS))
+@pytest.mark.parametrize("family", list(MOE))
+def test_ours_loads_in_peft_and_back(family, moe_ids, tmp_path):
+    make, modules = MOE[family]
+    model = lf.apply_lora(make(), lf.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS, target_modules=modules))
     _perturb(model)
     ours = model(moe_ids).logits
-    assert (ours - make_mixtral()(moe_ids).logits).abs().max() > 1e-3  # the adapter does something
+    assert (ours - make()(moe_ids).logits).abs().max() > 1e-3  # the adapter does something
     lf.save_adapter(model, tmp_path / "ours")
-    peft_model = PeftModel.from_pretrained(make_mixtral(), tmp_path / "ours").eval()
+    peft_model = PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
     torch.testing.assert_close(peft_model(moe_ids).logits, ours, atol=TOL, rtol=0)
-    again = lf.load_adapter(make_mixtral(), tmp_path / "ours")
+    again = lf.load_adapter(make(), tmp_path / "ours")
     torch.testing.assert_close(again(moe_ids).logits, ours, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("params", [EXPERTS, ["experts.down_proj"]], ids=["both", "down"])
-def test_peft_loads_in_ours(params, moe_ids, tmp_path):
-    peft_model = get_peft_model(make_mixtral(), PeftLoraConfig(r=2, lora_alpha=4, target_modules=[],
-                                                               target_parameters=params)).eval()
+@pytest.mark.parametrize("family, params", [("mixtral", EXPERTS), ("mixtral", ["experts.down_proj"]),
+                                            ("qwen2_moe", EXPERTS)])
+def test_peft_loads_in_ours(family, params, moe_ids, tmp_path):
+    make, modules = MOE[family]
+    peft_model = get_peft_model(make(), PeftLoraConfig(r=2, lora_alpha=4, target_modules=modules or [],
+                                                       target_parameters=params)).eval()
     _perturb(peft_model)
     peft_model.save_pretrained(tmp_path)
-    ours = lf.load_adapter(make_mixtral(), tmp_path)
+    ours = lf.load_adapter(make(), tmp_path)
     torch.testing.assert_close(ours(moe_ids).logits, peft_model(moe_ids).logits, atol=TOL, rtol=0)
 
 

@@ -120,6 +120,8 @@ def test_bad_input_is_one_line_and_changes_nothing():
     assert lf.active_adapters(model) == ["default"]
     assert not any(isinstance(m, IA3Layer) for m in model.modules())
     lf.add_adapter(model, lf.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "ia3")
+    with pytest.raises(lf.LorafitError, match="plain LoRA adapters only"):
+        lf.set_adapter_scale(model, "ia3", 0.5)
     before = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(lf.LorafitError, match="cannot adapt: .*k_proj \\(IA3Layer\\)"):
         lf.add_adapter(model, lf.LoraConfig(r=2, target_modules=["k_proj", "v_proj"]), "lora2")
