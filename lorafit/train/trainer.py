@@ -39,11 +39,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.config import DEFAULT_ADAPTER
+from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig
 from lorafit.device import model_device, to_device
 from lorafit.errors import LorafitError
 from lorafit.io import read_adapter, save_adapter
-from lorafit.lora.inject import adapter_parameters
+from lorafit.lora.adalora import orthogonality_regularizer
+from lorafit.lora.allocator import RankAllocator
+from lorafit.lora.inject import adapter_configs, adapter_parameters
 from lorafit.lora.state import set_adapter_state
 from lorafit.train.config import TrainConfig
 from lorafit.train.data import Sample, collate, pad_id_for
@@ -98,6 +100,10 @@ class Trainer:
             raise LorafitError("no training samples: the data file yielded nothing to train on")
         self.world = world = init_world(model_device(model), config.collective_timeout)
         check_batch(config.batch_size, world.size)
+        if world.distributed and any(isinstance(c, AdaLoraConfig)
+                                     for c in (config.lora, adapter_configs(model).get(DEFAULT_ADAPTER))):
+            raise LorafitError("lora: AdaLoRA trains in one process (its rank allocator reads every layer's whole "
+                               "gradients); run it without torchrun / --nproc-per-node, or train LoRA")
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_samples, self.val_samples = train, val or []
         self.pad_id = pad_id_for(tokenizer)
@@ -122,6 +128,11 @@ class Trainer:
         per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         self.warmup = int(config.warmup_ratio * self.total_steps)
+        self.allocator = None  # AdaLoRA: regularizer in the loss, rank allocation after each optimizer step
+        adapter_config = adapter_configs(model).get(DEFAULT_ADAPTER)
+        if isinstance(adapter_config, AdaLoraConfig):
+            adapter_config.total_step = adapter_config.total_step or self.total_steps
+            self.allocator = RankAllocator(model, adapter_config, DEFAULT_ADAPTER, adapter_config.total_step)
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
@@ -153,6 +164,8 @@ class Trainer:
                 loss = self.parallel.loss(batch)
                 (loss / share).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        if self.allocator is not None and self.allocator.config.orth_reg_weight > 0:  # AdaLoRA: once per step
+            (self.allocator.config.orth_reg_weight * orthogonality_regularizer(self.model, DEFAULT_ADAPTER)).backward()
         return world.sum([total.item()])[0] / n_target
 
     def _optimizer_step(self) -> float:
@@ -163,6 +176,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.allocator is not None:  # importance from these gradients, before they are cleared
+            self.allocator.update_and_allocate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
@@ -174,6 +189,9 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         checkpoint = world.broadcast(latest_checkpoint(self.out) if resume and main else None)
+        if checkpoint is not None and self.allocator is not None:
+            raise LorafitError(f"{self.out}: resuming an AdaLoRA run is not supported (the rank allocator's importance "
+                               "averages are not checkpointed); start it again, or load its checkpoint's adapter")
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
             if main:

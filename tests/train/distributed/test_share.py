@@ -40,6 +40,7 @@ def test_a_batch_the_ranks_cannot_share_is_refused():
 
 def test_the_trainer_refuses_them_on_every_rank_before_training(two_ranks):
     for rank in two_ranks.ranks:
-        first, second = rank["refused"]
+        first, second, adalora = rank["refused"]
         assert first.startswith("batch_size 3 cannot be split evenly over 2 processes")
         assert second.startswith("batch_size 1 is smaller than the 2 processes")
+        assert adalora.startswith("lora: AdaLoRA trains in one process") and rank["refused_untouched"]

@@ -12,19 +12,22 @@ compare in OUT/rank<r>.json (rewritten after every phase):
              holds, before (whole) and after sharding
     resume   fsdp + NF4 with LoRA dropout: 6 steps checkpointing at 3, then a second run resumed from
              that checkpoint: both runs' losses
-    refuse   the startup errors of a batch the ranks cannot share
+    refuse   the startup errors of a batch the ranks cannot share, and of AdaLoRA (one process only)
     long=T   fsdp + NF4, a checkpoint every step, collective timeout T seconds, until killed
     raise    ddp; rank 1 raises in its second optimizer step (the failure test; last phase)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 
+import lorafit as lf
 from lorafit.errors import LorafitError
+from lorafit.lora.inject import adapter_configs
 from lorafit.quant.linear import PackedLinear
 from lorafit.train.distributed.world import init_world, shutdown_world
 from lorafit.train.distributed.wrap import local_bytes
@@ -91,7 +94,13 @@ def main(data: str, out: str, phases: list[str]) -> None:
                     Trainer(kit.config(out_dir / "refused", batch_size=batch_size), kit.tiny_llama(), tok, splits.train)
                 except LorafitError as e:
                     messages.append(str(e))
-            record(refused=messages)
+            model = kit.tiny_llama()
+            adalora = dataclasses.replace(kit.config(out_dir / "refused"), lora=lf.AdaLoraConfig(init_r=4, target_r=2))
+            try:
+                Trainer(adalora, model, tok, splits.train)
+            except LorafitError as e:
+                messages.append(str(e))
+            record(refused=messages, refused_untouched=adapter_configs(model) == {})  # validated before any change
         elif phase.startswith("long="):  # long=SECONDS: the collective timeout
             Trainer(kit.config(out_dir / "long", distributed="fsdp", max_steps=100000, save_steps=1,
                                collective_timeout=float(phase[5:])), kit.tiny_llama(quant="nf4"), tok, splits.train).train()
