@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 from lorafit.device import model_device
+from lorafit.errors import AdapterError
+from lorafit.io import read_prompt_format
+from lorafit.prompt import CHAT, PromptFormat, default_format, stop_ids
 from lorafit.serve.adapters import AdapterRegistry
 from lorafit.serve.batch import Batch, kv, left_padded, merge_batches, select_rows
 from lorafit.serve.detok import TextStream
@@ -42,14 +45,6 @@ from lorafit.serve.sampling import make_generator, sample
 log = logging.getLogger("lorafit.serve")
 
 __all__ = ["Engine", "Event", "Request", "SamplingParams", "rss_bytes"]
-
-
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    return {int(i) for i in ids if i is not None}
 
 
 def rss_bytes() -> int:
@@ -82,7 +77,7 @@ class Engine:
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
         self.device = model_device(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = stop_ids(tokenizer, getattr(model, "generation_config", None))  # EOS, end-of-turn
         self.model_lock = threading.Lock()
         self.router = Router(model)
         self.registry = AdapterRegistry(model, self.model_lock, self.router, reserved=("base", base_name))
@@ -96,8 +91,19 @@ class Engine:
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem)."""
-        self.registry.load(name, path)
+        """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem), with
+        the prompt format it was trained with (`lorafit_prompt.json`; none: the tokenizer's default)."""
+        fmt = read_prompt_format(path) if Path(path).is_dir() else None
+        if fmt is not None and fmt.kind == CHAT and not self.tokenizer.chat_template:
+            raise AdapterError(f"{path}: the adapter was trained through a chat template, and this base "
+                               "model's tokenizer has none: serve it on the base it was trained on")
+        self.registry.load(name, path, fmt)
+
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        """How chat messages for `adapter` (None: the base) are rendered: the format it was trained
+        with, else the tokenizer's default (its chat template, else lorafit's instruction format)."""
+        fmt = self.registry.prompt_format(adapter) if adapter is not None else None
+        return fmt or default_format(self.tokenizer)
 
     def unload_adapter(self, name: str) -> int:
         """Hide `name` from new requests; its weights go once the requests using it end.
