@@ -110,10 +110,17 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return with_bos(tokenizer, encode(tokenizer, text))
 
 
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (BOS, EOS, ...) and every added token
+    marked special (turn markers such as <end_of_turn>, which `all_special_ids` may leave out)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
 def turn_end(tokenizer, ids: list[int], start: int) -> int:
     """End (exclusive) of a reply ids[start:]: through its last special token (the end-of-turn,
     e.g. <|im_end|>, or EOS) when only whitespace follows it; else the whole rest."""
-    special = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     for j in range(len(ids) - 1, start - 1, -1):
         if ids[j] in special:
             tail = ids[j + 1:]
@@ -205,7 +212,7 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     except LorafitError:
         return set()
     end = turn_end(tokenizer, full, len(prompt))
-    special = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     return {full[end - 1]} if end > len(prompt) and full[end - 1] in special else set()
 
 

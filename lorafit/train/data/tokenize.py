@@ -26,6 +26,7 @@ from lorafit.prompt import (
     default_format,
     encode,
     prompt_ids,
+    special_ids,
     text_ids,
     turn_end,
     user_message,
@@ -125,7 +126,7 @@ def tokenize_record(tokenizer, record: Record, train_on_prompt: bool = False,
         ids = prompt + output
         labels = [IGNORE] * len(prompt) + output
     # The model must learn to stop: end on EOS, or on the chat template's end-of-turn token.
-    stops = {eos} | (set(tokenizer.all_special_ids) if fmt.is_chat and record.shape != "text" else set())
+    stops = {eos} | (special_ids(tokenizer) if fmt.is_chat and record.shape != "text" else set())
     if not ids or ids[-1] not in stops:
         ids, labels = ids + [eos], labels + [eos]
     if train_on_prompt:
