@@ -37,7 +37,7 @@ from lorafit.serve.adapters import AdapterRegistry
 from lorafit.serve.batch import Batch, kv, left_padded, merge_batches, select_rows
 from lorafit.serve.detok import TextStream
 from lorafit.serve.kvcache import AppendCache
-from lorafit.serve.prefix import shared_prefixes
+from lorafit.serve.prefix import shared_prefixes, sliding_window
 from lorafit.serve.requests import Event, PromptTooLong, Request, SamplingParams, ServerBusy, UnknownAdapter
 from lorafit.serve.router import Router
 from lorafit.serve.sampling import make_generator, sample
@@ -67,6 +67,7 @@ class Engine:
                  share_prefixes: bool = True) -> None:
         self.model = model.eval()
         self.share_prefixes = share_prefixes  # prefill a prompt prefix common to rows on one adapter once
+        self.window = sliding_window(model.config)  # sliding-window attention: limits prefix sharing
         self.tokenizer = tokenizer
         # the scheduler decodes with its own copy, so it never shares tokenizer state with the HTTP thread
         self._detokenizer = copy.deepcopy(tokenizer)
@@ -261,7 +262,7 @@ class Engine:
     def _prefill(self, rows: list[Request]) -> Batch:
         """Prefill newly admitted rows; rows that share an adapter and a prompt prefix compute
         that prefix once (see `shared_prefixes`), the rest are prefilled as they are."""
-        groups, plain = shared_prefixes(rows) if self.share_prefixes else ([], rows)
+        groups, plain = shared_prefixes(rows, self.window) if self.share_prefixes else ([], rows)
         parts = ([self._prefill_plain(plain)] if plain else []) + ([self._prefill_shared(groups)] if groups else [])
         return parts[0] if len(parts) == 1 else merge_batches(*parts)
 
