@@ -2,7 +2,9 @@
 
 A GGUF file is converted once into a cached safetensors folder, because transformers marks a
 GGUF-loaded model as quantized and then refuses to train or save it; from then on every load is
-a plain, fast `from_pretrained` of that folder. Nothing is ever fetched from a hub.
+a plain, fast `from_pretrained` of that folder. Nothing is ever fetched from a hub. The conversion
+is transformers' GGUF reader plus what it leaves out (lorafit.gguf_read: Qwen3's head size, Gemma 3's
+query scale and rope scaling, soft-capping); an architecture it cannot read is named in the error.
 """
 
 from __future__ import annotations
@@ -59,12 +61,19 @@ def convert_gguf(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lorafit.gguf_read import apply_fixes, check_convertible, config_fixes, gguf_metadata
+
+    meta = gguf_metadata(gguf)
+    check_convertible(meta, gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"lorafit: converting {gguf.name} to safetensors once, into {target}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    apply_fixes(config, config_fixes(meta))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
+                                                 dtype=torch.float32)
     _clear_quantized_mark(model)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
