@@ -9,6 +9,8 @@ Together with one fp32 scale per row this is about 0.25 bytes per parameter.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -48,13 +50,23 @@ def pack_ternary(q: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+@functools.cache
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """(256,) int32: for each byte, its four values code - 1 as int8s packed in one 32-bit word."""
+    b = torch.arange(256, device=device)
+    values = torch.stack([((b >> s) & 3) - 1 for s in _SHIFTS], dim=1).to(torch.int8)  # (256, 4)
+    return values.contiguous().view(torch.int32).view(-1)
+
+
 def unpack_ternary(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """(..., ceil(n / 4)) uint8 -> (..., n) int8 in {-1, 0, 1}; exact inverse of `pack_ternary`."""
+    """(..., ceil(n / 4)) uint8 -> (..., n) int8 in {-1, 0, 1}; exact inverse of `pack_ternary`.
+
+    One table lookup per byte gives its four values at once (a 32-bit word read back as four int8s),
+    so unpacking holds 1 byte per value and an index of the same size, nothing wider."""
     if packed.dtype != torch.uint8:
         raise LorafitError(f"unpack_ternary needs a uint8 tensor, got {packed.dtype}")
-    codes = torch.stack([(packed >> s) & 3 for s in _SHIFTS], dim=-1)  # (..., ceil(n/4), 4)
-    codes = codes.reshape(*packed.shape[:-1], -1)[..., :n]  # (..., n)
-    return codes.to(torch.int8) - 1
+    words = torch.index_select(_byte_values(packed.device), 0, packed.reshape(-1).int())  # (bytes,) int32
+    return words.view(torch.int8).view(*packed.shape[:-1], -1)[..., :n]  # (..., n), a view when n % 4
 
 
 class TernaryLinear(PackedLinear):
@@ -91,10 +103,13 @@ class TernaryLinear(PackedLinear):
         self.register_buffer("scale", scale.float().contiguous())  # (out, n_groups)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """q * scale in `dtype`, computed in `dtype`: with q in {-1, 0, 1} the product is exact, so this
+        equals the fp32 product rounded to `dtype`, bit for bit, while holding only the int8 values
+        and the output (1 + d bytes per weight; the lookup's index and result, 2 bytes, before)."""
         dtype = dtype or self.compute_dtype or torch.float32
-        q = unpack_ternary(self.packed, self.in_features).float()  # (out, in)
-        groups = q.view(self.out_features, -1, self.group_size)  # (out, n_groups, group)
-        return (groups * self.scale[:, :, None]).view(self.out_features, self.in_features).to(dtype)
+        w = unpack_ternary(self.packed, self.in_features).to(dtype)  # (out, in), contiguous
+        w.view(self.out_features, -1, self.group_size).mul_(self.scale.to(dtype)[:, :, None])  # per group
+        return w
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:

@@ -92,8 +92,8 @@ def test_hand_arithmetic_8b_ternary():
     q, t = cuda(), cuda(method="ternary")
     assert t.peak_phase == "backward" and t.activations == q.activations
     assert (t.master, t.gradients, t.optimizer) == (q.master, q.gradients, q.optimizer)
-    # down_proj's (4096 x 14336) weight: fp32 values + fp32 scaled + bf16 cast = 10 bytes a weight
-    assert t.workspace == CUBLAS_WORKSPACE_BYTES + i * h * (4 + 4 + 2)
+    # down_proj's (4096 x 14336) weight: int8 values + the bf16 output scaled in place = 3 bytes a weight
+    assert t.workspace == CUBLAS_WORKSPACE_BYTES + i * h * (1 + 2)
     rows = layers * (h + 1024 + 1024 + h + i + i + h)  # out_features of q, k, v, o, gate, up, down
     n = SIZES["8B"].n_linear_params
     assert t.weights == n // 4 + rows * 4 + (2 * vocab * h + (2 * layers + 1) * h) * 2  # + bf16 parts
@@ -156,8 +156,8 @@ class LiveBytes(TorchDispatchMode):
 
 @pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
 def test_ternary_dequantize_peak_is_what_the_estimate_counts(dtype, name):
-    """TernaryLinear.dequantize at its widest holds fp32 values, their scaled product and the cast:
-    `dequantized_weight` counts 8 + d bytes per weight of the largest linear (8 in fp32)."""
+    """TernaryLinear.dequantize at its widest holds the int8 values and the output it scales in place:
+    `dequantized_weight` counts 1 + d bytes per weight of the largest linear."""
     from lorafit.quant.ternary import TernaryLinear
 
     torch.manual_seed(0)
@@ -168,7 +168,7 @@ def test_ternary_dequantize_peak_is_what_the_estimate_counts(dtype, name):
     assert live.live == weight.numel() * weight.element_size()  # only the result is left
     shape = ModelShape(hidden=in_f, intermediate=out_f, layers=1, heads=4, kv_heads=4, vocab=8)
     setup = TrainSetup(model=shape, method="ternary", dtype=name)
-    assert live.peak == dequantized_weight(setup) == out_f * in_f * (8 + (2 if name == "bf16" else 0))
+    assert live.peak == dequantized_weight(setup) == out_f * in_f * (1 + (2 if name == "bf16" else 4))
 
 
 def test_the_peak_moves_to_the_loss_for_few_tokens_and_a_large_vocabulary():

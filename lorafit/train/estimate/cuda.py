@@ -31,8 +31,8 @@ linears per block of rank r, and every token assumed a target (the upper bound):
                     SwiGLU's incoming gradient and the two it returns
       + QLoRA: one (out x in) weight dequantized in d (the largest linear), not per token
       + ternary: the same weight at the widest moment of TernaryLinear.dequantize, which is PyTorch code:
-                    its values as fp32 (4), their product with the scales (4) and that cast to d
-                    (d; no copy when d = 4): 8 + d bytes per weight, 10 in fp16/bf16
+                    the int8 values (1) and the output in d, scaled in place: 1 + d bytes per weight
+                    (the table lookup before holds its int32 index and result, 2 bytes per weight)
                     (the attention's backward, later, holds less: the MLP's 2i d are freed by then)
   kept across the whole step (`step_saved`)
       L h d         with checkpointing, each block's input; without, L * block_saved
@@ -121,10 +121,10 @@ def dequantized_weight(setup: TrainSetup) -> float:
     """Quantized bases: the bytes that dequantizing the largest linear for one matmul holds at its widest.
 
     QLoRA: the weight in the compute dtype (the NF4 kernel writes it directly), d bytes per weight.
-    Ternary: 8 + d bytes per weight, d = 4 counted once (see the module docstring).
+    Ternary: max(2, 1 + d) bytes per weight (see the module docstring).
     """
     d = DTYPE_BYTES[setup.dtype]
-    per_weight = {"qlora": d, "ternary": 2 * FP32 + (d if d != FP32 else 0)}.get(setup.method, 0)
+    per_weight = {"qlora": d, "ternary": max(2, 1 + d)}.get(setup.method, 0)
     return max(a * b for a, b in setup.shape.linears().values()) * per_weight
 
 
