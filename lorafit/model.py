@@ -94,6 +94,23 @@ def _clear_quantized_mark(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+def check_causal_lm(folder: Path) -> None:
+    """A one-line error, naming the model type, when transformers has no causal LM (a text generator with a
+    head over the vocabulary) for the folder's config: an encoder, a vision model, a type it does not know."""
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_file = Path(folder) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise LorafitError(f"{config_file}: not a readable model config ({e})") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LorafitError(f"{config_file}: model_type {model_type!r} has no causal language model in transformers "
+                           "(lorafit fine-tunes decoders: Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | None = None,
                dtype: torch.dtype | str | None = torch.float32, device: str | torch.device | None = "cpu"):
     """(model, tokenizer) from a folder, a .gguf or the default name; the model is in eval mode.
@@ -110,6 +127,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | No
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model(name_or_path)
+    check_causal_lm(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if quantize is not None or is_bnb_4bit(AutoConfig.from_pretrained(folder)):
         model = load_quantized(folder, quantize or "nf4", dtype=dtype, device=device)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lorafit.device import model_device
-from lorafit.errors import AdapterError
+from lorafit.errors import AdapterError, LorafitError
 from lorafit.io import read_prompt_format
 from lorafit.prompt import CHAT, PromptFormat, default_format, stop_ids
 from lorafit.serve.adapters import AdapterRegistry
@@ -65,6 +65,10 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
                  max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024,
                  share_prefixes: bool = True) -> None:
+        if getattr(model, "_is_stateful", False):  # transformers' mark of a recurrent state (Mamba, Jamba, ...)
+                raise LorafitError(f"{type(model).__name__}: serving needs attention's key/value cache, and "
+                               f"{model.config.model_type!r} keeps a recurrent state the batching engine cannot "
+                               "split by row; serve an attention model (Llama, Qwen, Gemma, ...)")
         self.model = model.eval()
         self.share_prefixes = share_prefixes  # prefill a prompt prefix common to rows on one adapter once
         self.window = sliding_window(model.config)  # sliding-window attention: limits prefix sharing
