@@ -83,6 +83,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
              "group_size": args.group_size}
     if args.model:
         result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
+        print(result.setup.shape.describe())  # the shape read from the folder or .gguf (or the size's)
         print(result.breakdown())
         if args.device == "cuda":
             verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
@@ -201,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.train.estimate import DEVICES, METHODS
 
     p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base")
-    p.add_argument("--model", help="a size (1B, 7B, 70B, ...) or a model folder; omit for the table of sizes")
+    p.add_argument("--model", help="a size (1B, 7B, 70B, ...), a model folder or a .gguf (its real shape is read); "
+                   "omit for the table of sizes")
     p.add_argument("--method", choices=METHODS, default="qlora",
                    help="full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (the table's total column)")

@@ -61,3 +61,37 @@ def test_gemma3_query_scale_follows_llama_cpp():
     meta.update({"gemma3.block_count": 26, "gemma3.embedding_length": 1152, "gemma3.attention.head_count": 4,
                  "gemma3.attention.key_length": 256})
     assert config_fixes(meta)["query_pre_attn_scalar"] == 256  # 1B: the head size
+
+
+def test_the_header_reader_reads_what_gguf_py_reads(tmp_path):
+    """Every field gguf-py's GGUFReader decodes, with arrays over SKIP_ARRAYS counted, not decoded."""
+    from gguf import GGUFReader
+
+    from lorafit.gguf_read import SKIP_ARRAYS
+
+    path = tmp_path / "fields.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_float32("llama.rope.freq_base", 0.5)
+    writer.add_bool("llama.flag", True)
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(SKIP_ARRAYS + 1)])
+    writer.add_array("tokenizer.ggml.scores", [0.25] * (SKIP_ARRAYS + 1))
+    writer.add_array("llama.short", [1, 2, 3])
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.add_tensor("output.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    meta = gguf_metadata(path)
+    reader = GGUFReader(path)
+    for key, field in reader.fields.items():
+        if len(field.data) > SKIP_ARRAYS:
+            assert meta[key + ".length"] == len(field.data) and key not in meta
+        else:
+            assert meta[key] == field.contents(), key
+    assert meta["tensor_names"] == [t.name for t in reader.tensors] == ["token_embd.weight", "output.weight"]
+    assert meta["llama.short"] == [1, 2, 3] and meta["llama.flag"] is True
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(LorafitError, match=r"fields.gguf: not a readable GGUF file \(the file ends inside its header"):
+        gguf_metadata(path)
