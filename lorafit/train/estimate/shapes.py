@@ -157,7 +157,7 @@ class ModelShape:
 
 
 def gguf_config(path: str | Path) -> dict[str, Any]:
-    """The config.json fields of a GGUF's shape, read from its metadata (gguf-py and numpy, no torch)."""
+    """The config.json fields of a GGUF's shape, read from its header (the standard library only, no torch)."""
     from lorafit.gguf_read import gguf_metadata, shape_fields
 
     return shape_fields(gguf_metadata(path), path)  # GGUF architectures are the HF model_types we know
