@@ -27,9 +27,12 @@ from lorafit.serve.router import Router
 
 
 def check_servable(config: LoraConfig, state: AdapterState, source: str | Path) -> None:
-    """Refuse adapters that cannot share a batch: per-row routing covers LoRA A/B only, and an
+    """Refuse adapters that cannot share a batch: per-row routing covers LoRA A/B on modules only (not
+    (IA)³ vectors, not expert weights), and an
     adapter's trained biases or full module copies would change the base under every row."""
-    problem = ("it is a DoRA adapter" if config.use_dora else
+    problem = ("it is not a plain LoRA adapter ((IA)³ or AdaLoRA)" if not isinstance(config, LoraConfig) else
+               "it adapts MoE expert weights (target_parameters)" if state.experts or config.target_parameters else
+               "it is a DoRA adapter" if config.use_dora else
                "it trains biases (bias != 'none')" if state.biases else
                "it has modules_to_save" if state.saved or config.modules_to_save else None)
     if problem:

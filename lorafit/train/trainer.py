@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.config import DEFAULT_ADAPTER
+from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig
 from lorafit.device import model_device, to_device
 from lorafit.errors import LorafitError
 from lorafit.io import read_adapter, save_adapter
-from lorafit.lora.inject import adapter_parameters
+from lorafit.lora.adalora import orthogonality_regularizer
+from lorafit.lora.allocator import RankAllocator
+from lorafit.lora.inject import adapter_configs, adapter_parameters
 from lorafit.lora.state import set_adapter_state
 from lorafit.ops.chunked_loss import causal_lm_loss
 from lorafit.prompt import PromptFormat, default_format
@@ -158,6 +160,11 @@ class Trainer:
         per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         self.warmup = int(config.warmup_ratio * self.total_steps)
+        self.allocator = None  # AdaLoRA: regularizer in the loss, rank allocation after each optimizer step
+        adapter_config = adapter_configs(model).get(DEFAULT_ADAPTER)
+        if isinstance(adapter_config, AdaLoraConfig):
+            adapter_config.total_step = adapter_config.total_step or self.total_steps
+            self.allocator = RankAllocator(model, adapter_config, DEFAULT_ADAPTER, adapter_config.total_step)
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
@@ -182,6 +189,8 @@ class Trainer:
             loss = loss_sum(self.model, batch)
             (loss / n_target).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        if self.allocator is not None and self.allocator.config.orth_reg_weight > 0:  # AdaLoRA: once per step
+            (self.allocator.config.orth_reg_weight * orthogonality_regularizer(self.model, DEFAULT_ADAPTER)).backward()
         return total.item() / n_target
 
     def _optimizer_step(self) -> float:
@@ -192,6 +201,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.allocator is not None:  # importance from these gradients, before they are cleared
+            self.allocator.update_and_allocate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
@@ -200,6 +211,9 @@ class Trainer:
         cfg, model = self.config, self.model
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
+        if resume and self.allocator is not None and latest_checkpoint(self.out) is not None:
+            raise LorafitError(f"{self.out}: resuming an AdaLoRA run is not supported (the rank allocator's importance "
+                               "averages are not checkpointed); start it again, or load its checkpoint's adapter")
         if resume and (checkpoint := latest_checkpoint(self.out)) is not None:
             self._load_checkpoint(checkpoint)
             print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")
