@@ -42,6 +42,7 @@ from lorafit.lora.allocator import RankAllocator
 from lorafit.lora.inject import adapter_configs, adapter_parameters
 from lorafit.lora.state import set_adapter_state
 from lorafit.ops.chunked_loss import causal_lm_loss
+from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.config import TrainConfig
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
 from lorafit.train.prepare import prepare_model
@@ -141,11 +142,13 @@ class Trainer:
     """Train one LoRA adapter on tokenized samples. Call `train()`; results land in output_dir."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
-                 val: list[Sample] | None = None) -> None:
+                 val: list[Sample] | None = None, prompt_format: PromptFormat | None = None) -> None:
         if not train:
             raise LorafitError("no training samples: the data file yielded nothing to train on")
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_samples, self.val_samples = train, val or []
+        # how the samples' prompts were rendered (`Splits.prompt_format`), saved next to the adapter
+        self.prompt_format = prompt_format or default_format(tokenizer)
         self.pad_id = pad_id_for(tokenizer)
         self.out = Path(config.output_dir)
         torch.manual_seed(config.seed)
@@ -246,7 +249,7 @@ class Trainer:
                 break
         bar.close()
         model.eval()
-        save_adapter(model, self.out / "adapter")
+        save_adapter(model, self.out / "adapter", prompt_format=self.prompt_format)
         plot_losses(self.history, self.out / "loss.png")
         return self.history
 
@@ -265,7 +268,7 @@ class Trainer:
         final = root / f"step-{self.step:08d}"
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         try:
-            save_adapter(self.model, tmp / "adapter")
+            save_adapter(self.model, tmp / "adapter", prompt_format=self.prompt_format)
             state = {"step": self.step, "micro": self.micro, "optimizer": self.optimizer.state_dict(),
                      "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(), "history": self.history,
                      "best_val": self.best_val, "bad_evals": self.bad_evals, "config": asdict(self.config)}
