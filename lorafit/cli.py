@@ -56,15 +56,23 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from lorafit.generate import generate, render_prompt
-    from lorafit.io import load_adapter
+    from lorafit.generate import generate_ids, render_prompt, why_empty
+    from lorafit.io import load_adapter, read_prompt_format
+    from lorafit.prompt import TEXT, PromptFormat
 
+    fmt = read_prompt_format(args.adapter) if args.adapter else None  # the format the adapter was trained in
     model, tokenizer = _load(args)
     if args.adapter:
         load_adapter(model, args.adapter)
-    prompts = [render_prompt(tokenizer, p, chat=not args.no_chat) for p in args.prompt]
-    for text in generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature):
-        print(text)
+    if args.no_chat:
+        fmt = PromptFormat(TEXT)
+    prompts = [render_prompt(tokenizer, p, fmt, input=args.input or "") for p in args.prompt]
+    new = generate_ids(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    for i, ids in enumerate(new):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if not text:
+            print(f"lorafit generate: prompt {i + 1}: {why_empty(tokenizer, ids)}", file=sys.stderr)
+        print(text, flush=True)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -98,6 +106,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
                                 args.gpu_memory if args.device == "cuda" else None))
     elif args.model:
         result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
+        print(result.setup.shape.describe())  # the shape read from the folder or .gguf (or the size's)
         print(result.breakdown())
         if args.device == "cuda":
             verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
@@ -189,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--input", help="an Alpaca record's input, placed after each prompt (the instruction) as "
+                   "training placed it")
+    p.add_argument("--no-chat", action="store_true",
+                   help="send the prompt as raw text (BOS only), without the chat template or instruction format")
     add_placement(p)
     p.set_defaults(func=cmd_generate)
 
@@ -216,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.train.estimate import DEVICES, METHODS
 
     p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base")
-    p.add_argument("--model", help="a size (1B, 7B, 70B, ...) or a model folder; omit for the table of sizes")
+    p.add_argument("--model", help="a size (1B, 7B, 70B, ...), a model folder or a .gguf (its real shape is read); "
+                   "omit for the table of sizes")
     p.add_argument("--method", choices=METHODS, default="qlora",
                    help="full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (the table's total column)")

@@ -26,10 +26,12 @@ from lorafit.lora.base import kind_of
 from lorafit.lora.inject import adapter_configs, adapter_layers, add_adapter, delete_adapter, set_adapter
 from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
 from lorafit.lora.targets import name_matches
+from lorafit.prompt import PromptFormat
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PROMPT_NAME = "lorafit_prompt.json"
 PREFIX = "base_model.model."
 
 # A PiSSA adapter is always written as a plain LoRA update of the original base (see lora.state),
@@ -284,8 +286,12 @@ def _saved_owner(name: str, saved: list[str]) -> str | None:
 
 
 # -- public API -------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> Path:
-    """Write one adapter (a few MB) in PEFT's format; the base model is not saved."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = DEFAULT_ADAPTER,
+                 prompt_format: PromptFormat | None = None) -> Path:
+    """Write one adapter (a few MB) in PEFT's format; the base model is not saved.
+
+    `prompt_format`: how its training data was rendered, written to `lorafit_prompt.json` (the Trainer
+    passes it); None writes none and removes an older one, so the folder describes this save only."""
     configs = adapter_configs(model)
     if adapter not in configs:
         raise LorafitError(f"no adapter named {adapter!r} to save; loaded adapters: {sorted(configs) or 'none'}")
@@ -305,7 +311,26 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     atomic_save_safetensors(state_to_peft(state), directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "lorafit_format_version": str(FORMAT_VERSION)})
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+    if prompt_format is None:
+        (directory / PROMPT_NAME).unlink(missing_ok=True)
+    else:
+        atomic_write_bytes(directory / PROMPT_NAME, (json.dumps(prompt_format.to_dict(), indent=2) + "\n").encode())
     return directory
+
+
+def read_prompt_format(directory: str | os.PathLike) -> PromptFormat | None:
+    """The prompt format recorded next to an adapter (`lorafit_prompt.json`), or None when there is none."""
+    path = Path(directory) / PROMPT_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    try:
+        return PromptFormat.from_dict(data, str(path))
+    except LorafitError as e:
+        raise AdapterError(str(e)) from None
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig | IA3Config | AdaLoraConfig, AdapterState]:

@@ -204,7 +204,7 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
               f"{len(splits.val)} validation samples")
         print("one sample as the model sees it («marked» = trained, the rest is masked):")
         print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    "))
-    trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val)
+    trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val, splits.prompt_format)
     history = trainer.train(resume=resume)
     out = Path(config.train.output_dir)
     if world.is_main:

@@ -47,6 +47,7 @@ from lorafit.lora.adalora import orthogonality_regularizer
 from lorafit.lora.allocator import RankAllocator
 from lorafit.lora.inject import adapter_configs, adapter_parameters
 from lorafit.lora.state import set_adapter_state
+from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.config import TrainConfig
 from lorafit.train.data import Sample, collate, pad_id_for
 from lorafit.train.distributed.share import check_batch, local_samples
@@ -95,7 +96,7 @@ class Trainer:
     """Train one LoRA adapter on tokenized samples. Call `train()`; results land in output_dir."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
-                 val: list[Sample] | None = None) -> None:
+                 val: list[Sample] | None = None, prompt_format: PromptFormat | None = None) -> None:
         if not train:
             raise LorafitError("no training samples: the data file yielded nothing to train on")
         self.world = world = init_world(model_device(model), config.collective_timeout)
@@ -106,6 +107,8 @@ class Trainer:
                                "gradients); run it without torchrun / --nproc-per-node, or train LoRA")
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_samples, self.val_samples = train, val or []
+        # how the samples' prompts were rendered (`Splits.prompt_format`), saved next to the adapter
+        self.prompt_format = prompt_format or default_format(tokenizer)
         self.pad_id = pad_id_for(tokenizer)
         self.out = Path(config.output_dir)
         torch.manual_seed(config.seed)
@@ -236,7 +239,7 @@ class Trainer:
         model.eval()
         with self.parallel.full_params():  # every rank takes part in gathering the shards; rank 0 writes
             if main:
-                save_adapter(model, self.out / "adapter")
+                save_adapter(model, self.out / "adapter", prompt_format=self.prompt_format)
                 plot_losses(self.history, self.out / "loss.png")
         return self.history
 
@@ -262,7 +265,7 @@ class Trainer:
             final = root / f"step-{self.step:08d}"
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
             try:
-                save_adapter(self.model, tmp / "adapter")
+                save_adapter(self.model, tmp / "adapter", prompt_format=self.prompt_format)
                 state = {"step": self.step, "micro": self.micro, "optimizer": optimizer, "torch_rng": rngs[0][0],
                          "cuda_rng": rngs[0][1], "rank_rng": rngs, "world_size": self.world.size,
                          "history": self.history, "best_val": self.best_val, "bad_evals": self.bad_evals,
