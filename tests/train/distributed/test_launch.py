@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lorafit.cli import main
+from lorafit.io import read_prompt_format
 from lorafit.train.distributed.launch import torchrun_command
 from tests.train.distributed import kit
 
@@ -30,6 +31,7 @@ def test_nproc_per_node_trains_the_real_smollm2_on_two_processes(dist_data, smol
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and len(weights) == 2 * 7 * 30  # A and B of 7 linears in each of 30 blocks
+    assert read_prompt_format(out / "adapter") is not None  # rank 0 wrote the prompt format beside it
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
 
