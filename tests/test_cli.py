@@ -214,7 +214,7 @@ def test_merge_writes_a_plain_checkpoint_with_the_adapted_outputs(tiny_model_dir
 # -- flags: help from the dataclasses, --data FILE, near misses, device and dtype ---------------------------
 
 SECTIONS = {"data": DataConfig, "lora": LoraConfig}
-NOT_FIELDS = {"--help", "--resume"}
+NOT_FIELDS = {"--help", "--resume", "--nproc-per-node"}  # how to run, not what
 
 
 def field_of_flag(flag: str) -> tuple[type, str]:
