@@ -23,6 +23,7 @@ _EXPORTS = {
     "LoraConfig": "lorafit.config",
     "LoraLayer": "lorafit.lora.layer",
     "LorafitError": "lorafit.errors",
+    "add_weighted_adapter": "lorafit.lora.combine",
     "load_adapter": "lorafit.io",
     "save_adapter": "lorafit.io",
     **{name: "lorafit.lora.inject" for name in (
@@ -40,6 +41,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_per_row",
     "add_adapter",
+    "add_weighted_adapter",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below i
     from lorafit.config import LoraConfig
     from lorafit.errors import AdapterError, LorafitError
     from lorafit.io import load_adapter, save_adapter
+    from lorafit.lora.combine import add_weighted_adapter
     from lorafit.lora.inject import (
         active_adapters,
         adapter_parameters,
