@@ -3,7 +3,7 @@
     POST   /v1/completions        prompt -> text; `model` picks the adapter (the base name: none)
     POST   /v1/chat/completions   messages through the tokenizer's chat template
     GET    /v1/models             the base model and every loaded adapter
-    POST   /v1/adapters           {"name", "path"}: load a folder under --adapter-root
+    POST   /v1/adapters           {"name", "path"}: load a folder under --adapter-root (a loaded name: hot-swap)
     DELETE /v1/adapters/{name}    unload (requests already running finish on it first)
     GET    /health                liveness, queue depth and resident memory
 
