@@ -42,6 +42,7 @@ from lorafit.lora.state import set_adapter_state
 from lorafit.ops.chunked_loss import causal_lm_loss
 from lorafit.train.config import TrainConfig
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
+from lorafit.train.loraplus import loraplus_param_groups
 from lorafit.train.prepare import prepare_model
 
 __all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "lr_factor",
@@ -116,15 +117,17 @@ def evaluate(model: nn.Module, samples: list[Sample], pad_id: int, batch_size: i
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer `TrainConfig.optimizer` names, over `params`.
+def make_optimizer(name: str, params: list[nn.Parameter] | list[dict], lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer `TrainConfig.optimizer` names, over `params` (parameters, or parameter groups).
 
     "adamw" is torch's AdamW; when every parameter is on CUDA it runs fused (`fused=True`): the same
     update, written by one kernel over all parameters instead of a chain of elementwise ones per step.
     "adamw8bit" / "paged_adamw8bit" are bitsandbytes' (8-bit states, ~2 B per parameter instead of 8).
     """
     if name == "adamw":
-        fused = bool(params) and all(p.is_cuda for p in params)
+        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+        fused = bool(flat) and all(p.is_cuda for p in flat)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
     try:
         import bitsandbytes as bnb
@@ -149,7 +152,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         prepare_model(model, config)
         self.params = adapter_parameters(model)
-        self.optimizer = make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
+        groups = self.params if config.loraplus_lr_ratio is None else loraplus_param_groups(model, config.loraplus_lr_ratio)
+        self.optimizer = make_optimizer(config.optimizer, groups, config.learning_rate, config.weight_decay)
         self.order = EpochOrder(len(train), config.batch_size, config.seed)
         self.batches_per_epoch = self.order.batches_per_epoch
         per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
@@ -187,7 +191,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs at a multiple
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr
