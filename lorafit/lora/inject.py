@@ -18,6 +18,7 @@ from lorafit.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from lorafit.errors import LorafitError
 from lorafit.lora.base import is_quantized
 from lorafit.lora.layer import LoraLayer, ModulesToSave, inside_wrapper
+from lorafit.lora.loftq import check_loftq_target
 from lorafit.lora.routing import RowRouting, StackCache, stacks_for
 from lorafit.lora.targets import default_targets, find_targets, name_matches
 from lorafit.modules import path_matches, set_submodule
@@ -73,6 +74,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
         if embeddings:
             raise LorafitError(f"use_dora: DoRA is not supported on embedding layers ({embeddings[0]}); "
                                "remove them from target_modules")
+    if config.init == "loftq":
+        for t in targets:
+            check_loftq_target(t, _unwrapped(modules[t]))
     saved = _find_modules_to_save(model, config.modules_to_save)
 
     first = not adapter_configs(model)
@@ -86,7 +90,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
             set_submodule(model, path, layer)
         r = ranks[path] if ranks is not None else config.rank_for(path)
         layer.add(adapter, r, config.alpha_for(path), dropout=config.dropout, use_rslora=config.use_rslora,
-                  use_dora=config.use_dora, init=config.init)
+                  use_dora=config.use_dora, init=config.init, loftq_iter=config.loftq_iter)
         for p in layer.adapter_params(adapter):
             p.requires_grad_(False)
     for path in saved:
