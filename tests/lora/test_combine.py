@@ -9,7 +9,7 @@ from peft import PeftModel
 import lorafit as lf
 from lorafit.errors import LorafitError
 from lorafit.lora.inject import adapter_configs, lora_layers
-from tests.conftest import make_llama
+from tests.conftest import make_gpt2, make_llama
 
 TARGETS = ["q_proj", "v_proj"]
 WEIGHTS = [1.0, -0.5, 0.7]
@@ -172,3 +172,39 @@ def test_bad_input_is_one_line_and_leaves_the_model_unchanged():
     assert "DoRA" in _one_line_refusal(model, lambda: lf.add_weighted_adapter(model, ["a", "dora"], [1, 1], "x"))
     assert "density" in _one_line_refusal(model, lambda: lf.add_weighted_adapter(model, ["a", "b"], [1, 1], "x", "ties"))
     assert "one weight per adapter" in _one_line_refusal(model, lambda: lf.add_weighted_adapter(model, ["a", "b"], [1], "x"))
+
+
+def test_linear_over_different_layers_counts_a_missing_adapter_as_zero():
+    model = _model()
+    lf.add_adapter(model, lf.LoraConfig(r=3, alpha=6, target_modules=["k_proj", "q_proj"], init="random"), "d")
+    lf.add_weighted_adapter(model, ["a", "d"], [0.5, -2.0], "mix", "linear")
+    layers = dict(lora_layers(model))
+    assert sorted(p for p, layer in layers.items() if "mix" in layer.lora_A) == sorted(
+        p for p, layer in layers.items() if "a" in layer.lora_A or "d" in layer.lora_A)
+    for layer in layers.values():
+        if "mix" in layer.lora_A:
+            expected = sum(w * layer.delta_weight(n).double() for w, n in ((0.5, "a"), (-2.0, "d")) if n in layer.lora_A)
+            torch.testing.assert_close(_combined_layer(layer, "mix"), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_gpt2_adapters_with_trained_biases_combine_and_load_in_peft(ids, tmp_path):
+    """Conv1D layers, bias="lora_only": the combined adapter carries the biases the model has."""
+    model = make_gpt2()
+    for i, name in enumerate(("x", "y")):
+        lf.add_adapter(model, lf.LoraConfig(r=2 + 2 * i, alpha=4, target_modules=["c_attn", "c_fc"],
+                                            bias="lora_only", init="random"), name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("base_layer.bias"):
+                p.add_(0.1)
+    lf.add_weighted_adapter(model, ["x", "y"], [1.5, -1.0], "mix", "cat")
+    assert adapter_configs(model)["mix"].bias == "lora_only"
+    lf.set_adapter(model, "mix")
+    expected = model(ids).logits
+    lf.save_adapter(model, tmp_path, "mix")
+    theirs = PeftModel.from_pretrained(make_gpt2(), tmp_path).eval()
+    torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def _combined_layer(layer, name):
+    return layer.lora_B[name].detach().double() @ layer.lora_A[name].detach().double()
