@@ -161,8 +161,11 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
     from lorafit.train.trainer import Trainer
 
     device = resolve_device(config.device)
-    model, tokenizer = load_model(config.model, quantize=config.quantize, dtype=resolve_dtype(config.dtype, device),
-                                  device=device)
+    # LoftQ picks the NF4 codes of the layers it adapts itself, from the full-precision weights: load
+    # those, let the Trainer's apply_lora quantize the adapted layers, then quantize the rest as usual
+    loftq = config.quantize == "nf4" and config.train.lora.init == "loftq"
+    model, tokenizer = load_model(config.model, quantize=None if loftq else config.quantize,
+                                  dtype=resolve_dtype(config.dtype, device), device=device)
     splits = load_data(tokenizer, config.data)
     total, trained = n_tokens(splits.train)
     print(f"lorafit train: {len(splits.train)} training samples ({total:,} tokens, {trained:,} trained), "
@@ -170,8 +173,25 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
     print("one sample as the model sees it («marked» = trained, the rest is masked):")
     print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    "))
     trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val)
+    if loftq:
+        _quantize_unadapted(model)
     history = trainer.train(resume=resume)
     out = Path(config.train.output_dir)
     print(f"lorafit train: done; adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, "
           f"loss curve in {out / 'loss.png'}")
     return history
+
+
+def _quantize_unadapted(model) -> None:
+    """NF4 for the frozen nn.Linear layers LoftQ did not adapt, as QLoRA would have loaded them: not the
+    output head, nothing inside a LoRA layer or a modules_to_save wrapper."""
+    from torch import nn
+
+    from lorafit.lora.layer import inside_wrapper
+    from lorafit.modules import path_matches, set_submodule
+    from lorafit.quant.apply import quantize_linear
+
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not inside_wrapper(name) and not path_matches(name, ["lm_head"]) \
+                and not module.weight.requires_grad:
+            set_submodule(model, name, quantize_linear(name, module))
