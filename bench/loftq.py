@@ -12,7 +12,8 @@ Printed: the mean/min/max per-layer relative weight error ||W - (deq(Q) + s·BA)
 the validation loss before training, the loss of each training step, and the mean of the first and
 last five steps.
 
-    HF_HUB_OFFLINE=1 python bench/loftq.py [--steps 40 --rank 16 --loftq-iter 1 --batch-size 8 --out DIR]
+    HF_HUB_OFFLINE=1 python bench/loftq.py [--steps 40 --rank 16 --loftq-iter 1 --batch-size 8 --out DIR
+                                            --sides plain,loftq]
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--loftq-iter", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sides", default="plain,loftq", help="which runs, in order (one per process is fine)")
     parser.add_argument("--out", default=None, help="keep data and each side's metrics.jsonl here (default: a temp dir)")
     args = parser.parse_args()
     print(json.dumps(machine_info()), file=sys.stderr)
@@ -84,7 +86,10 @@ def main() -> None:
         train, val = make_splits(600, 40, seed=0)
         write_jsonl(data_dir / "train.jsonl", train)
         write_jsonl(data_dir / "val.jsonl", val)
-        results = [run(side, args, data_dir, weights) for side in ("plain", "loftq")]
+        results = [run(side, args, data_dir, weights) for side in args.sides.split(",")]
+    if len(results) != 2:
+        print(json.dumps(results[0]))
+        return
     print(f"\n{'step':>4} | {'plain QLoRA':>11} | {'LoftQ':>8}")
     for i, (a, b) in enumerate(zip(results[0]["losses"], results[1]["losses"]), 1):
         print(f"{i:>4} | {a:>11.4f} | {b:>8.4f}")
