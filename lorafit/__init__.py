@@ -25,7 +25,10 @@ _EXPORTS = {
     "LoraConfig": "lorafit.config",
     "LoraLayer": "lorafit.lora.layer",
     "LorafitError": "lorafit.errors",
+    "add_weighted_adapter": "lorafit.lora.combine",
+    "hotswap_adapter": "lorafit.lora.hotswap",
     "load_adapter": "lorafit.io",
+    "prepare_for_compiled_hotswap": "lorafit.lora.hotswap",
     "save_adapter": "lorafit.io",
     **{name: "lorafit.lora.inject" for name in (
         "active_adapters", "adapter_parameters", "adapter_per_row", "add_adapter", "apply_lora", "delete_adapter",
@@ -44,12 +47,15 @@ __all__ = [
     "adapter_parameters",
     "adapter_per_row",
     "add_adapter",
+    "add_weighted_adapter",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
+    "hotswap_adapter",
     "load_adapter",
     "merge_adapter",
     "merge_and_unload",
+    "prepare_for_compiled_hotswap",
     "print_trainable_parameters",
     "save_adapter",
     "set_adapter",
@@ -63,6 +69,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below i
     from lorafit.config import AdaLoraConfig, IA3Config, LoraConfig
     from lorafit.errors import AdapterError, LorafitError
     from lorafit.io import load_adapter, save_adapter
+    from lorafit.lora.combine import add_weighted_adapter
+    from lorafit.lora.hotswap import hotswap_adapter, prepare_for_compiled_hotswap
     from lorafit.lora.inject import (
         active_adapters,
         adapter_parameters,

@@ -14,7 +14,7 @@ from typing import Any
 from lorafit.errors import LorafitError
 
 BIAS_MODES = ("none", "lora_only", "all")
-INIT_MODES = ("kaiming", "gaussian", "pissa", "zeros", "random")
+INIT_MODES = ("kaiming", "gaussian", "pissa", "zeros", "random", "loftq")
 DEFAULT_ADAPTER = "default"  # the adapter name when none is given (PEFT's too)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
@@ -62,7 +62,13 @@ class LoraConfig:
     """How A and B start: "kaiming" (A kaiming-uniform, B zero; PEFT's default), "gaussian"
     (A ~ N(0, 1/r), B zero), "pissa" (A, B from the top-r singular vectors of W; W becomes the
     residual, so the output is unchanged), "zeros" (both zero: a placeholder that a load fills),
-    "random" (both random: the model changes at init; for tests)."""
+    "random" (both random: the model changes at init; for tests), "loftq" (QLoRA: each adapted
+    nn.Linear becomes NF4 codes chosen together with A, B so deq(Q) + s*BA starts near W; see
+    lorafit.lora.loftq)."""
+
+    loftq_iter: int = 1
+    """With init="loftq": rounds of quantize / SVD alternation (1 already beats plain NF4's weight error;
+    more rounds usually lower it further, at one NF4 quantization and one SVD per layer each)."""
 
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides: regex on the module path (matched at the end of the path) -> r."""
@@ -102,8 +108,10 @@ class LoraConfig:
             raise LorafitError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES:
             raise LorafitError(f"LoraConfig.init must be one of {INIT_MODES}, got {self.init!r}")
-        if self.init == "pissa" and self.use_dora:
-            raise LorafitError("LoraConfig.init='pissa' cannot be combined with use_dora=True")
+        if self.init in ("pissa", "loftq") and self.use_dora:
+            raise LorafitError(f"LoraConfig.init={self.init!r} cannot be combined with use_dora=True")
+        if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
+            raise LorafitError(f"LoraConfig.loftq_iter must be a positive integer, got {self.loftq_iter!r}")
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):

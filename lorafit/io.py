@@ -36,7 +36,8 @@ PREFIX = "base_model.model."
 
 # A PiSSA adapter is always written as a plain LoRA update of the original base (see lora.state),
 # so no file of ours asks PEFT to run PiSSA again on load.
-_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True, "random": False, "zeros": True}
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True, "random": False, "zeros": True,
+                 "loftq": True}  # LoftQ's adapter needs its NF4 base: the weights in the file are what count
 # PEFT options that change the math; loading an adapter that uses them must not silently drop them.
 _UNSUPPORTED = {"lora_bias": False, "use_qalora": False, "layer_replication": None,
                 "trainable_token_indices": None, "alora_invocation_tokens": None}

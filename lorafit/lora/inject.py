@@ -21,6 +21,7 @@ from lorafit.lora.base import is_linear, is_quantized
 from lorafit.lora.experts import ExpertLoraLayer, expert_targets
 from lorafit.lora.ia3 import IA3Layer, ia3_targets
 from lorafit.lora.layer import LoraLayer, ModulesToSave, inside_wrapper
+from lorafit.lora.loftq import check_loftq_target
 from lorafit.lora.routing import RowRouting, StackCache, stacks_for
 from lorafit.lora.targets import default_targets, find_targets, name_matches
 from lorafit.modules import path_matches, set_submodule
@@ -100,11 +101,14 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
         if embeddings:
             raise LorafitError(f"use_dora: DoRA is not supported on embedding layers ({embeddings[0]}); "
                                "remove them from target_modules")
+    if config.init == "loftq":
+        for t in targets:
+            check_loftq_target(t, _unwrapped(modules[t]))
     saved = _find_modules_to_save(model, config.modules_to_save)
     plan: list[_Step] = [(path, LoraLayer, LoraLayer, lambda layer, path=path: layer.add(
         adapter, ranks[path] if ranks is not None else config.rank_for(path), config.alpha_for(path),
-        dropout=config.dropout, use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init))
-        for path in targets]
+        dropout=config.dropout, use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init,
+        loftq_iter=config.loftq_iter)) for path in targets]
     plan += [(path, ExpertLoraLayer, ExpertLoraLayer, lambda layer, path=path, names=names: layer.add(
         adapter, names, ranks[f"{path}.{names[0]}"] if ranks is not None else config.r, config.alpha,
         use_rslora=config.use_rslora, init=config.init)) for path, names in experts.items()]

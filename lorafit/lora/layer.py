@@ -37,6 +37,7 @@ from torch import nn
 from lorafit.config import INIT_MODES, lora_scaling
 from lorafit.errors import LorafitError
 from lorafit.lora.base import adapter_placement, base_dims, dense_weight, fused_weight_source, write_weight
+from lorafit.lora.loftq import check_loftq_target, loftq_layer
 from lorafit.ops import reference as ops
 from lorafit.ops.fused_lora import fused_lora_linear
 
@@ -75,7 +76,7 @@ class LoraLayer(nn.Module):
 
     # -- adapters ---------------------------------------------------------------------------
     def add(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-            use_dora: bool = False, init: str = "kaiming") -> None:
+            use_dora: bool = False, init: str = "kaiming", loftq_iter: int = 1) -> None:
         """Add adapter `name` of rank r (see LoraConfig for the meaning of each argument)."""
         if init not in INIT_MODES:
             raise LorafitError(f"init={init!r} is not an adapter initialisation; use one of {', '.join(INIT_MODES)}")
@@ -103,6 +104,10 @@ class LoraLayer(nn.Module):
             nn.init.normal_(B, std=0.02)
         elif init == "pissa":
             A, B = self._pissa_init(name, r)
+        elif init == "loftq":  # the base becomes NF4 codes chosen with A and B (lorafit.lora.loftq)
+            check_loftq_target(type(self.base_layer).__name__, self.base_layer)
+            self.base_layer, A, B = loftq_layer(self.base_layer, r, self.scaling[name], loftq_iter)
+            A, B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
         # "zeros": both stay zero (a placeholder that loading an adapter file fills)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)

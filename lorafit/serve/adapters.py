@@ -5,6 +5,11 @@ loaded again never shares weights with requests still running on the old ones. A
 reference on the internal name it was submitted with; `unload` only hides the public name from new
 requests ("doomed"), and the weights leave the model once the last reference is given back
 (`collect`). An adapter's files are read once: parsed, checked that it can share a batch, loaded.
+
+Loading under a name that is already loaded hot-swaps it (`lorafit.lora.hotswap`): the weights change
+in place under the same internal name, so requests running on it continue on the new weights from
+their next step; the router is closed first, and its stacked copies see the new weights' versions
+and are rebuilt.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import lorafit as lf
 from lorafit.config import LoraConfig, check_adapter_name
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.io import add_adapter_state, read_adapter
+from lorafit.lora.hotswap import hotswap_adapter_state
 from lorafit.lora.state import AdapterState
 from lorafit.prompt import PromptFormat
 from lorafit.serve.requests import AdapterExists, BadAdapterName, UnknownAdapter
@@ -58,7 +64,8 @@ class AdapterRegistry:
         self._serial = itertools.count(1)
 
     def load(self, name: str, path: str | Path, prompt_format: PromptFormat | None = None) -> None:
-        """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem);
+        """Load a PEFT-format adapter folder under a public `name`, or hot-swap the weights of the
+        adapter loaded under that name (LorafitError on any problem; nothing changes then);
         `prompt_format` is the one it was trained with (None: none recorded)."""
         try:
             check_adapter_name(name)
@@ -66,10 +73,18 @@ class AdapterRegistry:
             raise BadAdapterName(str(e)) from None
         internal = f"{name[:48]}--{next(self._serial)}"  # unique: a reload never reuses running weights
         with self._lock:
-            if name in self._internal or name in self.reserved:
-                raise AdapterExists(f"an adapter named {name!r} is already loaded; delete it first")
+            if name in self.reserved:
+                raise AdapterExists(f"{name!r} names the base model; pick another adapter name")
+            current = self._internal.get(name)
         config, state = read_adapter(path)  # the one read of its files
         check_servable(config, state, path)
+        if current is not None:
+            with self.model_lock:
+                self.router.close()  # routes hold the old tensors; the next batch attaches anew
+                hotswap_adapter_state(self.model, config, state, current, source=str(path))
+            with self._lock:
+                self._paths[name], self._formats[name] = str(path), prompt_format
+            return
         with self.model_lock:
             self.router.close()
             add_adapter_state(self.model, config, state, internal, activate=False, source=str(path))

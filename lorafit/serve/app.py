@@ -4,7 +4,7 @@
     POST   /v1/chat/completions   messages in the adapter's prompt format (lorafit.prompt: the chat
                                   template, or the instruction format it was trained with)
     GET    /v1/models             the base model and every loaded adapter
-    POST   /v1/adapters           {"name", "path"}: load a folder under --adapter-root
+    POST   /v1/adapters           {"name", "path"}: load a folder under --adapter-root (a loaded name: hot-swap)
     DELETE /v1/adapters/{name}    unload (requests already running finish on it first)
     GET    /health                liveness, queue depth and resident memory
 

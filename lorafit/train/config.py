@@ -42,6 +42,9 @@ class TrainConfig:
     """Decay after warmup: "cosine", "linear" or "constant"."""
     optimizer: str = "adamw"
     """"adamw" (torch), or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (states in 8 bits)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024): B's learning rate is this times A's (about 16 is the paper's
+    suggestion); None trains both at learning_rate."""
     max_grad_norm: float | None = 1.0
     """Clip the adapter gradients' global norm (None: no clipping)."""
     gradient_checkpointing: bool | None = None
@@ -101,5 +104,9 @@ class TrainConfig:
             raise LorafitError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not self.learning_rate > 0:
             raise LorafitError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
+        if self.loraplus_lr_ratio is not None and (isinstance(self.loraplus_lr_ratio, bool) or not isinstance(
+                self.loraplus_lr_ratio, (int, float)) or not self.loraplus_lr_ratio > 0):
+            raise LorafitError(f"TrainConfig.loraplus_lr_ratio must be a positive number or null, "
+                               f"got {self.loraplus_lr_ratio!r}")
         if self.epochs <= 0:
             raise LorafitError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")

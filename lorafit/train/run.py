@@ -196,7 +196,14 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
             print(f"lorafit train: {world.size} processes ({device.type}), distributed: {strategy} ({why})")
         if strategy == "fsdp":
             load_on = torch.device("cpu")  # each rank then keeps its shards only, on its device
-    model, tokenizer = load_model(config.model, quantize=config.quantize, dtype=dtype, device=load_on)
+    # LoftQ picks the NF4 codes of the layers it adapts itself, from the full-precision weights: load
+    # those, let the Trainer's apply_lora quantize the adapted layers, then quantize the rest as usual
+    loftq = config.quantize == "nf4" and config.train.lora.init == "loftq"
+    if loftq and world.distributed:
+        raise LorafitError("lora.init: loftq quantizes the base in one process: run it without torchrun "
+                           "(or --nproc-per-node 1), then train on several with lora.init: kaiming")
+    model, tokenizer = load_model(config.model, quantize=None if loftq else config.quantize, dtype=dtype,
+                                  device=load_on)
     splits = load_data(tokenizer, config.data)
     if world.is_main:
         total, trained = n_tokens(splits.train)
@@ -205,6 +212,8 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
         print("one sample as the model sees it («marked» = trained, the rest is masked):")
         print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    "))
     trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val, splits.prompt_format)
+    if loftq:
+        _quantize_unadapted(model)
     history = trainer.train(resume=resume)
     out = Path(config.train.output_dir)
     if world.is_main:
@@ -212,3 +221,18 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
               f"loss curve in {out / 'loss.png'}")
     shutdown_world()
     return history
+
+
+def _quantize_unadapted(model) -> None:
+    """NF4 for the frozen nn.Linear layers LoftQ did not adapt, as QLoRA would have loaded them: not the
+    output head, nothing inside a LoRA layer or a modules_to_save wrapper."""
+    from torch import nn
+
+    from lorafit.lora.layer import inside_wrapper
+    from lorafit.modules import path_matches, set_submodule
+    from lorafit.quant.apply import quantize_linear
+
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not inside_wrapper(name) and not path_matches(name, ["lm_head"]) \
+                and not module.weight.requires_grad:
+            set_submodule(model, name, quantize_linear(name, module))

@@ -54,6 +54,7 @@ from lorafit.train.distributed.share import check_batch, local_samples
 from lorafit.train.distributed.strategy import choose_strategy, quantization_of
 from lorafit.train.distributed.world import init_world
 from lorafit.train.distributed.wrap import Parallel
+from lorafit.train.loraplus import loraplus_param_groups
 from lorafit.train.loss import evaluate, loss_sum, n_targets, token_loss_sum
 from lorafit.train.prepare import prepare_model
 
@@ -73,15 +74,17 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer `TrainConfig.optimizer` names, over `params`.
+def make_optimizer(name: str, params: list[nn.Parameter] | list[dict], lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer `TrainConfig.optimizer` names, over `params` (parameters, or parameter groups).
 
     "adamw" is torch's AdamW; when every parameter is on CUDA it runs fused (`fused=True`): the same
     update, written by one kernel over all parameters instead of a chain of elementwise ones per step.
     "adamw8bit" / "paged_adamw8bit" are bitsandbytes' (8-bit states, ~2 B per parameter instead of 8).
     """
     if name == "adamw":
-        fused = bool(params) and all(p.is_cuda for p in params)
+        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+        fused = bool(flat) and all(p.is_cuda for p in flat)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
     try:
         import bitsandbytes as bnb
@@ -125,7 +128,8 @@ class Trainer:
         if world.rank:  # each rank its own random stream (dropout masks); rank 0 keeps the seed's
             torch.manual_seed(config.seed + world.rank)
         self.params = adapter_parameters(model)  # after wrapping: FSDP replaced them by their shards
-        self.optimizer = make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
+        groups = self.params if config.loraplus_lr_ratio is None else loraplus_param_groups(model, config.loraplus_lr_ratio)
+        self.optimizer = make_optimizer(config.optimizer, groups, config.learning_rate, config.weight_decay)
         self.order = EpochOrder(len(train), config.batch_size, config.seed)
         self.batches_per_epoch = self.order.batches_per_epoch
         per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
@@ -177,7 +181,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs at a multiple
         self.optimizer.step()
         if self.allocator is not None:  # importance from these gradients, before they are cleared
             self.allocator.update_and_allocate(self.step)

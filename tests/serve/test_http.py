@@ -97,6 +97,37 @@ def test_adapters_load_and_unload_while_requests_run(server):
     still_serves(server)
 
 
+def test_post_with_a_loaded_name_hot_swaps(server, tiny):
+    client = server.client()
+
+    def text(model: str) -> str:
+        return client.completions.create(model=model, prompt="hello world", max_tokens=8,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    def post(path: str) -> httpx.Response:
+        return httpx.post(server.base_url + "/adapters", json={"name": "swap", "path": path}, headers=AUTH,
+                          timeout=30)
+
+    assert post("alpha").status_code == 200
+    on_alpha = text("swap")
+    assert on_alpha == text("alpha")
+    for path, same_as in (("delta", None), ("beta", "beta")):  # delta: the same rank (in place); beta: rank 8
+        r = post(path)
+        assert r.status_code == 200, r.text
+        swapped = text("swap")
+        assert swapped != on_alpha
+        if same_as:
+            assert swapped == text(same_as)  # equal to the adapter loaded fresh from that folder
+    models = {m.id: m for m in client.models.list().data}
+    assert models["swap"].root.endswith("beta")
+    save_adapter(tiny[0], server.adapter_root / "swap-dora", rank=2, seed=1, use_dora=True)
+    r = post("swap-dora")
+    assert r.status_code == 400 and r.json()["error"]["message"].count("\n") == 0, r.text
+    assert text("swap") == text("beta")  # a refused swap changes nothing
+    assert httpx.delete(server.base_url + "/adapters/swap", headers=AUTH, timeout=30).status_code == 200
+    still_serves(server)
+
+
 def test_unknown_adapter_404(server):
     with pytest.raises(openai.NotFoundError) as e:
         server.client().completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
@@ -157,8 +188,8 @@ def test_adapter_paths_outside_root_403(server, tmp_path):
     assert r.status_code == 404
     r = httpx.post(server.base_url + "/adapters", json={"name": "../x", "path": "alpha"}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"
-    r = httpx.post(server.base_url + "/adapters", json={"name": "alpha", "path": "alpha"}, headers=AUTH, timeout=30)
-    assert r.status_code == 409
+    r = httpx.post(server.base_url + "/adapters", json={"name": "base", "path": "alpha"}, headers=AUTH, timeout=30)
+    assert r.status_code == 409  # the base model's name
     still_serves(server)
 
 

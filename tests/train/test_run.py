@@ -53,3 +53,39 @@ def test_every_field_has_a_flag():
     assert len(keys) == len(set(keys))
     assert {"model", "quantize", "device", "dtype", "learning_rate", "data.path", "lora.r"} <= set(keys)
     assert "lora" not in keys and "train" not in keys and "data" not in keys
+
+
+def test_qlora_with_loftq_loads_full_precision_and_ends_all_nf4(tokenizer, tmp_path, monkeypatch):
+    """quantize: nf4 + lora.init: loftq: the adapted layers get LoftQ's codes, the others plain NF4."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafit.lora.inject import lora_layers
+    from lorafit.quant.linear import NF4Linear
+    from lorafit.train.demo_task import make_dataset, write_jsonl
+    from lorafit.train.run import run
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", make_dataset(8, seed=0))
+    config = parse_run_config({"model": str(tmp_path / "m"), "quantize": "nf4", "data": str(data), "max_steps": 1,
+                               "batch_size": 4, "output_dir": str(tmp_path / "out"),
+                               "lora": {"r": 4, "init": "loftq", "target_modules": ["q_proj", "v_proj"]}})
+    seen = {}
+    import lorafit.train.trainer as trainer_module
+
+    class Recording(trainer_module.Trainer):
+        def train(self, resume=False):
+            seen["model"] = self.model
+            return super().train(resume)
+
+    monkeypatch.setattr(trainer_module, "Trainer", Recording)  # the real Trainer, which also keeps its model
+    history = run(config)
+    model = seen["model"]
+    assert len(history) == 1 and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    adapted = dict(lora_layers(model))
+    assert sorted(p.rsplit(".", 1)[-1] for p in adapted) == ["q_proj", "v_proj"]
+    assert all(isinstance(layer.base_layer, NF4Linear) for layer in adapted.values())
+    assert isinstance(model.model.layers[0].mlp.down_proj, NF4Linear)  # not adapted: plain NF4
+    assert type(model.lm_head) is torch.nn.Linear
