@@ -172,6 +172,7 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
     trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val)
     history = trainer.train(resume=resume)
     out = Path(config.train.output_dir)
-    print(f"lorafit train: done; adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, "
+    weights = out / ("model" if config.train.method == "full" else "adapter")
+    print(f"lorafit train: done; {'model' if config.train.method == 'full' else 'adapter'} in {weights}, metrics in {out / 'metrics.jsonl'}, "
           f"loss curve in {out / 'loss.png'}")
     return history

@@ -42,6 +42,7 @@ from lorafit.lora.state import set_adapter_state
 from lorafit.ops.chunked_loss import causal_lm_loss
 from lorafit.train.config import TrainConfig
 from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
+from lorafit.train.full import MODEL_DIR, load_model_weights, save_model_folder
 from lorafit.train.prepare import prepare_model
 
 __all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "lr_factor",
@@ -136,7 +137,8 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_deca
 
 
 class Trainer:
-    """Train one LoRA adapter on tokenized samples. Call `train()`; results land in output_dir."""
+    """Train one LoRA adapter (or, with `method: full`, every weight) on tokenized samples. Call
+    `train()`; results land in output_dir (adapter/, or model/ for a full fine-tune)."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
                  val: list[Sample] | None = None) -> None:
@@ -232,7 +234,7 @@ class Trainer:
                 break
         bar.close()
         model.eval()
-        save_adapter(model, self.out / "adapter")
+        self._save_weights(self.out, tokenizer=self.tokenizer)
         plot_losses(self.history, self.out / "loss.png")
         return self.history
 
@@ -245,13 +247,19 @@ class Trainer:
         return patience is not None and self.bad_evals >= patience
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _save_weights(self, folder: Path, tokenizer=None) -> Path:
+        """What trained: the adapter (folder/adapter) or, for a full fine-tune, the model (folder/model)."""
+        if self.config.method == "full":
+            return save_model_folder(self.model, folder / MODEL_DIR, tokenizer)
+        return save_adapter(self.model, folder / "adapter")
+
     def _save_checkpoint(self) -> Path:
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:08d}"
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         try:
-            save_adapter(self.model, tmp / "adapter")
+            self._save_weights(tmp)
             state = {"step": self.step, "micro": self.micro, "optimizer": self.optimizer.state_dict(),
                      "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(), "history": self.history,
                      "best_val": self.best_val, "bad_evals": self.bad_evals, "config": asdict(self.config)}
@@ -267,8 +275,11 @@ class Trainer:
         return final
 
     def _load_checkpoint(self, path: Path) -> None:
-        _, adapter_state = read_adapter(path / "adapter")
-        set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
+        if self.config.method == "full":
+            load_model_weights(self.model, path / MODEL_DIR)
+        else:
+            _, adapter_state = read_adapter(path / "adapter")
+            set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
         # on the host first: the optimizer moves its states to its parameters' devices itself
         state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
