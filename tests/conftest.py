@@ -69,6 +69,15 @@ def smollm2_dir(tmp_path_factory):
     return resolve_model(None)
 
 
+@pytest.fixture(scope="session")
+def demo_adapter(smollm2_dir, tmp_path_factory):
+    """(adapter folder, held-out records) of a short run of the demo's recipe (see
+    tests.export.kit.train_demo_adapter), trained once per session for the export and inspect tests."""
+    from tests.export.kit import train_demo_adapter
+
+    return train_demo_adapter(tmp_path_factory.mktemp("demo"))
+
+
 @pytest.fixture
 def triton_device(monkeypatch) -> str:
     """Where a Triton kernel test runs: the GPU when there is one, else the CPU through the Triton
