@@ -102,7 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from lorafit.ablate.run import ablate_command
 
-    ablate_command(args.config, args.grid, args.methods, args.out, sets=args.set, max_eval=args.max_eval,
+    ablate_command(args.config, args.grid, args.methods, args.out, sets=args.set, max_eval=args.max_eval, tag=args.tag,
                    command="lorafit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None)
 
 
@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="lora", help="comma-separated: lora, qlora (NF4 base), dora, full")
     p.add_argument("--out", required=True, help="folder for points/, results.md, results.json and the PNGs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every point (e.g. max_steps=40)")
+                   help="override a config key for every point (max_steps=40), or for one method's (full:learning_rate=1e-4)")
     p.add_argument("--max-eval", type=int, help="evaluate on at most this many held-out samples")
+    p.add_argument("--tag", help="prefix of the result files, so several ablations can share --out and its points")
     p.set_defaults(func=cmd_ablate)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments

@@ -25,14 +25,14 @@ import yaml
 from lorafit.errors import LorafitError
 from lorafit.flags import suggest
 from lorafit.lora.targets import SHORT_TARGETS, short_targets
-from lorafit.train.run import RunConfig, override_flags, parse_run_config
+from lorafit.train.run import RunConfig, apply_override, override_flags, parse_run_config
 
 METHODS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "quantize": None, "lora.use_dora": False},
     "qlora": {"method": "lora", "quantize": "nf4", "lora.use_dora": False},
     "dora": {"method": "lora", "quantize": None, "lora.use_dora": True},
-    "full": {"method": "full", "quantize": None},
-}
+    "full": {"method": "full", "quantize": None, "save_steps": None},
+}  # a full point keeps no intermediate checkpoints: each would hold the whole model and its AdamW states
 POINTS_DIR = "points"
 
 
@@ -97,8 +97,10 @@ def model_type(model: str) -> str | None:
 
 
 def build_points(raw: dict[str, Any], axes: list[tuple[str, list[Any]]], methods: list[str], out: str | Path,
-                 source: str = "config") -> list[Point]:
-    """Every point of methods x axes (full points that differ only in lora.* keys merged), validated."""
+                 source: str = "config", method_sets: dict[str, list[tuple[str, str]]] | None = None) -> list[Point]:
+    """Every point of methods x axes (full points that differ only in lora.* keys merged), validated.
+    method_sets: method -> [(dotted key, YAML value)] set for that method's points only (full fine-tuning
+    usually wants a far smaller learning rate than an adapter)."""
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
         raise LorafitError(f"--grid: a key is given twice ({', '.join(keys)}); list all its values in one --grid")
@@ -121,6 +123,8 @@ def build_points(raw: dict[str, Any], axes: list[tuple[str, list[Any]]], methods
                 if key == "lora.target_modules" and isinstance(value, str) and value in SHORT_TARGETS:
                     value = short_targets(family, value)
                 _set(point_raw, key, value)
+            for key, value in (method_sets or {}).get(method, []):
+                apply_override(point_raw, key, value)
             _set(point_raw, "output_dir", str(Path(out) / POINTS_DIR / name))
             points[name] = Point(name, settings, parse_run_config(point_raw, f"{source} [{name}]"), point_raw)
     return list(points.values())

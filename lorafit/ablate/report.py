@@ -47,14 +47,14 @@ def axis_slices(rows: list[dict], axes: list[tuple[str, list[Any]]]) -> list[tup
     return slices
 
 
-def markdown(title: str, rows: list[dict], axes: list[tuple[str, list[Any]]], note: str = "") -> str:
+def markdown(title: str, rows: list[dict], axes: list[tuple[str, list[Any]]], note: str = "", tag: str = "") -> str:
     keys = [k for k, _ in axes]
     lines = [f"# {title}", ""] + ([note, ""] if note else []) + ["## All points", ""] + table(rows, keys)
     for key, chosen in axis_slices(rows, axes):
         fixed = ", ".join(f"{k} = {vs[0]}" for k, vs in axes if k != key)
         lines += ["", f"## By {key}" + (f" ({fixed})" if fixed else ""), ""] + table(chosen, keys)
-    lines += ["", "![accuracy against trainable parameters](accuracy_vs_params.png)", "",
-              "![loss curves](loss_curves.png)", "", "![memory against accuracy](memory_vs_accuracy.png)", ""]
+    lines += ["", f"![accuracy against trainable parameters]({tag}accuracy_vs_params.png)", "",
+              f"![loss curves]({tag}loss_curves.png)", "", f"![memory against accuracy]({tag}memory_vs_accuracy.png)", ""]
     return "\n".join(lines)
 
 
@@ -107,15 +107,16 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
 
 
 def write_results(out: str | Path, title: str, rows: list[dict], axes: list[tuple[str, list[Any]]],
-                  note: str = "") -> list[Path]:
-    """results.json, results.md and the three PNGs in `out`; rows: {"name", "settings", "result"}."""
+                  note: str = "", tag: str = "") -> list[Path]:
+    """results.json, results.md and the three PNGs in `out`, each name prefixed by `tag` (several
+    ablations can share one folder and so their points); rows: {"name", "settings", "result"}."""
     out = Path(out)
     data = {"title": title, "axes": [[k, vs] for k, vs in axes], "points": rows}
-    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(title, rows, axes, note))
-    return [out / "results.json", out / "results.md",
-            _scatter(rows, "trainable_params", "exact_match", out / "accuracy_vs_params.png",
+    (out / f"{tag}results.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / f"{tag}results.md").write_text(markdown(title, rows, axes, note, tag))
+    return [out / f"{tag}results.json", out / f"{tag}results.md",
+            _scatter(rows, "trainable_params", "exact_match", out / f"{tag}accuracy_vs_params.png",
                      "trainable parameters (log)", "held-out exact match (%)", logx=True),
-            plot_losses(rows, out / "loss_curves.png"),
-            _scatter(rows, "peak_memory_mib", "exact_match", out / "memory_vs_accuracy.png",
+            plot_losses(rows, out / f"{tag}loss_curves.png"),
+            _scatter(rows, "peak_memory_mib", "exact_match", out / f"{tag}memory_vs_accuracy.png",
                      "peak memory (MiB)", "held-out exact match (%)", logx=False)]

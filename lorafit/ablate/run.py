@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 import platform
+import re
 import shutil
 from pathlib import Path
 
@@ -38,19 +39,26 @@ def machine() -> str:
 
 
 def ablate_command(config: str, grids: list[str], methods: str, out: str, sets: list[str] | None = None,
-                   max_eval: int | None = None, command: str | None = None) -> list[dict]:
+                   max_eval: int | None = None, command: str | None = None, tag: str | None = None) -> list[dict]:
     """Run (or resume) the ablation; returns the rows {"name", "settings", "result"} of all points."""
     raw = load_yaml(config)
+    method_sets: dict[str, list[tuple[str, str]]] = {}
     for spec in sets or []:
         key, eq, value = spec.partition("=")
-        if not eq:
-            raise LorafitError(f"--set {spec!r}: expected KEY=VALUE (e.g. max_steps=40)")
-        apply_override(raw, key.strip(), value)
+        method, colon, key = key.strip().rpartition(":")
+        if not eq or not key:
+            raise LorafitError(f"--set {spec!r}: expected KEY=VALUE or METHOD:KEY=VALUE (e.g. full:learning_rate=1e-4)")
+        if colon:
+            method_sets.setdefault(parse_methods(method)[0], []).append((key, value))
+        else:
+            apply_override(raw, key, value)
     if max_eval is not None and max_eval < 1:
         raise LorafitError(f"--max-eval {max_eval}: give a positive number of held-out samples")
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", tag):
+        raise LorafitError(f"--tag {tag!r}: use letters, digits, '_' or '-' (it prefixes file names)")
     axes = [parse_axis(spec) for spec in grids]
     method_list = parse_methods(methods)
-    points = build_points(raw, axes, method_list, out, source=config)  # everything checked before training
+    points = build_points(raw, axes, method_list, out, source=config, method_sets=method_sets)  # everything checked before training
     axes = [("method", method_list), *axes]
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -60,7 +68,8 @@ def ablate_command(config: str, grids: list[str], methods: str, out: str, sets: 
     todo = [p for p in points if results[p.name] is None]
     print(f"lorafit ablate: {len(points)} points; {len(points) - len(todo)} finished before (kept), "
           f"{len(todo)} to run: {', '.join(p.name for p in todo) or 'none'}")
-    title = f"lorafit ablate: {Path(config).name}"
+    title = f"lorafit ablate: {Path(config).name}" + (f" ({tag})" if tag else "")
+    prefix = f"{tag}-" if tag else ""
     note = (f"Machine: {machine()}. Command: `{command or 'lorafit ablate ' + config}`. Every point trains "
             f"with the same data, seed and step budget; see points/<name>/point.yaml for its exact config.")
 
@@ -80,9 +89,9 @@ def ablate_command(config: str, grids: list[str], methods: str, out: str, sets: 
         result = run_point(point.config, max_eval)
         results[point.name] = result
         gc.collect()
-        write_results(out, title, rows(), axes, note)
+        write_results(out, title, rows(), axes, note, prefix)
         bar.update(1)
     bar.close()
-    files = write_results(out, title, rows(), axes, note)
+    files = write_results(out, title, rows(), axes, note, prefix)
     print(f"lorafit ablate: done; {', '.join(f.name for f in files)} in {out}")
     return rows()

@@ -100,6 +100,8 @@ def test_a_bad_grid_spec_is_one_line_and_exit_2_before_training(config, tmp_path
 
 def test_full_points_ignore_lora_keys(config, tmp_path):
     raw = yaml.safe_load(config.read_text())
-    points = build_points(raw, [parse_axis("lora.r=2,4")], ["lora", "full"], tmp_path)
+    points = build_points(raw, [parse_axis("lora.r=2,4")], ["lora", "full"], tmp_path,
+                          method_sets={"full": [("learning_rate", "1e-4")]})
     assert [p.name for p in points] == ["lora_r=2", "lora_r=4", "full"]
     assert points[2].config.train.method == "full" and points[2].config.quantize is None
+    assert points[2].config.train.learning_rate == 1e-4 and points[0].config.train.learning_rate == 1e-3
