@@ -23,6 +23,7 @@ _EXPORTS = {
     "LoraConfig": "lorafit.config",
     "LoraLayer": "lorafit.lora.layer",
     "LorafitError": "lorafit.errors",
+    "analyze_model": "lorafit.inspect.analyze",
     "load_adapter": "lorafit.io",
     "save_adapter": "lorafit.io",
     **{name: "lorafit.lora.inject" for name in (
@@ -40,6 +41,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_per_row",
     "add_adapter",
+    "analyze_model",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
@@ -58,6 +60,7 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports on demand
     from lorafit.config import LoraConfig
     from lorafit.errors import AdapterError, LorafitError
+    from lorafit.inspect.analyze import analyze_model
     from lorafit.io import load_adapter, save_adapter
     from lorafit.lora.inject import (
         active_adapters,
