@@ -77,6 +77,10 @@ def ablate_command(config: str, grids: list[str], methods: str, out: str, sets: 
         return [{"name": p.name, "settings": p.settings, "result": results[p.name]} for p in points
                 if results[p.name] is not None]
 
+    def dated() -> str:
+        times = sorted(r["result"].get("finished_at", "") for r in rows())
+        return note + (f" Points finished between {times[0]} and {times[-1]}." if times else "")
+
     bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="ablate", unit="point", dynamic_ncols=True)
     for point in todo:
         folder = Path(point.config.train.output_dir)
@@ -89,9 +93,9 @@ def ablate_command(config: str, grids: list[str], methods: str, out: str, sets: 
         result = run_point(point.config, max_eval)
         results[point.name] = result
         gc.collect()
-        write_results(out, title, rows(), axes, note, prefix)
+        write_results(out, title, rows(), axes, dated(), prefix)
         bar.update(1)
     bar.close()
-    files = write_results(out, title, rows(), axes, note, prefix)
+    files = write_results(out, title, rows(), axes, dated(), prefix)
     print(f"lorafit ablate: done; {', '.join(f.name for f in files)} in {out}")
     return rows()
