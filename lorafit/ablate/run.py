@@ -65,6 +65,11 @@ def ablate_command(config: str, grids: list[str], methods: str, out: str, sets: 
         raise LorafitError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     results = {p.name: finished(p.config.train.output_dir) for p in points}
+    for p in points:  # a kept result must come from the same config, or the tables would mix two budgets
+        saved = Path(p.config.train.output_dir) / "point.yaml"
+        if results[p.name] is not None and saved.is_file() and yaml.safe_load(saved.read_text()) != p.raw:
+            raise LorafitError(f"{saved}: this finished point was run with another config (data, steps, ...); "
+                               "use another --out, or delete the point's folder to run it again")
     todo = [p for p in points if results[p.name] is None]
     print(f"lorafit ablate: {len(points)} points; {len(points) - len(todo)} finished before (kept), "
           f"{len(todo)} to run: {', '.join(p.name for p in todo) or 'none'}")

@@ -62,6 +62,10 @@ def test_ablate_a_2x2_grid_killed_after_the_first_point_resumes(config, tmp_path
         assert (out / "points" / name / "result.json").read_bytes() == content
         assert f"point {name}" not in printed
 
+    # the same points from another step budget are not taken for finished ones
+    assert main(["ablate", str(config), *GRID, "--out", str(out), "--set", "max_steps=3"]) == 2
+    assert "run with another config" in capsys.readouterr().err
+
     data = json.loads((out / "results.json").read_text())
     assert len(data["points"]) == 4
     assert {tuple(sorted(p["settings"].items())) for p in data["points"]} == {
