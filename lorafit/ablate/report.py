@@ -67,16 +67,30 @@ def _plt():
     return plt
 
 
+def labels(rows: list[dict]) -> dict[str, str]:
+    """Point name -> a short label: only the settings that differ between the rows (`r=8`, `full`)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row["settings"]))
+    varying = [k for k in keys if len({str(row["settings"][k]) for row in rows if k in row["settings"]}) > 1]
+    out = {}
+    for row in rows:
+        parts = [f"{k.rsplit('.', 1)[-1].replace('target_modules', 'targets')}={row['settings'][k]}"
+                 for k in varying if k in row["settings"] and k != "method"]
+        method = row["settings"].get("method", "")
+        out[row["name"]] = " ".join(([method] if "method" in varying or not parts else []) + parts) or row["name"]
+    return out
+
+
 def _scatter(rows: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: str, logx: bool) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    for row in rows:
+    names = labels(rows)
+    for i, row in enumerate(rows):
         vx, vy = row["result"].get(x), row["result"].get(y)
         if vx is None or vy is None:
             continue
         ax.scatter([vx], [100 * vy if y == "exact_match" else vy], s=30)
-        ax.annotate(row["name"], (vx, 100 * vy if y == "exact_match" else vy), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(names[row["name"]], (vx, 100 * vy if y == "exact_match" else vy), fontsize=7,
+                    xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points")
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -91,15 +105,16 @@ def _scatter(rows: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: 
 def plot_losses(rows: list[dict], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    names = labels(rows)
     for row in rows:
         curve = row["result"].get("loss_curve") or []
         if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], lw=1, label=row["name"])
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], lw=1, label=names[row["name"]])
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
