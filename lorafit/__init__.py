@@ -19,7 +19,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "AdaLoraConfig": "lorafit.config",
     "AdapterError": "lorafit.errors",
+    "IA3Config": "lorafit.config",
     "LoraConfig": "lorafit.config",
     "LoraLayer": "lorafit.lora.layer",
     "LorafitError": "lorafit.errors",
@@ -33,7 +35,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterError",
+    "IA3Config",
     "LoraConfig",
     "LoraLayer",
     "LorafitError",
@@ -58,7 +62,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports on demand
-    from lorafit.config import LoraConfig
+    from lorafit.config import AdaLoraConfig, IA3Config, LoraConfig
     from lorafit.errors import AdapterError, LorafitError
     from lorafit.inspect.analyze import analyze_model
     from lorafit.io import load_adapter, save_adapter

@@ -7,6 +7,7 @@ status 2, no traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lorafit.errors import LorafitError
@@ -21,13 +22,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
                         quantize=None if args.quantize == "none" else args.quantize))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from lorafit.train.run import apply_override, load_yaml, parse_run_config, run
 
     raw = load_yaml(args.config) if args.config else {}
     for dotted, value in args.overrides:
         apply_override(raw, dotted, value)
-    run(parse_run_config(raw, args.config or "flags"), resume=args.resume)
+    config = parse_run_config(raw, args.config or "flags")
+    if args.nproc_per_node is not None and args.nproc_per_node != 1:
+        from lorafit.train.distributed.launch import check_launch, launch
+
+        check_launch(args.nproc_per_node, config.train.batch_size, config.device, config.data.path)
+        argv = ["train", *([args.config] if args.config else []), *(["--resume"] if args.resume else [])]
+        flags = [a for key, value in args.overrides for a in (f"--{key.replace('_', '-')}", value)]
+        return launch(args.nproc_per_node, argv + flags)
+    from lorafit.train.distributed.world import launched_size
+
+    if launched_size() > 1:  # a torchrun process: torchrun's report names the failed rank with this error
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(run)
+    run(config, resume=args.resume)
+    return None
 
 
 def _load(args: argparse.Namespace):
@@ -40,15 +56,23 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from lorafit.generate import generate, render_prompt
-    from lorafit.io import load_adapter
+    from lorafit.generate import generate_ids, render_prompt, why_empty
+    from lorafit.io import load_adapter, read_prompt_format
+    from lorafit.prompt import TEXT, PromptFormat
 
+    fmt = read_prompt_format(args.adapter) if args.adapter else None  # the format the adapter was trained in
     model, tokenizer = _load(args)
     if args.adapter:
         load_adapter(model, args.adapter)
-    prompts = [render_prompt(tokenizer, p, chat=not args.no_chat) for p in args.prompt]
-    for text in generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature):
-        print(text)
+    if args.no_chat:
+        fmt = PromptFormat(TEXT)
+    prompts = [render_prompt(tokenizer, p, fmt, input=args.input or "") for p in args.prompt]
+    new = generate_ids(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    for i, ids in enumerate(new):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if not text:
+            print(f"lorafit generate: prompt {i + 1}: {why_empty(tokenizer, ids)}", file=sys.stderr)
+        print(text, flush=True)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -73,8 +97,16 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         raise LorafitError(f"--gpu-memory {args.gpu_memory:g} must be a positive size in GB")
     setup = {"method": args.method, "batch": args.batch, "seq": args.seq, "device": args.device,
              "group_size": args.group_size}
-    if args.model:
+    if args.nproc != 1:
+        from lorafit.train.estimate.distributed import format_per_device
+
+        if not args.model:
+            raise LorafitError("--nproc needs --model: the per-device memory of one model on N devices")
+        print(format_per_device(TrainSetup(model=args.model, rank=args.rank, **setup), args.nproc,
+                                args.gpu_memory if args.device == "cuda" else None))
+    elif args.model:
         result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
+        print(result.setup.shape.describe())  # the shape read from the folder or .gguf (or the size's)
         print(result.breakdown())
         if args.device == "cuda":
             verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
@@ -163,13 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train", help="fine-tune a LoRA adapter from a YAML config and/or flags", allow_abbrev=False,
-        usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume] [--FIELD VALUE ...]",
+        usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume] [--nproc-per-node N] [--FIELD VALUE ...]",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=36),
         description="Every flag is a field of the YAML file too (--lora.r 8 is `lora: {r: 8}`); flags override "
                     "the file. Values are read as YAML: 1e-4, true, null, [q_proj, v_proj]; a bool flag alone "
                     "means true.")
     p.add_argument("config", nargs="?", help="YAML file (see lorafit/train/run.py); flags override it")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train with N processes on this machine (one per GPU; on the CPU they share the cores), "
+                        "started through torchrun; several machines: run torchrun yourself (see the README)")
     add_train_flags(p)
     p.set_defaults(func=cmd_train, overrides=[])
 
@@ -179,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--input", help="an Alpaca record's input, placed after each prompt (the instruction) as "
+                   "training placed it")
+    p.add_argument("--no-chat", action="store_true",
+                   help="send the prompt as raw text (BOS only), without the chat template or instruction format")
     add_placement(p)
     p.set_defaults(func=cmd_generate)
 
@@ -206,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.train.estimate import DEVICES, METHODS
 
     p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base")
-    p.add_argument("--model", help="a size (1B, 7B, 70B, ...) or a model folder; omit for the table of sizes")
+    p.add_argument("--model", help="a size (1B, 7B, 70B, ...), a model folder or a .gguf (its real shape is read); "
+                   "omit for the table of sizes")
     p.add_argument("--method", choices=METHODS, default="qlora",
                    help="full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (the table's total column)")
@@ -216,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="cuda: GPU memory of a bf16 run with gradient checkpointing; cpu: peak RSS of an fp32 run")
     p.add_argument("--group-size", type=int, help="ternary: columns per fp32 scale (default: one scale per row)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="per-device memory of DDP and of FSDP on N devices (--batch is then the micro-batch of all)")
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("inspect", help="what an adapter changed: norms, spectra, ranks, intruders; report + PNGs")
@@ -283,14 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         print(_unknown_options(subcommands[args.command], args.command, unknown), file=sys.stderr)
         return 2
     try:
-        args.func(args)
+        status = args.func(args)
     except LorafitError as e:
-        print(f"lorafit {args.command}: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
+        print(f"lorafit {args.command}: error: {e}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lorafit {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -76,7 +76,20 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a new classification head)."""
 
+    target_parameters: list[str] | None = None
+    """3-D expert weights of MoE models to adapt, one low-rank pair per expert (lorafit.lora.experts):
+    'experts.gate_up_proj', 'experts.down_proj', ... (an entry matches `module_path.param` equal to it
+    or ending in '.entry', PEFT's rule). With target_parameters and no target_modules only the
+    experts are adapted. No dropout or DoRA there."""
+
     def __post_init__(self) -> None:
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
+            if not self.target_parameters or not all(isinstance(t, str) and t for t in self.target_parameters):
+                raise LorafitError("LoraConfig.target_parameters must be a non-empty list of parameter names")
+            if self.dropout or self.use_dora or self.init == "pissa":
+                raise LorafitError("LoraConfig.target_parameters: dropout, use_dora and init='pissa' do not apply "
+                                   "to expert weights; set dropout=0, use_dora=False and another init")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise LorafitError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if self.alpha is None:
@@ -162,3 +175,144 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
         if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
             return key
     return None
+
+
+@dataclass
+class IA3Config:
+    """(IA)³ (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+    In-Context Learning"): one learned vector per adapted layer that rescales its output (keys,
+    values) or, for feed-forward layers, its input. PEFT's `IA3Config`, same field names."""
+
+    target_modules: list[str] | str | None = None
+    """Modules to rescale: names, a regex, or None for the family's defaults (k, v and the MLP's down
+    projection, as PEFT picks them)."""
+
+    feedforward_modules: list[str] | str | None = None
+    """The subset of target_modules whose *input* is scaled (y = W (l ⊙ x)); the others scale their
+    output (y = l ⊙ W x). None: the family's default (the MLP down projection)."""
+
+    fan_in_fan_out: bool = False
+    """PEFT's flag for bases that store weights (in, out) (GPT-2's Conv1D). lorafit reads the layout
+    from the base itself; the flag is kept so a saved file tells PEFT the truth."""
+
+    init_ia3_weights: bool = True
+    """Start every vector at 1 (the model is unchanged at step 0); False starts them random (tests)."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter."""
+
+    bias = "none"  # (IA)³ trains no bias; read by lorafit.lora.inject like LoraConfig.bias
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)):
+                value = list(value)
+                if not all(isinstance(t, str) and t for t in value):
+                    raise LorafitError(f"IA3Config.{name} must be a list of module names, got {value!r}")
+                setattr(self, name, value)
+            elif isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise LorafitError(f"IA3Config.{name}: {value!r} is not a valid regex ({e})") from None
+            elif value is not None:
+                raise LorafitError(f"IA3Config.{name} must be a list of names or a regex, got {value!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise LorafitError("IA3Config.target_modules must not be empty")
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            extra = [f for f in self.feedforward_modules if f not in self.target_modules]
+            if extra:
+                raise LorafitError(f"IA3Config.feedforward_modules {extra} are not in target_modules; "
+                                   "every feed-forward module must also be a target")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AdaLoraConfig:
+    """AdaLoRA (Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient
+    Fine-Tuning", ICLR; arXiv:2303.10512): each update is P Λ Q in SVD form and an importance-based
+    allocator prunes singular values from init_r per layer down to a total budget of target_r per
+    layer on average (lorafit.lora.adalora, lorafit.lora.allocator). PEFT's AdaLoraConfig, same names."""
+
+    init_r: int = 12
+    """Rank every adapted layer starts with."""
+
+    target_r: int = 8
+    """Average rank per layer at the end: the final budget is target_r x (number of adapted layers)."""
+
+    tinit: int = 0
+    """Steps of warm-up before any pruning (the full init_r budget)."""
+
+    tfinal: int = 0
+    """Last steps that train with the final, fixed rank pattern."""
+
+    deltaT: int = 1
+    """Between tinit and total_step - tfinal, the budget is re-allocated every deltaT steps."""
+
+    beta1: float = 0.85
+    """EMA coefficient of the sensitivity |w · grad| (importance smoothing)."""
+
+    beta2: float = 0.85
+    """EMA coefficient of its uncertainty |I - Ī|."""
+
+    orth_reg_weight: float = 0.5
+    """Weight of the orthogonality regularizer ||PᵀP - I||_F + ||QQᵀ - I||_F added to the loss."""
+
+    total_step: int | None = None
+    """Training steps of the run (the budget schedule needs it; the Trainer fills it in when None)."""
+
+    alpha: float = 8.0
+    """Scaling numerator: the update is multiplied by alpha / init_r (PEFT's lora_alpha, default 8)."""
+
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+
+    target_modules: list[str] | str | None = None
+    """As LoraConfig.target_modules (None: the family's defaults)."""
+
+    rank_pattern: dict[str, list[bool]] | None = None
+    """The allocator's result: module path -> which of the init_r triplets are kept. Set by training,
+    saved and read with the adapter (an adapter file keeps only the kept triplets)."""
+
+    bias = "none"  # AdaLoRA adapters here train no bias; read by lorafit.lora.inject like LoraConfig.bias
+
+    def __post_init__(self) -> None:
+        for name in ("init_r", "target_r", "deltaT"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LorafitError(f"AdaLoraConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise LorafitError(f"AdaLoraConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.target_r > self.init_r:
+            raise LorafitError(f"AdaLoraConfig.target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise LorafitError(f"AdaLoraConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise LorafitError(f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise LorafitError(f"AdaLoraConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise LorafitError(f"AdaLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        """The schedule needs tinit < total_step - tfinal (a pruning phase of at least one step)."""
+        if not isinstance(total_step, int) or total_step <= 0:
+            raise LorafitError(f"AdaLoraConfig.total_step must be a positive integer, got {total_step!r}")
+        if self.tinit >= total_step - self.tfinal:
+            raise LorafitError(f"AdaLoraConfig: tinit ({self.tinit}) must be below total_step - tfinal "
+                               f"({total_step} - {self.tfinal}); shorten tinit/tfinal or train longer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -18,7 +18,7 @@ from lorafit.device import dtype_name, resolve_device, resolve_dtype
 from lorafit.generate import generate, render_prompt
 from lorafit.lora.inject import print_trainable_parameters
 from lorafit.model import DEFAULT_MODEL, load_model
-from lorafit.train.data import DataConfig, alpaca_user_text, describe_sample, load_data
+from lorafit.train.data import DataConfig, describe_sample, load_data
 from lorafit.train.demo_task import accuracy, make_splits, write_jsonl
 from lorafit.train.trainer import TrainConfig, Trainer, evaluate
 
@@ -67,7 +67,8 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
           "(the «marked» part is what it learns to write):\n")
     print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    ") + "\n")
 
-    prompts = [render_prompt(tokenizer, alpaca_user_text(r["instruction"], r["input"])) for r in eval_records]
+    # the held-out prompts rendered as training renders them (the chat template, or the instruction format)
+    prompts = [render_prompt(tokenizer, r["instruction"], splits.prompt_format, input=r["input"]) for r in eval_records]
     targets = [r["output"] for r in eval_records]
     print("[3/5] before training: answering the held-out examples...")
     before = generate(model, tokenizer, prompts, max_new_tokens=16)
@@ -78,7 +79,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
     train_cfg = TrainConfig(output_dir=str(out), lora=LoraConfig(r=cfg.rank, alpha=cfg.rank),
                             max_steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                             warmup_ratio=0.1, eval_steps=max(1, cfg.steps // 4), seed=cfg.seed)
-    trainer = Trainer(train_cfg, model, tokenizer, splits.train, splits.val)
+    trainer = Trainer(train_cfg, model, tokenizer, splits.train, splits.val, splits.prompt_format)
     print(f"[4/5] {'QLoRA' if cfg.quantize == 'nf4' else 'LoRA'} fine-tune: r={cfg.rank} on every attention and MLP projection, {cfg.steps} steps of "
           f"{cfg.batch_size} examples, lr {cfg.learning_rate}")
     print("      ", end="")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorafit.lora.base import dense_weight, is_quantized
-from lorafit.lora.inject import forget_adapters, lora_layers, saved_modules
+from lorafit.lora.inject import adapter_layers, forget_adapters, lora_layers, saved_modules
 from lorafit.lora.layer import LoraLayer
 from lorafit.modules import set_submodule
 
@@ -113,7 +113,9 @@ def format_report(report: list[MergeError] | MergeReport, worst: int = 3) -> str
 def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace every adapted layer by a plain layer holding the exact merged weight: quantized bases
     become `nn.Linear` in `dtype` (no requantization), modules_to_save become their trained copy, and
-    quantized layers no adapter touched are dequantized into `nn.Linear` in `dtype` too.
+    quantized layers no adapter touched are dequantized into `nn.Linear` in `dtype` too. (IA)³, AdaLoRA
+    and MoE-expert layers merge into their base in place (exact on a dense base; on a quantized one the
+    merge requantizes before the dequantization, so close rather than exact).
     Returns a model with no adapters and no quantized layers."""
     for path, layer in list(lora_layers(model)):
         if layer.is_embedding or not is_quantized(layer.base_layer):
@@ -121,6 +123,9 @@ def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
             set_submodule(model, path, layer.base_layer)
             continue
         set_submodule(model, path, _dense_linear(_exact_merged(layer), getattr(layer.base_layer, "bias", None), dtype))
+    for path, layer in list(adapter_layers(model)):  # (IA)³, AdaLoRA, MoE experts: merged where they are
+        layer.merge()  # (on a quantized base this requantizes: close, not exact; dequantized below)
+        set_submodule(model, path, layer.base_layer)
     for path, module in list(saved_modules(model)):  # the trained copy replaces the wrapper
         keep = module.copies[module.active] if module.active in module.copies else module.original  # noqa: SIM401
         set_submodule(model, path, keep)

@@ -2,7 +2,9 @@
 
 A GGUF file is converted once into a cached safetensors folder, because transformers marks a
 GGUF-loaded model as quantized and then refuses to train or save it; from then on every load is
-a plain, fast `from_pretrained` of that folder. Nothing is ever fetched from a hub.
+a plain, fast `from_pretrained` of that folder. Nothing is ever fetched from a hub. The conversion
+is transformers' GGUF reader plus what it leaves out (lorafit.gguf_read: Qwen3's head size, Gemma 3's
+query scale and rope scaling, soft-capping); an architecture it cannot read is named in the error.
 """
 
 from __future__ import annotations
@@ -59,12 +61,19 @@ def convert_gguf(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lorafit.gguf_read import apply_fixes, check_convertible, config_fixes, gguf_metadata
+
+    meta = gguf_metadata(gguf)
+    check_convertible(meta, gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"lorafit: converting {gguf.name} to safetensors once, into {target}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    apply_fixes(config, config_fixes(meta))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
+                                                 dtype=torch.float32)
     _clear_quantized_mark(model)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -85,6 +94,23 @@ def _clear_quantized_mark(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+def check_causal_lm(folder: Path) -> None:
+    """A one-line error, naming the model type, when transformers has no causal LM (a text generator with a
+    head over the vocabulary) for the folder's config: an encoder, a vision model, a type it does not know."""
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_file = Path(folder) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise LorafitError(f"{config_file}: not a readable model config ({e})") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LorafitError(f"{config_file}: model_type {model_type!r} has no causal language model in transformers "
+                           "(lorafit fine-tunes decoders: Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | None = None,
                dtype: torch.dtype | str | None = torch.float32, device: str | torch.device | None = "cpu"):
     """(model, tokenizer) from a folder, a .gguf or the default name; the model is in eval mode.
@@ -101,6 +127,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | No
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model(name_or_path)
+    check_causal_lm(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if quantize is not None or is_bnb_4bit(AutoConfig.from_pretrained(folder)):
         model = load_quantized(folder, quantize or "nf4", dtype=dtype, device=device)

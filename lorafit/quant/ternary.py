@@ -99,8 +99,12 @@ class TernaryLinear(PackedLinear):
         return module
 
     def _store(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.register_buffer("packed", pack_ternary(q))  # (out, ceil(in/4))
-        self.register_buffer("scale", scale.float().contiguous())  # (out, n_groups)
+        self._as_buffers({"packed": pack_ternary(q),  # (out, ceil(in/4))
+                          "scale": scale.float().contiguous()})  # (out, n_groups)
+
+    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Both are rows of the weight already: `packed` (out, ceil(in/4)), `scale` (out, n_groups)."""
+        return {"packed": tuple(self.packed.shape), "scale": tuple(self.scale.shape)}
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """q * scale in `dtype`, computed in `dtype`: with q in {-1, 0, 1} the product is exact, so this

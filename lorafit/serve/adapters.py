@@ -21,14 +21,18 @@ from lorafit.config import LoraConfig, check_adapter_name
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.io import add_adapter_state, read_adapter
 from lorafit.lora.state import AdapterState
+from lorafit.prompt import PromptFormat
 from lorafit.serve.requests import AdapterExists, BadAdapterName, UnknownAdapter
 from lorafit.serve.router import Router
 
 
 def check_servable(config: LoraConfig, state: AdapterState, source: str | Path) -> None:
-    """Refuse adapters that cannot share a batch: per-row routing covers LoRA A/B only, and an
+    """Refuse adapters that cannot share a batch: per-row routing covers LoRA A/B on modules only (not
+    (IA)³ vectors, not expert weights), and an
     adapter's trained biases or full module copies would change the base under every row."""
-    problem = ("it is a DoRA adapter" if config.use_dora else
+    problem = ("it is not a plain LoRA adapter ((IA)³ or AdaLoRA)" if not isinstance(config, LoraConfig) else
+               "it adapts MoE expert weights (target_parameters)" if state.experts or config.target_parameters else
+               "it is a DoRA adapter" if config.use_dora else
                "it trains biases (bias != 'none')" if state.biases else
                "it has modules_to_save" if state.saved or config.modules_to_save else None)
     if problem:
@@ -48,12 +52,14 @@ class AdapterRegistry:
         self._lock = threading.Lock()  # guards the fields below
         self._internal: dict[str, str] = {}  # public name -> internal name in the model
         self._paths: dict[str, str] = {}  # public name -> folder it came from
+        self._formats: dict[str, PromptFormat | None] = {}  # public name -> its recorded prompt format
         self._refs: Counter[str] = Counter()  # internal name -> requests holding it
         self._doomed: set[str] = set()  # internal names to delete once unreferenced
         self._serial = itertools.count(1)
 
-    def load(self, name: str, path: str | Path) -> None:
-        """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem)."""
+    def load(self, name: str, path: str | Path, prompt_format: PromptFormat | None = None) -> None:
+        """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem);
+        `prompt_format` is the one it was trained with (None: none recorded)."""
         try:
             check_adapter_name(name)
         except LorafitError as e:
@@ -73,6 +79,7 @@ class AdapterRegistry:
                 self._doomed.add(internal)
             else:
                 self._internal[name], self._paths[name] = internal, str(path)
+                self._formats[name] = prompt_format
         if lost:
             self.collect()
             raise AdapterExists(f"an adapter named {name!r} is already loaded; delete it first")
@@ -85,6 +92,7 @@ class AdapterRegistry:
                 raise UnknownAdapter(f"no adapter named {name!r} is loaded")
             internal = self._internal.pop(name)
             self._paths.pop(name, None)
+            self._formats.pop(name, None)
             self._doomed.add(internal)
             holders = self._refs[internal]
         self.collect()
@@ -97,6 +105,11 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._internal)
+
+    def prompt_format(self, name: str) -> PromptFormat | None:
+        """The prompt format recorded with adapter `name` (None: none, or no such adapter)."""
+        with self._lock:
+            return self._formats.get(name)
 
     def paths(self) -> dict[str, str]:
         """Public adapter name -> the folder it was loaded from."""

@@ -1,7 +1,8 @@
 """The HTTP front: OpenAI-compatible routes over an `Engine`, plus adapter management.
 
     POST   /v1/completions        prompt -> text; `model` picks the adapter (the base name: none)
-    POST   /v1/chat/completions   messages through the tokenizer's chat template
+    POST   /v1/chat/completions   messages in the adapter's prompt format (lorafit.prompt: the chat
+                                  template, or the instruction format it was trained with)
     GET    /v1/models             the base model and every loaded adapter
     POST   /v1/adapters           {"name", "path"}: load a folder under --adapter-root
     DELETE /v1/adapters/{name}    unload (requests already running finish on it first)
@@ -29,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafit.errors import LorafitError
+from lorafit.prompt import conversation_ids, text_ids
 from lorafit.serve.api import AdapterBody, ApiError, ChatBody, CompletionBody, Job, prompt_error
 from lorafit.serve.engine import Engine
 from lorafit.serve.requests import AdapterExists, BadAdapterName, PromptTooLong, UnknownAdapter
@@ -56,16 +58,29 @@ class Server:
         except UnknownAdapter as e:
             raise ApiError(404, str(e), param="model", code="model_not_found") from None
 
-    def prompt_ids(self, text: str, param: str, special: bool = True) -> list[int]:
-        """`text` tokenized, checked to fit the context (`check_prompt`)."""
+    def prompt_ids(self, text: str, param: str) -> list[int]:
+        """A raw prompt's ids (BOS once, as the tokenizer does), checked to fit the context (`check_prompt`)."""
         self.check_prompt(param, chars=len(text))  # don't spend time tokenizing a text that cannot fit
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        ids = text_ids(self.tokenizer, text)
         self.check_prompt(param, tokens=len(ids))
+        return ids
+
+    def chat_ids(self, messages: list[dict], adapter: str | None) -> list[int]:
+        """Messages rendered in the prompt format of `adapter` (the one it was trained with; the
+        tokenizer's default for the base): the ids its training samples start with."""
+        self.check_prompt("messages", chars=sum(len(m["content"] or "") for m in messages))
+        try:
+            ids = conversation_ids(self.tokenizer, self.engine.prompt_format(adapter), messages, True, "messages")
+        except LorafitError as e:  # a template that rejects the turns, a role the format has no place for
+            raise ApiError(400, str(e), param="messages") from None
+        self.check_prompt("messages", tokens=len(ids))
         return ids
 
     def check_prompt(self, param: str, *, chars: int | None = None, tokens: int | None = None) -> None:
         """The one prompt-length check: a 400 on `param` unless the prompt leaves room to answer."""
         context = self.engine.context_length
+        if chars == 0:
+            raise ApiError(400, f"the {param} is empty", param=param)
         if chars is not None and chars > CHARS_PER_TOKEN * context:
             raise ApiError(400, f"the {param} ({chars} characters) cannot fit this model's context of "
                            f"{context} tokens", param=param, code="context_length_exceeded")
@@ -123,14 +138,7 @@ async def completions(body: CompletionBody, http: Request):
 async def chat_completions(body: ChatBody, http: Request):
     srv = server(http)
     adapter = srv.adapter_for(body.model)
-    if not srv.tokenizer.chat_template:
-        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        text = srv.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # template errors (e.g. a role the template rejects) are the client's
-        raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    ids = srv.prompt_ids(text, "messages", special=False)  # the template already has the special tokens
+    ids = srv.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages], adapter)
     job = Job(srv.engine, [ids], adapter, body.params(body.max_completion_tokens or body.max_tokens, 256), "messages")
     return await respond(job, http, Answer(body.model, chat=True), body.stream, body.include_usage)
 

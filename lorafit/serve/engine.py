@@ -30,11 +30,14 @@ import torch
 from torch import nn
 
 from lorafit.device import model_device
+from lorafit.errors import AdapterError, LorafitError
+from lorafit.io import read_prompt_format
+from lorafit.prompt import CHAT, PromptFormat, default_format, stop_ids
 from lorafit.serve.adapters import AdapterRegistry
 from lorafit.serve.batch import Batch, kv, left_padded, merge_batches, select_rows
 from lorafit.serve.detok import TextStream
 from lorafit.serve.kvcache import AppendCache
-from lorafit.serve.prefix import shared_prefixes
+from lorafit.serve.prefix import shared_prefixes, sliding_window
 from lorafit.serve.requests import Event, PromptTooLong, Request, SamplingParams, ServerBusy, UnknownAdapter
 from lorafit.serve.router import Router
 from lorafit.serve.sampling import make_generator, sample
@@ -42,14 +45,6 @@ from lorafit.serve.sampling import make_generator, sample
 log = logging.getLogger("lorafit.serve")
 
 __all__ = ["Engine", "Event", "Request", "SamplingParams", "rss_bytes"]
-
-
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    return {int(i) for i in ids if i is not None}
 
 
 def rss_bytes() -> int:
@@ -70,8 +65,13 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
                  max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024,
                  share_prefixes: bool = True) -> None:
+        if getattr(model, "_is_stateful", False):  # transformers' mark of a recurrent state (Mamba, Jamba, ...)
+                raise LorafitError(f"{type(model).__name__}: serving needs attention's key/value cache, and "
+                               f"{model.config.model_type!r} keeps a recurrent state the batching engine cannot "
+                               "split by row; serve an attention model (Llama, Qwen, Gemma, ...)")
         self.model = model.eval()
         self.share_prefixes = share_prefixes  # prefill a prompt prefix common to rows on one adapter once
+        self.window = sliding_window(model.config)  # sliding-window attention: limits prefix sharing
         self.tokenizer = tokenizer
         # the scheduler decodes with its own copy, so it never shares tokenizer state with the HTTP thread
         self._detokenizer = copy.deepcopy(tokenizer)
@@ -82,7 +82,7 @@ class Engine:
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
         self.device = model_device(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = stop_ids(tokenizer, getattr(model, "generation_config", None))  # EOS, end-of-turn
         self.model_lock = threading.Lock()
         self.router = Router(model)
         self.registry = AdapterRegistry(model, self.model_lock, self.router, reserved=("base", base_name))
@@ -96,8 +96,19 @@ class Engine:
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem)."""
-        self.registry.load(name, path)
+        """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem), with
+        the prompt format it was trained with (`lorafit_prompt.json`; none: the tokenizer's default)."""
+        fmt = read_prompt_format(path) if Path(path).is_dir() else None
+        if fmt is not None and fmt.kind == CHAT and not self.tokenizer.chat_template:
+            raise AdapterError(f"{path}: the adapter was trained through a chat template, and this base "
+                               "model's tokenizer has none: serve it on the base it was trained on")
+        self.registry.load(name, path, fmt)
+
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        """How chat messages for `adapter` (None: the base) are rendered: the format it was trained
+        with, else the tokenizer's default (its chat template, else lorafit's instruction format)."""
+        fmt = self.registry.prompt_format(adapter) if adapter is not None else None
+        return fmt or default_format(self.tokenizer)
 
     def unload_adapter(self, name: str) -> int:
         """Hide `name` from new requests; its weights go once the requests using it end.
@@ -255,7 +266,7 @@ class Engine:
     def _prefill(self, rows: list[Request]) -> Batch:
         """Prefill newly admitted rows; rows that share an adapter and a prompt prefix compute
         that prefix once (see `shared_prefixes`), the rest are prefilled as they are."""
-        groups, plain = shared_prefixes(rows) if self.share_prefixes else ([], rows)
+        groups, plain = shared_prefixes(rows, self.window) if self.share_prefixes else ([], rows)
         parts = ([self._prefill_plain(plain)] if plain else []) + ([self._prefill_shared(groups)] if groups else [])
         return parts[0] if len(parts) == 1 else merge_batches(*parts)
 

@@ -13,6 +13,7 @@ from lorafit.errors import LorafitError
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 METHODS = ("lora", "full")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -33,7 +34,8 @@ class TrainConfig:
     max_steps: int | None = None
     """Optimizer steps to run; overrides epochs."""
     batch_size: int = 8
-    """Samples per micro-batch."""
+    """Samples per micro-batch, over all processes of a distributed run (each of N takes
+    batch_size / N of them, so a run gives the same steps on any number of processes)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
     learning_rate: float = 2e-4
@@ -73,6 +75,14 @@ class TrainConfig:
     """Refresh the progress bar every N steps (metrics.jsonl gets every step)."""
     seed: int = 0
     """Seeds adapter init, dropout and the data order."""
+    distributed: str = "auto"
+    """With several processes (torchrun, or --nproc-per-node): "ddp" (every GPU holds the whole model),
+    "fsdp" (FSDP2: the base, NF4 included, the adapters and their optimizer states sharded over the
+    GPUs), or "auto": fsdp when a DDP process would not fit its device by lorafit's estimate, else ddp."""
+    collective_timeout: float = 600.0
+    """With several processes: seconds a process waits for the others in a collective before the run
+    fails (so that a dead or hung process stops the run instead of hanging it). Applies when lorafit
+    starts the process group; one you started yourself keeps its own timeout."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -81,6 +91,10 @@ class TrainConfig:
             raise LorafitError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.schedule not in SCHEDULES:
             raise LorafitError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise LorafitError(f"TrainConfig.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if not self.collective_timeout > 0:
+            raise LorafitError(f"TrainConfig.collective_timeout must be positive, got {self.collective_timeout!r}")
         if self.optimizer not in OPTIMIZERS:
             raise LorafitError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit"):

@@ -13,6 +13,7 @@ config, so the Trainer (and a user's own loop) gets the same model from the same
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lorafit.config import DEFAULT_ADAPTER
@@ -24,8 +25,12 @@ from lorafit.train.full import make_fully_trainable
 from lorafit.train.fusion import fuse_gated_mlps, fuse_rmsnorms
 
 
-def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
-    """Apply `config`'s training-time changes to `model` in place (see the module docstring)."""
+def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_ADAPTER,
+                  device: torch.device | None = None) -> nn.Module:
+    """Apply `config`'s training-time changes to `model` in place (see the module docstring).
+    `device`: where the model will train when that is not where it is now (FSDP moves each rank's
+    shards of a model loaded on the host to its GPU); the GPU-only choices follow it."""
+    device = device or model_device(model)
     if config.method == "full":
         make_fully_trainable(model)
     elif adapter not in adapter_configs(model):
@@ -35,11 +40,11 @@ def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_
     set_fused(model, config.fused_lora)
     if config.fused_mlp:
         fuse_gated_mlps(model)
-    if config.fused_norm and model_device(model).type == "cuda":
+    if config.fused_norm and device.type == "cuda":
         fuse_rmsnorms(model)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     checkpointing = config.gradient_checkpointing
-    if checkpointing if checkpointing is not None else model_device(model).type == "cuda":
+    if checkpointing if checkpointing is not None else device.type == "cuda":
         enable_checkpointing(model, offload=config.offload_activations)
     return model

@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from lorafit.config import LoraConfig
@@ -154,25 +155,61 @@ def override_flags() -> list[tuple[str, type, str]]:
 
 
 def run(config: RunConfig, resume: bool = False) -> list[dict]:
-    """Load the model and data, show one sample as the model will see it, train, save."""
+    """Load the model and data, show one sample as the model will see it, train, save.
+
+    Under torchrun (several processes) every process runs this: they join one process group first
+    (lorafit.train.distributed.world), the batch is checked against their number before anything loads,
+    `distributed: auto` is decided from the model's config.json, and with FSDP each process loads the
+    base into host memory and keeps only its shards on its device. Rank 0 alone prints."""
     from lorafit.device import resolve_device, resolve_dtype
-    from lorafit.model import load_model
+    from lorafit.model import load_model, resolve_model
     from lorafit.train.data import describe_sample, load_data, n_tokens
+    from lorafit.train.distributed.share import check_batch
+    from lorafit.train.distributed.strategy import choose_strategy
+    from lorafit.train.distributed.world import init_world, launched_size, shutdown_world
     from lorafit.train.trainer import Trainer
 
-    device = resolve_device(config.device)
-    model, tokenizer = load_model(config.model, quantize=config.quantize, dtype=resolve_dtype(config.dtype, device),
-                                  device=device)
+    check_batch(config.train.batch_size, launched_size())
+    world = init_world(config.device, config.train.collective_timeout)
+    if not world.is_main:  # rank 0 speaks for all: no second copy of the same warnings and progress bars
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()
+    device = world.device if world.distributed else resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    load_on = device
+    if world.distributed:
+        if not world.is_main:
+            world.barrier()  # rank 0 converts a GGUF base once, the others then find it converted
+        folder = resolve_model(config.model)
+        if world.is_main:
+            world.barrier()
+        strategy, why = choose_strategy(
+            config.train.distributed, world.size, folder / "config.json", quantize=config.quantize,
+            rank=config.train.lora.r, batch_size=config.train.batch_size, seq=config.data.max_seq_length,
+            device=device, dtype=dtype, checkpointing=config.train.gradient_checkpointing)
+        config.train.distributed = strategy
+        if world.is_main:
+            print(f"lorafit train: {world.size} processes ({device.type}), distributed: {strategy} ({why})")
+        if strategy == "fsdp":
+            load_on = torch.device("cpu")  # each rank then keeps its shards only, on its device
+    model, tokenizer = load_model(config.model, quantize=config.quantize, dtype=dtype, device=load_on)
     splits = load_data(tokenizer, config.data)
-    total, trained = n_tokens(splits.train)
-    print(f"lorafit train: {len(splits.train)} training samples ({total:,} tokens, {trained:,} trained), "
-          f"{len(splits.val)} validation samples")
-    print("one sample as the model sees it («marked» = trained, the rest is masked):")
-    print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    "))
-    trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val)
+    if world.is_main:
+        total, trained = n_tokens(splits.train)
+        print(f"lorafit train: {len(splits.train)} training samples ({total:,} tokens, {trained:,} trained), "
+              f"{len(splits.val)} validation samples")
+        print("one sample as the model sees it («marked» = trained, the rest is masked):")
+        print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    "))
+    trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val, splits.prompt_format)
     history = trainer.train(resume=resume)
     out = Path(config.train.output_dir)
-    weights = out / ("model" if config.train.method == "full" else "adapter")
-    print(f"lorafit train: done; {'model' if config.train.method == 'full' else 'adapter'} in {weights}, metrics in {out / 'metrics.jsonl'}, "
-          f"loss curve in {out / 'loss.png'}")
+    if world.is_main:
+        weights = "model" if config.train.method == "full" else "adapter"
+        print(f"lorafit train: done; {weights} in {out / weights}, metrics in {out / 'metrics.jsonl'}, "
+              f"loss curve in {out / 'loss.png'}")
+    shutdown_world()
     return history

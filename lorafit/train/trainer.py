@@ -14,6 +14,13 @@ Devices: the model stays where the caller put it. Batches are built on the host 
 target tokens counted there (no device sync), then moved to the model's device (`lorafit.device.
 to_device`: pinned memory, non-blocking copies on CUDA); every tensor made here takes its device from
 the model or the batch. The loss is accumulated on the device and read back once per step.
+
+Several processes (torchrun; lorafit.train.distributed): each takes its share of every micro-batch
+(`lorafit.train.distributed.share`), the target tokens are counted over all of them, and the model runs
+under DDP or FSDP2 (`lorafit.train.distributed.wrap.Parallel`), so N processes give the losses and adapter of
+one. Rank 0 alone prints, writes metrics, checkpoints and the adapter (gathered whole from the
+shards), and reads checkpoints back, sending what every rank needs; each rank keeps its own RNG
+stream (dropout), saved and restored per rank.
 """
 
 from __future__ import annotations
@@ -29,23 +36,29 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.config import DEFAULT_ADAPTER
+from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig
 from lorafit.device import model_device, to_device
 from lorafit.errors import LorafitError
 from lorafit.io import read_adapter, save_adapter
-from lorafit.lora.inject import adapter_parameters
+from lorafit.lora.adalora import orthogonality_regularizer
+from lorafit.lora.allocator import RankAllocator
+from lorafit.lora.inject import adapter_configs, adapter_parameters
 from lorafit.lora.state import set_adapter_state
-from lorafit.ops.chunked_loss import causal_lm_loss
+from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.config import TrainConfig
-from lorafit.train.data import IGNORE, Sample, collate, pad_id_for
+from lorafit.train.data import Sample, collate, pad_id_for
+from lorafit.train.distributed.share import check_batch, local_samples
+from lorafit.train.distributed.strategy import choose_strategy, quantization_of
+from lorafit.train.distributed.world import init_world
+from lorafit.train.distributed.wrap import Parallel
 from lorafit.train.full import MODEL_DIR, load_model_weights, save_model_folder
+from lorafit.train.loss import evaluate, loss_sum, n_targets, token_loss_sum
 from lorafit.train.prepare import prepare_model
 
-__all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "lr_factor",
+__all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "loss_sum", "lr_factor",
            "make_optimizer", "n_targets", "token_loss_sum"]
 
 
@@ -59,62 +72,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return 1 - progress
     return 1.0
-
-
-def n_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Target tokens of a batch: labels[:, 1:] that are not IGNORE (position t predicts token t+1).
-    Count them on the host batch: on a device batch `int()` would wait for the device."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses over target tokens, number of target tokens) for one batch.
-
-    The batch may be on the host: its targets are counted there and it is moved to the model's
-    device. The loss is an fp32 scalar on that device whatever the model's dtype.
-    """
-    n_target = n_targets(batch)
-    return loss_sum(model, to_device(batch, model_device(model))), n_target
-
-
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token losses over the target tokens of a batch already on the model's device (fp32).
-
-    When the output head is a plain nn.Linear, the loss is computed from the last hidden states in
-    chunks of tokens (lorafit.ops.chunked_loss), so the (B, T, V) fp32 logits never exist at once;
-    otherwise from the model's logits, upcast to fp32 before the cross-entropy.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    plain_head = (isinstance(head, nn.Linear) and getattr(config, "final_logit_softcapping", None) is None
-                  and getattr(config, "logit_scale", None) is None and hasattr(model, "base_model"))
-    if plain_head:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
-        return causal_lm_loss(hidden, head.weight, batch["labels"], bias=head.bias, reduction="sum",
-                              ignore_index=IGNORE)  # fp32: the chunks' logits are upcast before the softmax
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits  # (B, T, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, samples: list[Sample], pad_id: int, batch_size: int = 8) -> dict[str, float]:
-    """Mean per-token validation loss and perplexity."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    total, count = None, 0  # total: an fp32 scalar on the model's device, read back once
-    for i in range(0, len(samples), batch_size):
-        batch = collate(samples[i:i + batch_size], pad_id)
-        count += n_targets(batch)
-        loss = loss_sum(model, to_device(batch, device))
-        total = loss if total is None else total + loss
-    model.train(was_training)
-    mean = (0.0 if total is None else total.item()) / max(count, 1)
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -141,22 +98,46 @@ class Trainer:
     `train()`; results land in output_dir (adapter/, or model/ for a full fine-tune)."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
-                 val: list[Sample] | None = None) -> None:
+                 val: list[Sample] | None = None, prompt_format: PromptFormat | None = None) -> None:
         if not train:
             raise LorafitError("no training samples: the data file yielded nothing to train on")
+        self.world = world = init_world(model_device(model), config.collective_timeout)
+        check_batch(config.batch_size, world.size)
+        if world.distributed and any(isinstance(c, AdaLoraConfig)
+                                     for c in (config.lora, adapter_configs(model).get(DEFAULT_ADAPTER))):
+            raise LorafitError("lora: AdaLoRA trains in one process (its rank allocator reads every layer's whole "
+                               "gradients); run it without torchrun / --nproc-per-node, or train LoRA")
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_samples, self.val_samples = train, val or []
+        # how the samples' prompts were rendered (`Splits.prompt_format`), saved next to the adapter
+        self.prompt_format = prompt_format or default_format(tokenizer)
         self.pad_id = pad_id_for(tokenizer)
         self.out = Path(config.output_dir)
         torch.manual_seed(config.seed)
-        prepare_model(model, config)
-        self.params = adapter_parameters(model)
+        strategy = "single"
+        if world.distributed:
+            strategy, why = choose_strategy(
+                config.distributed, world.size, getattr(model, "config", None), quantize=quantization_of(model), rank=config.lora.r,
+                batch_size=config.batch_size, seq=max(len(s) for s in train), device=world.device,
+                dtype=next(model.parameters()).dtype, checkpointing=config.gradient_checkpointing)
+            if world.is_main and config.distributed == "auto":  # (lorafit train decides and says so itself)
+                print(f"lorafit: {world.size} processes ({world.device.type}), distributed: {strategy} ({why})")
+        prepare_model(model, config, device=world.device if strategy == "fsdp" else None)
+        self.parallel = Parallel(model, loss_sum, world, strategy)
+        if world.rank:  # each rank its own random stream (dropout masks); rank 0 keeps the seed's
+            torch.manual_seed(config.seed + world.rank)
+        self.params = adapter_parameters(model)  # after wrapping: FSDP replaced them by their shards
         self.optimizer = make_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
         self.order = EpochOrder(len(train), config.batch_size, config.seed)
         self.batches_per_epoch = self.order.batches_per_epoch
         per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         self.warmup = int(config.warmup_ratio * self.total_steps)
+        self.allocator = None  # AdaLoRA: regularizer in the loss, rank allocation after each optimizer step
+        adapter_config = adapter_configs(model).get(DEFAULT_ADAPTER)
+        if isinstance(adapter_config, AdaLoraConfig):
+            adapter_config.total_step = adapter_config.total_step or self.total_steps
+            self.allocator = RankAllocator(model, adapter_config, DEFAULT_ADAPTER, adapter_config.total_step)
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
@@ -164,8 +145,10 @@ class Trainer:
 
     # -- data order -------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """Micro-batch number `index` of the run, collated on the host (see `EpochOrder`)."""
-        return collate([self.train_samples[j] for j in self.order.indices(index)], self.pad_id)
+        """This rank's share of micro-batch number `index` of the run, collated on the host (see
+        `EpochOrder`; one process: the whole micro-batch)."""
+        samples = [self.train_samples[j] for j in self.order.indices(index)]
+        return collate(local_samples(samples, self.world.rank, self.world.size), self.pad_id)
 
     # -- one optimizer step -----------------------------------------------------------------
     def accumulate(self, micro: list[dict[str, torch.Tensor]]) -> float:
@@ -173,15 +156,22 @@ class Trainer:
         them; returns that mean loss. Gradients are left in .grad (no optimizer step).
 
         The batches may be on the host: targets are counted there, then all of them are sent to the
-        model's device at once (non-blocking on CUDA, so later copies overlap the first backward)."""
-        n_target = max(sum(n_targets(b) for b in micro), 1)
+        model's device at once (non-blocking on CUDA, so later copies overlap the first backward).
+        With several processes `micro` is this rank's share, the count and the loss are summed over
+        all ranks, and each rank's loss is divided by n_target / N (lorafit.train.distributed.share)."""
+        world = self.world
+        n_target = max(int(world.sum([sum(n_targets(b) for b in micro)])[0]), 1)
+        share = n_target / world.size  # DDP / FSDP average the ranks' gradients: N / n_target each
         device = model_device(self.model)
         total = None  # fp32 scalar on the device: one sync per step, at the end
-        for batch in [to_device(b, device) for b in micro]:
-            loss = loss_sum(self.model, batch)
-            (loss / n_target).backward()
+        for i, batch in enumerate([to_device(b, device) for b in micro]):
+            with self.parallel.accumulating(last=i == len(micro) - 1):
+                loss = self.parallel.loss(batch)
+                (loss / share).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        return total.item() / n_target
+        if self.allocator is not None and self.allocator.config.orth_reg_weight > 0:  # AdaLoRA: once per step
+            (self.allocator.config.orth_reg_weight * orthogonality_regularizer(self.model, DEFAULT_ADAPTER)).backward()
+        return world.sum([total.item()])[0] / n_target
 
     def _optimizer_step(self) -> float:
         cfg = self.config
@@ -191,37 +181,51 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.allocator is not None:  # importance from these gradients, before they are cleared
+            self.allocator.update_and_allocate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, resume: bool = False) -> list[dict]:
-        cfg, model = self.config, self.model
-        self.out.mkdir(parents=True, exist_ok=True)
+        cfg, model, world = self.config, self.model, self.world
+        main = world.is_main
         metrics_path = self.out / "metrics.jsonl"
-        if resume and (checkpoint := latest_checkpoint(self.out)) is not None:
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = world.broadcast(latest_checkpoint(self.out) if resume and main else None)
+        if checkpoint is not None and self.allocator is not None:
+            raise LorafitError(f"{self.out}: resuming an AdaLoRA run is not supported (the rank allocator's importance "
+                               "averages are not checkpointed); start it again, or load its checkpoint's adapter")
+        if checkpoint is not None:
             self._load_checkpoint(checkpoint)
-            print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")
-        else:
+            if main:
+                print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")
+        elif main:
             metrics_path.write_text("")  # a fresh run starts a fresh log
         model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not main)
         while self.step < self.total_steps:
             start = time.perf_counter()
-            micro = [self._micro_batch(self.micro + i) for i in range(cfg.grad_accum)]
+            indices = range(self.micro, self.micro + cfg.grad_accum)
+            micro = [self._micro_batch(i) for i in indices]
             loss = self.accumulate(micro)
             lr = self._optimizer_step()
+            tokens = sum(len(self.train_samples[j]) for i in indices for j in self.order.indices(i))  # all ranks'
             self.step, self.micro = self.step + 1, self.micro + cfg.grad_accum
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             record = {"step": self.step, "loss": loss, "lr": lr,
                       "tokens_per_s": tokens / (time.perf_counter() - start)}
             stop = False
             if cfg.eval_steps and self.val_samples and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
-                record.update(evaluate(model, self.val_samples, self.pad_id, cfg.batch_size))
-                stop = self._early_stop(record["val_loss"])
+                record.update(evaluate(model, self.val_samples, self.pad_id, cfg.batch_size, step=self.parallel.loss,
+                                       world=world))
+                self.parallel.after_eval()
+                stop = self._early_stop(record["val_loss"])  # the same all-reduced loss on every rank
             self.history.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             if self.step % cfg.logging_steps == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
@@ -229,13 +233,16 @@ class Trainer:
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self._save_checkpoint()
             if stop:
-                print(f"lorafit: early stop at step {self.step}: no better validation loss in "
-                      f"{cfg.early_stopping_patience} evaluations (best {self.best_val:.4f})")
+                if main:
+                    print(f"lorafit: early stop at step {self.step}: no better validation loss in "
+                          f"{cfg.early_stopping_patience} evaluations (best {self.best_val:.4f})")
                 break
         bar.close()
         model.eval()
-        self._save_weights(self.out, tokenizer=self.tokenizer)
-        plot_losses(self.history, self.out / "loss.png")
+        with self.parallel.full_params():  # every rank takes part in gathering the shards; rank 0 writes
+            if main:
+                self._save_weights(self.out, tokenizer=self.tokenizer)
+                plot_losses(self.history, self.out / "loss.png")
         return self.history
 
     def _early_stop(self, val_loss: float) -> bool:
@@ -251,44 +258,67 @@ class Trainer:
         """What trained: the adapter (folder/adapter) or, for a full fine-tune, the model (folder/model)."""
         if self.config.method == "full":
             return save_model_folder(self.model, folder / MODEL_DIR, tokenizer)
-        return save_adapter(self.model, folder / "adapter")
+        return save_adapter(self.model, folder / "adapter", prompt_format=self.prompt_format)
 
-    def _save_checkpoint(self) -> Path:
-        root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step:08d}"
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-        try:
-            self._save_weights(tmp)
-            state = {"step": self.step, "micro": self.micro, "optimizer": self.optimizer.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(), "history": self.history,
-                     "best_val": self.best_val, "bad_evals": self.bad_evals, "config": asdict(self.config)}
-            torch.save(state, tmp / "trainer_state.pt")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a checkpoint folder is either complete or absent
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    def _save_checkpoint(self) -> Path | None:
+        """Every rank calls it (the optimizer states, RNG states and adapter shards are gathered);
+        rank 0 writes the checkpoint and returns its folder, the others return None."""
+        optimizer = self.parallel.optimizer_state(self.optimizer)  # whole, keyed by name, on rank 0
+        rngs = self.world.gather((torch.get_rng_state(), _cuda_rng_states()))
+        with self.parallel.full_params():
+            if not self.world.is_main:
+                return None
+            root = self.out / "checkpoints"
+            root.mkdir(parents=True, exist_ok=True)
+            final = root / f"step-{self.step:08d}"
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+            try:
+                self._save_weights(tmp)
+                state = {"step": self.step, "micro": self.micro, "optimizer": optimizer, "torch_rng": rngs[0][0],
+                         "cuda_rng": rngs[0][1], "rank_rng": rngs, "world_size": self.world.size,
+                         "history": self.history, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                         "config": asdict(self.config)}
+                torch.save(state, tmp / "trainer_state.pt")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)  # atomic: a checkpoint folder is either complete or absent
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         for old in sorted(root.glob("step-*"))[:-self.config.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _load_checkpoint(self, path: Path) -> None:
-        if self.config.method == "full":
-            load_model_weights(self.model, path / MODEL_DIR)
-        else:
-            _, adapter_state = read_adapter(path / "adapter")
-            set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
+        """Rank 0 reads the checkpoint and sends every rank its part: the adapter (into each rank's
+        shard or replica), the optimizer states, its own RNG state and the loop's position. A checkpoint
+        of another number of processes resumes too (everything in it is whole, and the global batches
+        do not depend on the number of processes); only ranks beyond the saved ones start new RNG streams."""
+        main, world = self.world.is_main, self.world
         # on the host first: the optimizer moves its states to its parameters' devices itself
-        state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        _set_cuda_rng_states(state.get("cuda_rng"))
-        self.step, self.micro, self.history = state["step"], state["micro"], state["history"]
-        self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
-        metrics = self.out / "metrics.jsonl"  # drop lines written after the checkpoint by the dead run
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu") if main else {}
+        with self.parallel.full_params(write_back=True):
+            if main and self.config.method == "full":
+                load_model_weights(self.model, path / MODEL_DIR)
+            elif main:
+                _, adapter_state = read_adapter(path / "adapter")
+                set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
+        self.parallel.load_optimizer_state(self.optimizer, state.pop("optimizer", None))
+        rngs = state.get("rank_rng") or [(state.get("torch_rng"), state.get("cuda_rng"))]
+        mine = world.scatter([rngs[r] if r < len(rngs) else None for r in range(world.size)] if main else None)
+        if mine is not None:
+            torch.set_rng_state(mine[0])
+            _set_cuda_rng_states(mine[1])
+        keys = ("step", "micro", "history", "best_val", "bad_evals")
+        meta = world.broadcast({**{k: state[k] for k in keys}, "world_size": state.get("world_size", 1)} if main else None)
+        self.step, self.micro, self.history = meta["step"], meta["micro"], meta["history"]
+        self.best_val, self.bad_evals = meta["best_val"], meta["bad_evals"]
+        if main:
+            metrics = self.out / "metrics.jsonl"  # drop lines written after the checkpoint by the dead run
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            if meta["world_size"] != world.size:
+                print(f"lorafit: {path} was written by {meta['world_size']} process(es), resuming on {world.size}: "
+                      "adapter, optimizer states and data position carry over")
 
 
 def _cuda_rng_states() -> list[torch.Tensor] | None:

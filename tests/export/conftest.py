@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from lorafit.config import IA3Config
 from lorafit.io import save_adapter
+from lorafit.lora.inject import apply_lora
 from lorafit.model import load_model
 from lorafit.quant.load import load_quantized, save_bnb_checkpoint
 from tests.export.kit import FAMILIES, bpe_tokenizer, random_adapter, tiny_model
@@ -54,6 +56,7 @@ def files(tmp_path_factory):
     save_adapter(random_adapter(load_model(root / "llama")[0]), root / "adapter")
     save_adapter(random_adapter(load_model(root / "llama")[0], target_modules=["q_proj"], modules_to_save=["lm_head"]),
                  root / "adapter-mts")
+    save_adapter(apply_lora(load_model(root / "llama")[0], IA3Config()), root / "adapter-ia3")
     torch.manual_seed(0)
     other = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))

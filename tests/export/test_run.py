@@ -66,6 +66,7 @@ def test_nf4_base_is_exported_dequantized(files, tmp_path, capsys):
     ("out in a missing folder", ["--out", "{tmp}/missing/m.gguf"], ["missing", "does not exist"]),
     ("unknown format", ["--format", "ggml"], ["--format ggml", "gguf-lora"]),
     ("lora with modules_to_save", ["--format", "gguf-lora", "--adapter", "{adapter-mts}"], ["modules_to_save", "lm_head"]),
+    ("lora of an (IA)³ adapter", ["--format", "gguf-lora", "--adapter", "{adapter-ia3}"], ["(IA)³", "--format gguf"]),
     ("lora outtype", ["--format", "gguf-lora", "--adapter", "{adapter}", "--outtype", "q8_0"], ["q8_0", "f32"]),
     ("output exists", ["--out", "{tmp}/exists.gguf"], ["exists", "--overwrite"]),
 ])

@@ -40,7 +40,7 @@ def test_default_targets_per_family():
     names = {p.rsplit(".", 1)[-1] for p, _ in lora_layers(llama)}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     gpt2 = lf.apply_lora(MAKERS["gpt2"](), lf.LoraConfig())
-    assert {p.rsplit(".", 1)[-1] for p, _ in lora_layers(gpt2)} == {"c_attn", "c_proj"}
+    assert {p.rsplit(".", 1)[-1] for p, _ in lora_layers(gpt2)} == {"c_attn", "c_proj", "c_fc"}
 
 
 def test_all_linear_excludes_output_head():

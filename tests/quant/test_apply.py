@@ -47,3 +47,20 @@ def test_errors_name_the_layer():
         quantize_linear("y", nn.Linear(10, 4), "ternary", group_size=3)
     with pytest.raises(LorafitError):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), "fp3")
+
+
+def test_gpt2_conv1d_layers_are_quantized_transposed():
+    """GPT-2's Conv1D keeps its weight (in, out); quantized, it is an NF4Linear of the transposed weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4)).eval()
+    conv = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(3, 64)
+    quantize_model(model, "nf4")
+    layer = model.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, NF4Linear) and not any(isinstance(m, Conv1D) for m in model.modules())
+    with torch.no_grad():
+        want = x @ layer.dequantize().float().T + conv.bias
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+        assert (layer.dequantize().float() - conv.weight.T).abs().max() < 0.25 * conv.weight.abs().max()

@@ -58,3 +58,25 @@ def test_storage_bytes_per_param():
     q = NF4Linear.from_linear(nn.Linear(576, 1536))
     nbytes, params = weight_storage_bytes(q)
     assert params == 576 * 1536 and nbytes / params <= 0.6
+
+
+@pytest.mark.parametrize("shape", [(128, 70), (130, 70), (129, 70)])  # rows of whole blocks, of bytes, neither
+def test_storage_as_parameters_keeps_the_weight_and_survives_a_dtype_cast(shape):
+    """What FSDP2 shards: the same bytes as frozen Parameters, codes and statistics by rows where they can."""
+    torch.manual_seed(0)
+    q = NF4Linear.from_linear(nn.Linear(*shape, bias=False))
+    x = torch.randn(2, shape[0])
+    expected, nbytes, buffers = q(x), weight_storage_bytes(q), dict(q.named_buffers())
+    q.storage_as_parameters()
+    assert dict(q.named_buffers()) == {} and set(q.STORAGE) == set(buffers)
+    assert all(not p.requires_grad for p in q.parameters())
+    n_in = shape[0]
+    assert q.packed.shape == ((70, n_in // 2) if n_in % 2 == 0 else buffers["packed"].shape)
+    assert q.absmax.shape == ((70, n_in // 64) if n_in % 64 == 0 else buffers["absmax"].shape)
+    assert q.offset.shape == (1,)
+    assert torch.equal(q(x), expected) and weight_storage_bytes(q) == nbytes
+    q = q.to(torch.bfloat16)  # a model-wide cast must not touch the codes or the fp32 statistics
+    assert q.state2.dtype == q.offset.dtype == torch.float32 and q.packed.dtype == torch.uint8
+    assert torch.equal(q(x), expected)
+    q.set_weight(torch.randn(70, shape[0]))  # a requantized weight is held as buffers again
+    assert set(dict(q.named_buffers())) == set(buffers) and q.STORAGE == ()

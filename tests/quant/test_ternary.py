@@ -64,3 +64,23 @@ def test_convert_to_packed_rejects_dense_unless_requantize():
         convert_to_packed(model, skip=())
     convert_to_packed(model, skip=(), requantize=True)
     assert isinstance(model[0], TernaryLinear)
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_storage_as_parameters_keeps_the_weight_rows_first(group_size):
+    """What FSDP2 shards: the packed codes and scales as frozen Parameters, each row of the weight in
+    one row of both; the same output; a dtype cast leaves them; a new weight is held as buffers again."""
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_linear(nn.Linear(64, 10, bias=False), group_size=group_size)
+    x = torch.randn(3, 64)
+    expected, buffers = layer(x), {n: b.clone() for n, b in layer.named_buffers()}
+    layer.storage_as_parameters()
+    assert dict(layer.named_buffers()) == {} and set(layer.STORAGE) == {"packed", "scale"}
+    assert all(not p.requires_grad for p in layer.parameters())
+    assert layer.packed.shape == (10, 16) and layer.scale.shape == (10, 64 // (group_size or 64))
+    assert all(torch.equal(getattr(layer, n), b) for n, b in buffers.items())
+    layer = layer.to(torch.bfloat16)
+    assert layer.packed.dtype == torch.uint8 and layer.scale.dtype == torch.float32
+    assert torch.equal(layer(x), expected)
+    layer.set_weight(torch.randn(10, 64))
+    assert set(dict(layer.named_buffers())) == {"packed", "scale"} and layer.STORAGE == ()

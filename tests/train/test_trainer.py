@@ -294,3 +294,38 @@ def test_qlora_losses_match_peft_with_bitsandbytes(tokenizer, samples, tmp_path)
     # width 64: bitsandbytes' CPU dequantize is wrong for 32-wide rows (its own statistics disagree)
     ours = Trainer(_config(tmp_path), quantize_model(tiny_llama(hidden=64), "nf4"), tokenizer, samples.train)
     _compare_with_plain_peft_loop(ours, bnb_nf4_linears(tiny_llama(hidden=64), torch.float32), tol=1e-3)
+
+
+def test_adalora_regularizer_in_the_loss_and_allocation_after_each_step(tokenizer, samples, tmp_path):
+    """An AdaLoRA adapter trains with R in the gradients, ends at the target budget, and its file (with
+    the final rank_pattern) loads in PEFT to the trained model's logits."""
+    from peft import PeftModel
+
+    from lorafit.lora.adalora import SVDLayer, orthogonality_regularizer
+    from lorafit.lora.inject import adapter_configs
+
+    ada = lf.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, target_modules=["q_proj", "v_proj"])
+    config = TrainConfig(output_dir=str(tmp_path), lora=ada, batch_size=2, learning_rate=1e-2, max_steps=3,
+                         warmup_ratio=0.0)
+    model = tiny_llama()
+    trainer = Trainer(config, model, tokenizer, samples.train)
+    batch = collate(samples.train[:4], trainer.pad_id)
+    trainer.accumulate([batch])
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    expected = token_loss_sum(model, batch)
+    (expected[0] / expected[1] + 0.5 * orthogonality_regularizer(model, "default")).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-5)
+    model.zero_grad()
+
+    trainer.train()
+    pattern = adapter_configs(model)["default"].rank_pattern
+    layers = [m for m in model.modules() if isinstance(m, SVDLayer)]
+    assert len(pattern) == len(layers) == 4 and sum(sum(m) for m in pattern.values()) == 2 * len(layers)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["total_step"] == 3 and len(saved["rank_pattern"]) == 4
+    ids = torch.tensor([batch["input_ids"][0].tolist()])
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(peft_model(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)

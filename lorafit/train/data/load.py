@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.data.batches import fit_length, pack
 from lorafit.train.data.config import DataConfig
 from lorafit.train.data.records import Record, read_records, split_records
@@ -14,6 +15,8 @@ from lorafit.train.data.tokenize import Sample, tokenize_record
 class Splits:
     train: list[Sample]
     val: list[Sample]
+    prompt_format: PromptFormat | None = None
+    """How the prompts were rendered (lorafit.prompt); the Trainer records it next to the adapter."""
 
 
 def load_data(tokenizer, cfg: DataConfig) -> Splits:
@@ -25,9 +28,11 @@ def load_data(tokenizer, cfg: DataConfig) -> Splits:
     elif cfg.val_fraction > 0:
         records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
 
+    fmt = default_format(tokenizer, records[0].shape)  # one format for the training and validation data
+
     def prepare(recs: list[Record], path: str) -> list[Sample]:
-        samples = [tokenize_record(tokenizer, r, cfg.train_on_prompt) for r in recs]
+        samples = [tokenize_record(tokenizer, r, cfg.train_on_prompt, fmt) for r in recs]
         samples = fit_length(samples, cfg.max_seq_length, cfg.on_long, path)
         return pack(samples, cfg.max_seq_length) if cfg.packing else samples
 
-    return Splits(prepare(records, cfg.path), prepare(val_records, cfg.val_path or cfg.path))
+    return Splits(prepare(records, cfg.path), prepare(val_records, cfg.val_path or cfg.path), fmt)

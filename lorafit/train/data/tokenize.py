@@ -7,7 +7,11 @@ last trained label is the EOS / end-of-turn token, so the model learns where to 
 Masked spans are found on token ids, never by searching decoded strings: the prompt is rendered
 on its own (chat template with `add_generation_prompt=True`) and must be a token prefix of the
 full rendering; whatever follows it up to the end-of-turn token is the trained span. Tokenizers
-without a chat template get the Alpaca prompt (`ALPACA_PROMPT`), tokenized apart from the output.
+without a chat template get lorafit's instruction format (the Alpaca prompt, `ALPACA_PROMPT`),
+the prompt encoded apart from the output.
+
+Every rendering goes through `lorafit.prompt`, the renderer `generate` and `serve` use too, so a
+prompt at inference is exactly the masked start of a training sample (BOS once, no EOS).
 """
 
 from __future__ import annotations
@@ -15,7 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorafit.errors import LorafitError
+from lorafit.prompt import (
+    PromptFormat,
+    alpaca_user_text,
+    conversation_ids,
+    default_format,
+    encode,
+    prompt_ids,
+    special_ids,
+    text_ids,
+    turn_end,
+    user_message,
+)
 from lorafit.train.data.records import Record
+
+__all__ = ["ALPACA_PROMPT", "IGNORE", "Sample", "alpaca_user_text", "eos_id", "tokenize_record"]
 
 IGNORE = -100  # label value the cross-entropy loss skips (torch/HF convention)
 
@@ -37,7 +55,8 @@ class Sample:
         return sum(label != IGNORE for label in self.labels)
 
 
-# Alpaca prompt for tokenizers without a chat template; input_block is "### Input:\n...\n\n" or "".
+# The prompt of lorafit's instruction format (lorafit.prompt.PromptFormat, kind "alpaca") for one
+# Alpaca record; input_block is "### Input:\n...\n\n" or "".
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -48,42 +67,12 @@ def eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def _encode(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, source: str) -> list[int]:
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except Exception as e:  # templates reject what they do not support (e.g. roles out of order)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LorafitError(
-            f"{source}: field 'messages': the chat template rejects it ({reason}): fix the turns"
-        ) from e
-    return _encode(tokenizer, text, special=False)  # the template writes its own special tokens
-
-
 def _is_prefix(prefix: list[int], ids: list[int]) -> bool:
     return len(prefix) <= len(ids) and ids[: len(prefix)] == prefix
 
 
-def _turn_end(tokenizer, ids: list[int], start: int) -> int:
-    """End (exclusive) of the assistant span ids[start:]: through its last special token (the
-    end-of-turn, e.g. <|im_end|>) when only whitespace follows it; else the whole rest."""
-    special = set(tokenizer.all_special_ids)
-    for j in range(len(ids) - 1, start - 1, -1):
-        if ids[j] in special:
-            tail = ids[j + 1 :]
-            if not tail or not tokenizer.decode(tail).strip():
-                return j + 1
-            break
-    return len(ids)
-
-
 def _chat_sample(
-    tokenizer, messages: list[dict], source: str, spans: bool = True
+    tokenizer, fmt: PromptFormat, messages: list[dict], source: str, spans: bool = True
 ) -> tuple[list[int], list[int]]:
     """Render a conversation; labels = assistant content + end-of-turn token, IGNORE elsewhere.
 
@@ -93,58 +82,51 @@ def _chat_sample(
     """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages[: last + 1]]
-    full = _render(tokenizer, messages, False, source)
+    where = f"{source}: field 'messages'"
+    full = conversation_ids(tokenizer, fmt, messages, False, where)
     if not spans:  # train on everything: no per-turn spans needed
-        end = _turn_end(tokenizer, full, 0)
+        end = turn_end(tokenizer, full, 0)
         return full[:end], full[:end]
     labels = [IGNORE] * len(full)
     end = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True, source)
-        turn = _render(tokenizer, messages[: i + 1], False, source)
+        prompt = conversation_ids(tokenizer, fmt, messages[:i], True, where)
+        turn = conversation_ids(tokenizer, fmt, messages[: i + 1], False, where)
         if not (_is_prefix(prompt, turn) and _is_prefix(turn, full)):
             raise LorafitError(
                 f"{source}: field 'messages[{i}]': the chat template does not render this turn as a token "
                 "prefix of the conversation, so its span cannot be masked: use train_on_prompt=True"
             )
-        end = _turn_end(tokenizer, turn, len(prompt))
+        end = turn_end(tokenizer, turn, len(prompt))
         labels[len(prompt) : end] = full[len(prompt) : end]
     return full[:end], labels[:end]
 
 
-def alpaca_user_text(instruction: str, input: str = "") -> str:
-    """The user turn of an Alpaca record (also what generation must send to match training)."""
-    return instruction + (f"\n\n{input}" if input else "")
+def tokenize_record(tokenizer, record: Record, train_on_prompt: bool = False,
+                    fmt: PromptFormat | None = None) -> Sample:
+    """Token ids and labels of one record (see the module docstring for what is trained).
 
-
-def tokenize_record(tokenizer, record: Record, train_on_prompt: bool = False) -> Sample:
-    """Token ids and labels of one record (see the module docstring for what is trained)."""
+    `fmt` is the prompt format (lorafit.prompt); None: `default_format` for the tokenizer and the
+    record's shape, what `load_data` uses and what the trained adapter records."""
     eos = eos_id(tokenizer)
+    fmt = fmt or default_format(tokenizer, record.shape)
     f = record.fields
     if record.shape == "text":
-        ids = _encode(tokenizer, f["text"], special=True)
+        ids = text_ids(tokenizer, f["text"])
         labels = list(ids)
-    elif record.shape == "chat":
-        ids, labels = _chat_sample(tokenizer, f["messages"], record.source, spans=not train_on_prompt)
-    elif tokenizer.chat_template:  # alpaca through the model's own chat format
-        user = alpaca_user_text(f["instruction"], f.get("input", ""))
-        chat = [{"role": "user", "content": user}, {"role": "assistant", "content": f["output"]}]
-        ids, labels = _chat_sample(tokenizer, chat, record.source, spans=not train_on_prompt)
-    else:  # alpaca, plain prompt; prompt and output tokenized apart so the split is exact
-        input_block = f"### Input:\n{f['input']}\n\n" if f.get("input") else ""
-        prompt = _encode(
-            tokenizer, ALPACA_PROMPT.format(instruction=f["instruction"], input_block=input_block), True
-        )
-        if prompt and prompt[-1] == eos:  # tokenizers that append EOS themselves
-            prompt = prompt[:-1]
-        output = _encode(tokenizer, f["output"], special=False)
+    elif record.shape == "chat" or fmt.is_chat:
+        messages = f["messages"] if record.shape == "chat" else [
+            user_message(f["instruction"], f.get("input") or ""), {"role": "assistant", "content": f["output"]}]
+        ids, labels = _chat_sample(tokenizer, fmt, messages, record.source, spans=not train_on_prompt)
+    else:  # alpaca record, instruction format: prompt and output encoded apart, so the split is exact
+        prompt = prompt_ids(tokenizer, fmt, f["instruction"], f.get("input") or "")
+        output = encode(tokenizer, f["output"])
         ids = prompt + output
         labels = [IGNORE] * len(prompt) + output
     # The model must learn to stop: end on EOS, or on the chat template's end-of-turn token.
-    templated = record.shape == "chat" or (record.shape == "alpaca" and tokenizer.chat_template)
-    stops = {eos} | (set(tokenizer.all_special_ids) if templated else set())
+    stops = {eos} | (special_ids(tokenizer) if fmt.is_chat and record.shape != "text" else set())
     if not ids or ids[-1] not in stops:
         ids, labels = ids + [eos], labels + [eos]
     if train_on_prompt:

@@ -1,7 +1,21 @@
 """Model shapes: the dimensions of a Llama-style decoder that decide its memory, and parameter counts.
 
 A shape comes from a size name (`SIZES`: public Llama-family configs), a `ModelShape`, an HF config, a
-config dict, or a config.json path. No torch, no transformers: the numbers are read from the config.
+config dict, a model folder or its config.json, or a .gguf file (its metadata, through lorafit.gguf_read).
+No torch, no transformers: the numbers are read from the config.
+
+Llama-style means attention with q/k/v/o projections (fused ones count the same: Phi-3's qkv_proj is
+q, k and v side by side) and a gated MLP (gate, up, down). The families differ only in their small 1-D
+weights per block, counted exactly (`block_vectors`):
+
+    llama, mistral, phi3, ...   two RMSNorms                               2 * hidden
+    qwen2                       + q/k/v biases                             + (heads + 2 kv_heads) * head_dim
+    qwen3                       + per-head q/k RMSNorms                    + 2 * head_dim
+    gemma2                      four RMSNorms (pre/post attention and MLP) 4 * hidden
+    gemma3                      four RMSNorms + per-head q/k RMSNorms      4 * hidden + 2 * head_dim
+    olmo2                       + q/k RMSNorms over whole projections      + (heads + kv_heads) * head_dim
+
+GPT-2, GPT-NeoX, Falcon, OPT (ungated MLPs) and mixtures of experts have other shapes: a one-line error.
 """
 
 from __future__ import annotations
@@ -38,6 +52,10 @@ class ModelShape:
     """LM head shares the embedding matrix (counted once)."""
     head_dim: int = 0
     """Per-head width; 0 means hidden // heads."""
+    block_vectors: int = 0
+    """1-D weights of one block (norms, biases); 0 means Llama's two RMSNorms, 2 * hidden."""
+    model_type: str = "llama"
+    """The family (HF config's model_type, or the GGUF's architecture), for the printout."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
@@ -49,6 +67,8 @@ class ModelShape:
             )
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        if self.block_vectors == 0:
+            object.__setattr__(self, "block_vectors", 2 * self.hidden)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer in one block."""
@@ -75,16 +95,24 @@ class ModelShape:
 
     @property
     def n_params(self) -> int:
-        """All parameters: linears, two RMSNorms per block + the final one, embedding (+ LM head)."""
-        norms = (2 * self.layers + 1) * self.hidden
+        """All parameters: linears, each block's norms (and biases), the final norm, embedding (+ LM head)."""
+        vectors = self.layers * self.block_vectors + self.hidden
         embeddings = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
-        return self.n_linear_params + norms + embeddings
+        return self.n_linear_params + vectors + embeddings
+
+    def describe(self) -> str:
+        """One line: the family and the dimensions the estimate uses."""
+        return (f"{self.model_type}: {self.layers} layers, hidden {self.hidden}, intermediate {self.intermediate}, "
+                f"{self.heads} heads ({self.kv_heads} kv) x {self.head_dim}, vocab {self.vocab}, "
+                f"{'tied' if self.tie_embeddings else 'own'} head: {self.n_params:,} params")
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        """Exact shape from an HF `PretrainedConfig`, a config dict, or a config.json path (file or dir)."""
+        """Exact shape from an HF `PretrainedConfig`, a config dict, a config.json path (file or dir), or a .gguf."""
         where = "config"
-        if isinstance(config, str | Path):
+        if isinstance(config, str | Path) and Path(config).suffix == ".gguf" and Path(config).is_file():
+            where, config = str(config), gguf_config(config)
+        elif isinstance(config, str | Path):
             path = Path(config)
             path = path / "config.json" if path.is_dir() else path
             if not path.is_file():
@@ -106,17 +134,50 @@ class ModelShape:
                 )
             return config[key]
 
+        model_type = config.get("model_type") or "llama"
+        if model_type not in BLOCK_VECTORS:
+            raise LorafitError(f"{where}: model_type {model_type!r} is not a Llama-style decoder (gated MLP, q/k/v/o "
+                               f"attention); the estimator knows {', '.join(BLOCK_VECTORS)}: pass a size instead")
         heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
         return cls(
-            hidden=need("hidden_size"),
+            hidden=hidden,
             intermediate=need("intermediate_size"),
             layers=need("num_hidden_layers"),
             heads=heads,
-            kv_heads=config.get("num_key_value_heads") or heads,
+            kv_heads=kv_heads,
             vocab=need("vocab_size"),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            head_dim=config.get("head_dim") or 0,
+            head_dim=head_dim,
+            block_vectors=BLOCK_VECTORS[model_type](hidden, heads, kv_heads, head_dim),
+            model_type=model_type,
         )
+
+
+def gguf_config(path: str | Path) -> dict[str, Any]:
+    """The config.json fields of a GGUF's shape, read from its header (the standard library only, no torch)."""
+    from lorafit.gguf_read import gguf_metadata, shape_fields
+
+    return shape_fields(gguf_metadata(path), path)  # GGUF architectures are the HF model_types we know
+
+
+def _norms(n: int, qk: int = 0):
+    """block_vectors of a family: `n` hidden-wide norms per block, plus q/k norms of `qk` head widths."""
+    return lambda hidden, heads, kv_heads, head_dim: n * hidden + qk * head_dim
+
+
+# model_type -> block_vectors(hidden, heads, kv_heads, head_dim), see the module docstring
+BLOCK_VECTORS = {
+    **dict.fromkeys(["llama", "mistral", "phi3", "gemma", "granite", "smollm3"], _norms(2)),
+    "qwen2": lambda hidden, heads, kv_heads, head_dim: 2 * hidden + (heads + 2 * kv_heads) * head_dim,
+    "qwen3": _norms(2, qk=2),
+    "gemma2": _norms(4),
+    "gemma3": _norms(4, qk=2),
+    "gemma3_text": _norms(4, qk=2),
+    "olmo2": lambda hidden, heads, kv_heads, head_dim: 2 * hidden + (heads + kv_heads) * head_dim,
+}
 
 
 # Size names -> public Llama-family shapes (hidden, intermediate, layers, heads, kv_heads, vocab, tied).
@@ -142,7 +203,7 @@ def model_shape(model: str | Path | dict | Any) -> ModelShape:
         return SIZES[model.upper()]
     if isinstance(model, str) and not Path(model).exists():
         raise LorafitError(
-            f"model size {model!r} is unknown: use one of {', '.join(SIZES)} or a config.json path"
+            f"model size {model!r} is unknown: use one of {', '.join(SIZES)}, a model folder or a .gguf file"
         )
     return ModelShape.from_config(model)
 

@@ -1,0 +1,88 @@
+"""The training loss of a batch, and the validation loss of a set of samples.
+
+Position t predicts token t+1; a target is a label that is not IGNORE. Losses are *sums* over
+target tokens in fp32, so that the trainer can divide by the target tokens of a whole accumulated
+(and, with several processes, all-reduced) batch: the mean loss of a step does not depend on how
+it is cut into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafit.device import model_device, to_device
+from lorafit.ops.chunked_loss import causal_lm_loss
+from lorafit.train.data import IGNORE, Sample, collate
+from lorafit.train.distributed.share import local_samples
+from lorafit.train.distributed.world import SINGLE, World
+
+
+def n_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens of a batch: labels[:, 1:] that are not IGNORE (position t predicts token t+1).
+    Count them on the host batch: on a device batch `int()` would wait for the device."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses over target tokens, number of target tokens) for one batch.
+
+    The batch may be on the host: its targets are counted there and it is moved to the model's
+    device. The loss is an fp32 scalar on that device whatever the model's dtype.
+    """
+    n_target = n_targets(batch)
+    return loss_sum(model, to_device(batch, model_device(model))), n_target
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token losses over the target tokens of a batch already on the model's device (fp32).
+
+    When the output head is a plain nn.Linear, the loss is computed from the last hidden states in
+    chunks of tokens (lorafit.ops.chunked_loss), so the (B, T, V) fp32 logits never exist at once;
+    otherwise from the model's logits, upcast to fp32 before the cross-entropy.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    plain_head = (isinstance(head, nn.Linear) and getattr(config, "final_logit_softcapping", None) is None
+                  and getattr(config, "logit_scale", None) is None and hasattr(model, "base_model"))
+    if plain_head:
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+        return causal_lm_loss(hidden, head.weight, batch["labels"], bias=head.bias, reduction="sum",
+                              ignore_index=IGNORE)  # fp32: the chunks' logits are upcast before the softmax
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, samples: list[Sample], pad_id: int, batch_size: int = 8, *,
+             step: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+             world: World = SINGLE) -> dict[str, float]:
+    """Mean per-token validation loss and perplexity.
+
+    With several processes (`world`), each batch of `batch_size` samples is shared among them as the
+    training batches are (lorafit.train.distributed.share) and the sums are all-reduced: every rank returns
+    the same numbers. `step(batch)` computes a batch's loss sum (the trainer passes its DDP / FSDP
+    wrapper's); by default `loss_sum(model, batch)`.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total, count = None, 0  # total: an fp32 scalar on the model's device, read back once
+    for i in range(0, len(samples), batch_size):
+        batch = collate(local_samples(samples[i:i + batch_size], world.rank, world.size), pad_id)
+        count += n_targets(batch)
+        batch = to_device(batch, device)
+        loss = step(batch) if step is not None else loss_sum(model, batch)
+        total = loss if total is None else total + loss
+    model.train(was_training)
+    total_sum, count = world.sum([0.0 if total is None else total.item(), count])
+    mean = total_sum / max(count, 1)
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
