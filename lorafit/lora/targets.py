@@ -110,3 +110,28 @@ def linear_names(model: nn.Module) -> list[str]:
         if is_linear(getattr(module, "base_layer", module)) and not inside_wrapper(name):
             seen[name.rsplit(".", 1)[-1]] = None
     return list(seen)
+
+
+# Short target names for ablations (`lorafit ablate --grid lora.target_modules=q|qk|qkv|qkvo|mlp|all`): each
+# letter is one attention projection, "mlp" the feed-forward ones, "all" both; the family says which modules.
+SHORT_TARGETS = {"q": ["q"], "qk": ["q", "k"], "qkv": ["q", "k", "v"], "qkvo": ["q", "k", "v", "o"],
+                 "mlp": ["mlp"], "all": ["q", "k", "v", "o", "mlp"]}
+_LLAMA_PARTS = {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"],
+                "mlp": ["gate_proj", "up_proj", "down_proj"]}
+FAMILY_PARTS: dict[str, dict[str, list[str]]] = {
+    **{family: _LLAMA_PARTS for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")},
+    "mixtral": {**_LLAMA_PARTS, "mlp": ["w1", "w2", "w3"]},
+    "opt": {**_LLAMA_PARTS, "o": ["out_proj"], "mlp": ["fc1", "fc2"]},
+    "phi": {**_LLAMA_PARTS, "o": ["dense"], "mlp": ["fc1", "fc2"]},
+}
+
+
+def short_targets(model_type: str | None, short: str) -> list[str]:
+    """The module names a short target name (SHORT_TARGETS) means in the family `model_type`."""
+    if short not in SHORT_TARGETS:
+        raise LorafitError(f"short target name {short!r} is unknown; use one of {', '.join(SHORT_TARGETS)}")
+    parts = FAMILY_PARTS.get(model_type or "")
+    if parts is None:
+        raise LorafitError(f"short target names need separate q/k/v/o projections; model type {model_type!r} is "
+                           f"not one of {', '.join(sorted(FAMILY_PARTS))}: list the module names instead")
+    return [name for part in SHORT_TARGETS[short] for name in parts[part]]

@@ -12,6 +12,7 @@ from lorafit.errors import LorafitError
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+METHODS = ("lora", "full")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 
 
@@ -21,6 +22,11 @@ class TrainConfig:
 
     output_dir: str = "runs/lorafit"
     """Where the adapter, checkpoints, metrics.jsonl and loss.png are written."""
+    method: str = "lora"
+    """What trains: "lora" (the adapter below on a frozen, optionally quantized base; written to adapter/)
+    or "full" (every weight: full fine-tuning, the baseline adapters are compared against; needs an
+    unquantized base and ~4x the model's fp32 size for weights, gradients and AdamW states; written to
+    model/ as a full model folder). The lora section is ignored with "full"."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapter to train."""
     epochs: float = 1.0
@@ -84,6 +90,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraConfig.from_dict(self.lora)
+        if self.method not in METHODS:
+            raise LorafitError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.schedule not in SCHEDULES:
             raise LorafitError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.distributed not in DISTRIBUTED:

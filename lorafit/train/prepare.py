@@ -1,6 +1,7 @@
 """Get a loaded model ready to train an adapter: the one place that changes a model for training.
 
-    1. add the adapter (unless the model already has it) and make it the active, trainable one
+    1. add the adapter (unless the model already has it) and make it the active, trainable one; with
+       `method: full`, make every weight trainable instead (lorafit.train.full)
     2. the fused LoRA Function on or off (`TrainConfig.fused_lora`)
     3. gated MLPs as `GatedMLP` (`fused_mlp`), RMSNorms as the Triton kernel on CUDA
     4. per-layer activation checkpointing (by default on a GPU only), optionally offloaded to host memory
@@ -20,6 +21,7 @@ from lorafit.device import model_device
 from lorafit.lora.inject import adapter_configs, apply_lora, set_adapter, set_fused
 from lorafit.train.checkpointing import enable_checkpointing
 from lorafit.train.config import TrainConfig
+from lorafit.train.full import make_fully_trainable
 from lorafit.train.fusion import fuse_gated_mlps, fuse_rmsnorms
 
 
@@ -29,7 +31,9 @@ def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_
     `device`: where the model will train when that is not where it is now (FSDP moves each rank's
     shards of a model loaded on the host to its GPU); the GPU-only choices follow it."""
     device = device or model_device(model)
-    if adapter not in adapter_configs(model):
+    if config.method == "full":
+        make_fully_trainable(model)
+    elif adapter not in adapter_configs(model):
         apply_lora(model, config.lora, adapter)
     else:
         set_adapter(model, adapter)

@@ -217,7 +217,8 @@ def run(config: RunConfig, resume: bool = False) -> list[dict]:
     history = trainer.train(resume=resume)
     out = Path(config.train.output_dir)
     if world.is_main:
-        print(f"lorafit train: done; adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, "
+        weights = "model" if config.train.method == "full" else "adapter"
+        print(f"lorafit train: done; {weights} in {out / weights}, metrics in {out / 'metrics.jsonl'}, "
               f"loss curve in {out / 'loss.png'}")
     shutdown_world()
     return history

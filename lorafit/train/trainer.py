@@ -54,6 +54,7 @@ from lorafit.train.distributed.share import check_batch, local_samples
 from lorafit.train.distributed.strategy import choose_strategy, quantization_of
 from lorafit.train.distributed.world import init_world
 from lorafit.train.distributed.wrap import Parallel
+from lorafit.train.full import MODEL_DIR, load_model_weights, save_model_folder
 from lorafit.train.loraplus import loraplus_param_groups
 from lorafit.train.loss import evaluate, loss_sum, n_targets, token_loss_sum
 from lorafit.train.prepare import prepare_model
@@ -96,7 +97,8 @@ def make_optimizer(name: str, params: list[nn.Parameter] | list[dict], lr: float
 
 
 class Trainer:
-    """Train one LoRA adapter on tokenized samples. Call `train()`; results land in output_dir."""
+    """Train one LoRA adapter (or, with `method: full`, every weight) on tokenized samples. Call
+    `train()`; results land in output_dir (adapter/, or model/ for a full fine-tune)."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
                  val: list[Sample] | None = None, prompt_format: PromptFormat | None = None) -> None:
@@ -243,7 +245,7 @@ class Trainer:
         model.eval()
         with self.parallel.full_params():  # every rank takes part in gathering the shards; rank 0 writes
             if main:
-                save_adapter(model, self.out / "adapter", prompt_format=self.prompt_format)
+                self._save_weights(self.out, tokenizer=self.tokenizer)
                 plot_losses(self.history, self.out / "loss.png")
         return self.history
 
@@ -256,6 +258,12 @@ class Trainer:
         return patience is not None and self.bad_evals >= patience
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _save_weights(self, folder: Path, tokenizer=None) -> Path:
+        """What trained: the adapter (folder/adapter) or, for a full fine-tune, the model (folder/model)."""
+        if self.config.method == "full":
+            return save_model_folder(self.model, folder / MODEL_DIR, tokenizer)
+        return save_adapter(self.model, folder / "adapter", prompt_format=self.prompt_format)
+
     def _save_checkpoint(self) -> Path | None:
         """Every rank calls it (the optimizer states, RNG states and adapter shards are gathered);
         rank 0 writes the checkpoint and returns its folder, the others return None."""
@@ -269,7 +277,7 @@ class Trainer:
             final = root / f"step-{self.step:08d}"
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
             try:
-                save_adapter(self.model, tmp / "adapter", prompt_format=self.prompt_format)
+                self._save_weights(tmp)
                 state = {"step": self.step, "micro": self.micro, "optimizer": optimizer, "torch_rng": rngs[0][0],
                          "cuda_rng": rngs[0][1], "rank_rng": rngs, "world_size": self.world.size,
                          "history": self.history, "best_val": self.best_val, "bad_evals": self.bad_evals,
@@ -294,7 +302,9 @@ class Trainer:
         # on the host first: the optimizer moves its states to its parameters' devices itself
         state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu") if main else {}
         with self.parallel.full_params(write_back=True):
-            if main:
+            if main and self.config.method == "full":
+                load_model_weights(self.model, path / MODEL_DIR)
+            elif main:
                 _, adapter_state = read_adapter(path / "adapter")
                 set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
         self.parallel.load_optimizer_state(self.optimizer, state.pop("optimizer", None))

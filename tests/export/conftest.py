@@ -1,4 +1,4 @@
-"""Session fixtures of the export tests: one demo-style adapter trained on SmolLM2, the merged model,
+"""Session fixtures of the export tests: the merged model of the demo adapter (tests/conftest.py),
 and its GGUF exports (made once, shared by the parity, chat and round-trip tests); tiny model folders
 and adapters for the command tests."""
 
@@ -13,13 +13,7 @@ from lorafit.io import save_adapter
 from lorafit.lora.inject import apply_lora
 from lorafit.model import load_model
 from lorafit.quant.load import load_quantized, save_bnb_checkpoint
-from tests.export.kit import FAMILIES, bpe_tokenizer, random_adapter, tiny_model, train_demo_adapter
-
-
-@pytest.fixture(scope="session")
-def demo_adapter(smollm2_dir, tmp_path_factory):
-    """(adapter folder, held-out records) of a short run of the demo's recipe (see kit.train_demo_adapter)."""
-    return train_demo_adapter(tmp_path_factory.mktemp("demo"))
+from tests.export.kit import FAMILIES, bpe_tokenizer, random_adapter, tiny_model
 
 
 @pytest.fixture(scope="session")
