@@ -14,8 +14,6 @@ when complete.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from lorafit.lora.inject import merge_and_unload
 from lorafit.lora.state import check_fits
 from lorafit.merge import format_report, merge_quantized_report, merge_to_dense
 from lorafit.model import load_model, resolve_model
+from lorafit.paths import write_folder
 
 FORMATS = ("gguf", "gguf-lora")
 MERGE_QUANTIZE = ("nf4",)
@@ -126,15 +125,9 @@ def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, d
         def save(folder: Path) -> None:
             merged.save_pretrained(folder)
         kind = "a plain transformers checkpoint" + (" with the exact merged weights in bf16" if quantized else "")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        save(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write(folder: Path) -> None:
+        save(folder)
+        tokenizer.save_pretrained(folder)
+    write_folder(target, write)
     print(f"merged {adapter} into {model}: {kind} in {target}")
     return target

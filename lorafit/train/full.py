@@ -13,9 +13,6 @@ already carries adapters would mix the two methods: both are refused before anyt
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -24,6 +21,7 @@ from torch import nn
 from lorafit.errors import LorafitError
 from lorafit.lora.base import is_quantized
 from lorafit.lora.inject import lora_layers
+from lorafit.paths import write_folder
 
 MODEL_DIR = "model"  # where a full run writes its weights, next to metrics.jsonl (an adapter run: adapter/)
 
@@ -47,20 +45,11 @@ def make_fully_trainable(model: nn.Module) -> nn.Module:
 def save_model_folder(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     """Write the whole model (and its tokenizer, when given) with `save_pretrained`, into a temporary
     folder renamed into place, so an interrupted save never leaves half a model where one was."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
-        model.save_pretrained(tmp)
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+            tokenizer.save_pretrained(folder)
+    return write_folder(directory, write)
 
 
 def load_model_weights(model: nn.Module, directory: str | Path) -> None:

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +45,7 @@ from lorafit.lora.adalora import orthogonality_regularizer
 from lorafit.lora.allocator import RankAllocator
 from lorafit.lora.inject import adapter_configs, adapter_parameters
 from lorafit.lora.state import set_adapter_state
+from lorafit.paths import write_folder
 from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.config import TrainConfig
 from lorafit.train.data import Sample, collate, pad_id_for
@@ -273,22 +272,16 @@ class Trainer:
             if not self.world.is_main:
                 return None
             root = self.out / "checkpoints"
-            root.mkdir(parents=True, exist_ok=True)
-            final = root / f"step-{self.step:08d}"
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-            try:
-                self._save_weights(tmp)
-                state = {"step": self.step, "micro": self.micro, "optimizer": optimizer, "torch_rng": rngs[0][0],
-                         "cuda_rng": rngs[0][1], "rank_rng": rngs, "world_size": self.world.size,
-                         "history": self.history, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                         "config": asdict(self.config)}
-                torch.save(state, tmp / "trainer_state.pt")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)  # atomic: a checkpoint folder is either complete or absent
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            state = {"step": self.step, "micro": self.micro, "optimizer": optimizer, "torch_rng": rngs[0][0],
+                     "cuda_rng": rngs[0][1], "rank_rng": rngs, "world_size": self.world.size,
+                     "history": self.history, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                     "config": asdict(self.config)}
+
+            def write(folder: Path) -> None:
+                self._save_weights(folder)
+                torch.save(state, folder / "trainer_state.pt")
+            # atomic: a checkpoint folder is either complete or absent
+            final = write_folder(root / f"step-{self.step:08d}", write)
         for old in sorted(root.glob("step-*"))[:-self.config.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         return final
