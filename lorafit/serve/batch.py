@@ -54,15 +54,33 @@ def left_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tup
             torch.tensor(mask, dtype=torch.long, device=device))
 
 
+def adapter_order(rows: list[Request]) -> list[int]:
+    """Row indices with the rows of each adapter together, adapters in order of first appearance
+    (stable within one adapter). Per-row routing needs no gather for rows laid out this way
+    (lorafit.ops.multi_lora: the identity plan), so merged batches keep that layout."""
+    first: dict[str | None, int] = {}
+    for i, r in enumerate(rows):
+        first.setdefault(r.internal, i)
+    return sorted(range(len(rows)), key=lambda i: first[rows[i].internal])
+
+
 def merge_batches(a: Batch, b: Batch) -> Batch:
-    """One batch from two: the shorter is left-padded (masked out) to the longer's KV length."""
+    """One batch from two: the shorter is left-padded (masked out) to the longer's KV length, and the
+    rows are put in `adapter_order` (one gather of every tensor, only when the order changes)."""
     length = max(a.mask.shape[1], b.mask.shape[1])
-    merged = [(torch.cat([left_pad(ka, length, 2), left_pad(kb, length, 2)]),
-               torch.cat([left_pad(va, length, 2), left_pad(vb, length, 2)]))
+    rows = a.rows + b.rows
+    order = adapter_order(rows)
+    index = None if order == list(range(len(rows))) else torch.tensor(order, device=a.mask.device)
+
+    def cat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([x, y])
+        return out if index is None else out.index_select(0, index)
+
+    merged = [(cat(left_pad(ka, length, 2), left_pad(kb, length, 2)), cat(left_pad(va, length, 2), left_pad(vb, length, 2)))
               for (ka, va), (kb, vb) in zip(kv(a.cache), kv(b.cache))]
-    return Batch(a.rows + b.rows, AppendCache.from_kv(merged),
-                 torch.cat([left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)]),
-                 torch.cat([a.positions, b.positions]), torch.cat([a.last, b.last]))
+    return Batch([rows[i] for i in order], AppendCache.from_kv(merged),
+                 cat(left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)),
+                 cat(a.positions, b.positions), cat(a.last, b.last))
 
 
 def select_rows(batch: Batch, keep: list[int]) -> Batch | None:

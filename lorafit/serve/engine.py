@@ -228,6 +228,9 @@ class Engine:
             try:
                 if batch is not None:
                     self._decode_step(batch)
+                    # rows that just finished leave first: an emptied batch makes the engine idle, so the
+                    # next burst is awaited for `max_wait` as one batch instead of taken piecemeal
+                    batch = self._without_finished(batch)
                 new = self._admit(self.max_batch_size - (len(batch.rows) if batch else 0), block=batch is None)
                 if new:
                     fresh = self._prefill(new)
@@ -243,12 +246,17 @@ class Engine:
                 batch = None
                 continue
             if batch is not None:
-                gone = [r for r in batch.rows if r.done or r.cancelled]
-                if gone:
-                    self._retire(gone)
-                    batch = select_rows(batch, [i for i, r in enumerate(batch.rows) if not (r.done or r.cancelled)])
+                batch = self._without_finished(batch)  # rows finished by their first token
         with self.model_lock:
             self.router.close()
+
+    def _without_finished(self, batch: Batch) -> Batch | None:
+        """The batch less its finished and cancelled rows (retired); None when none is left."""
+        gone = [r for r in batch.rows if r.done or r.cancelled]
+        if not gone:
+            return batch
+        self._retire(gone)
+        return select_rows(batch, [i for i, r in enumerate(batch.rows) if not (r.done or r.cancelled)])
 
     def _retire(self, gone: list[Request]) -> None:
         """Give back finished rows' adapters and delete doomed adapters nobody holds any more."""

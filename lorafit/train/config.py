@@ -68,6 +68,9 @@ class TrainConfig:
     """On CUDA, run RMSNorms as one Triton kernel each way (lorafit.train.fusion.FusedRMSNorm)."""
     eval_steps: int | None = None
     """Evaluate on the validation samples every N steps (and at the end)."""
+    eval_batch_size: int | None = None
+    """Validation samples per forward (None: batch_size). Larger is faster where memory allows: no
+    backward, and a quantized base is dequantized once per forward."""
     save_steps: int | None = None
     """Write a resumable checkpoint every N steps."""
     save_total_limit: int = 2
@@ -104,7 +107,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LorafitError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):
+        for name in ("max_steps", "eval_steps", "eval_batch_size", "save_steps", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise LorafitError(f"TrainConfig.{name} must be a positive integer or null, got {value!r}")

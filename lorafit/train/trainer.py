@@ -221,7 +221,8 @@ class Trainer:
                       "tokens_per_s": tokens / (time.perf_counter() - start)}
             stop = False
             if cfg.eval_steps and self.val_samples and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
-                record.update(evaluate(model, self.val_samples, self.pad_id, cfg.batch_size, step=self.parallel.loss,
+                record.update(evaluate(model, self.val_samples, self.pad_id, cfg.eval_batch_size or cfg.batch_size,
+                                       step=self.parallel.loss,
                                        world=world))
                 self.parallel.after_eval()
                 stop = self._early_stop(record["val_loss"])  # the same all-reduced loss on every rank

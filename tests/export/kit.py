@@ -187,7 +187,7 @@ def rel_max_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 # -- a demo-style adapter, trained once per test session -------------------------------------
-DEMO_STEPS = 20  # lorafit demo runs 80 steps at 1e-3; 20 at 2e-3 get ~60% of held-out dates right (demo: ~90%)
+DEMO_STEPS = 20  # lorafit demo runs 80 steps (LoRA+); 20 at 2e-3 get ~60% of held-out dates right (demo: 95%)
 DEMO_LR = 2e-3
 
 

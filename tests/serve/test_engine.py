@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,6 +219,39 @@ def test_cancelled_request_frees_its_slot(tiny_engine):
     while tiny_engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert tiny_engine.stats()["running"] == 0 and len(request.output_ids) < 400
+
+
+def test_a_burst_arriving_as_the_batch_finishes_is_prefilled_as_one(tiny):
+    """The last running row finishes; a burst of 4 starts arriving at that moment: the engine is idle
+    again, so it waits (up to max_wait) for company and prefills the 4 together, rather than taking
+    the first alone and making the rest join it later (which costs a forward and a batch merge)."""
+    model_dir, adapters = tiny
+    model, tokenizer = load_model(model_dir)
+    engine = Engine(model, tokenizer, base_name="tiny", max_batch_size=4, max_wait_ms=0)  # the first runs alone
+    engine.load_adapter("alpha", adapters["alpha"])
+    prefills: list[int] = []
+    prefill = engine._prefill
+    engine._prefill = lambda rows: prefills.append(len(rows)) or prefill(rows)
+    burst = [Sink() for _ in range(4)]
+
+    def submit(sinks):
+        for sink in sinks:
+            engine.submit([5, 6, 7], "alpha", SamplingParams(max_tokens=3), sink)
+
+    def first_done(event: Event) -> None:  # runs on the scheduler thread, between two steps
+        if event.finish_reason:
+            engine.max_wait = 30.0  # seconds: the burst's first request waits for the others (4 fill the batch)
+            submit(burst[:1])
+            threading.Timer(0.05, submit, (burst[1:],)).start()
+
+    engine.start()
+    try:
+        engine.submit([5, 6], None, SamplingParams(max_tokens=2, ignore_eos=True), first_done)
+        results = [sink.result() for sink in burst]
+    finally:
+        engine.stop()
+    assert prefills == [1, 4]
+    assert len({tuple(ids) for ids, _, _ in results}) == 1  # the same prompt on one adapter: the same tokens
 
 
 def test_adapters_that_train_biases_are_refused(tmp_path):

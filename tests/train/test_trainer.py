@@ -269,6 +269,15 @@ def test_early_stopping(tokenizer, samples, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() and (tmp_path / "loss.png").is_file()
 
 
+def test_eval_batch_size_changes_the_batches_not_the_validation_loss(tokenizer, samples, tmp_path):
+    """Validation loss is a sum over target tokens divided by their count: cutting the samples into
+    forwards of 1 or of all of them gives the same number, and the same training."""
+    histories = [Trainer(_config(tmp_path / str(size), max_steps=2, eval_steps=2, eval_batch_size=size), tiny_llama(),
+                         tokenizer, samples.train, samples.val).train() for size in (1, len(samples.val))]
+    assert [h["loss"] for h in histories[0]] == [h["loss"] for h in histories[1]]
+    assert abs(histories[0][-1]["val_loss"] - histories[1][-1]["val_loss"]) <= 1e-5
+
+
 def test_gradient_checkpointing_gives_the_same_step(tokenizer, samples, tmp_path):
     batch = [collate(samples.train[:4], tokenizer.pad_token_id or 0)]
     losses = []
@@ -286,6 +295,8 @@ def test_bad_train_config_names_the_field():
         TrainConfig(schedule="exp")
     with pytest.raises(lf.LorafitError, match="TrainConfig.batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(lf.LorafitError, match="TrainConfig.eval_batch_size"):
+        TrainConfig(eval_batch_size=0)
 
 
 def test_qlora_losses_match_peft_with_bitsandbytes(tokenizer, samples, tmp_path):
