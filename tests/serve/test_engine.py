@@ -254,6 +254,31 @@ def test_a_burst_arriving_as_the_batch_finishes_is_prefilled_as_one(tiny):
     assert len({tuple(ids) for ids, _, _ in results}) == 1  # the same prompt on one adapter: the same tokens
 
 
+def test_prefill_runs_a_frozen_output_head_as_one_matmul(tiny):
+    """Prefill keeps the logits of the last position only. Sliced as a strided view, the hidden states
+    of a frozen head (every served adapter's base is frozen) go through a bmm that reads the head's
+    weight once per row; the engine indexes the position instead, so the head is one mm. Counted with
+    the profiler (the kernels below aten::linear), not timed."""
+    from torch.profiler import profile
+
+    from lorafit.serve.kvcache import AppendCache
+
+    model_dir, _ = tiny
+    model, tokenizer = load_model(model_dir)
+    model.requires_grad_(False)
+    engine = Engine(model, tokenizer, base_name="tiny")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = [Request([1], None, SamplingParams(), print) for _ in range(4)]
+    ids = torch.randint(3, vocab, (4, 6), generator=torch.Generator().manual_seed(0))
+    with profile(record_shapes=True) as prof:
+        logits = engine._forward(rows, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 position_ids=torch.arange(6).expand(4, 6), past_key_values=AppendCache())
+    torch.testing.assert_close(logits, model(input_ids=ids).logits[:, -1], atol=1e-5, rtol=0)
+    head = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
+            and any(vocab in shape for shape in e.input_shapes if shape)]
+    assert head == ["aten::mm"], head
+
+
 def test_adapters_that_train_biases_are_refused(tmp_path):
     from tests.conftest import make_gpt2
 
