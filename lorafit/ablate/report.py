@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lorafit import plots
+
 COLUMNS = [("trainable_params", "trainable params", "{:,}"), ("trainable_pct", "trainable %", "{:.3f}"),
            ("val_loss", "val loss", "{:.4f}"), ("val_ppl", "perplexity", "{:.3f}"),
            ("exact_match", "exact match", "{:.1%}"), ("peak_memory_mib", "peak memory (MiB)", "{:,.0f}"),
@@ -58,15 +60,6 @@ def markdown(title: str, rows: list[dict], axes: list[tuple[str, list[Any]]], no
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def labels(rows: list[dict]) -> dict[str, str]:
     """Point name -> a short label: only the settings that differ between the rows (`r=8`, `full`)."""
     keys = list(dict.fromkeys(k for row in rows for k in row["settings"]))
@@ -81,7 +74,7 @@ def labels(rows: list[dict]) -> dict[str, str]:
 
 
 def _scatter(rows: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: str, logx: bool) -> Path:
-    plt = _plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     names = labels(rows)
     for i, row in enumerate(rows):
@@ -96,14 +89,11 @@ def _scatter(rows: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def plot_losses(rows: list[dict], path: Path) -> Path:
-    plt = _plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     names = labels(rows)
     for row in rows:
@@ -115,10 +105,7 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("training loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def write_results(out: str | Path, title: str, rows: list[dict], axes: list[tuple[str, list[Any]]],

@@ -13,17 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from lorafit import plots
 from lorafit.inspect.analyze import Analysis, ModuleStats
 from lorafit.inspect.checkpoints import StepNorms
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def grid(modules: list[ModuleStats], attr: str) -> tuple[list[int], list[str], list[list[float]]]:
@@ -38,7 +30,7 @@ def grid(modules: list[ModuleStats], attr: str) -> tuple[list[int], list[str], l
 
 
 def plot_delta_norms(analysis: Analysis, path: Path) -> Path:
-    plt = _plt()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 6), dpi=110)
     for ax, attr, title in ((axes[0], "delta_fro", "‖ΔW‖_F"), (axes[1], "relative", "‖ΔW‖_F / ‖W‖_F")):
         layers, names, values = grid(analysis.modules, attr)
@@ -48,14 +40,11 @@ def plot_delta_norms(analysis: Analysis, path: Path) -> Path:
         ax.set_ylabel("layer")
         ax.set_title(title)
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def plot_spectra(analysis: Analysis, path: Path) -> Path:
-    plt = _plt()
+    plt = plots.pyplot()
     names = list(dict.fromkeys(m.module for m in analysis.modules))
     cols = min(4, max(1, len(names)))
     rows = (len(names) + cols - 1) // cols
@@ -77,14 +66,11 @@ def plot_spectra(analysis: Analysis, path: Path) -> Path:
         ax.axis("off")
     axes[0][0].set_ylabel("σ_i / σ_1 of ΔW")
     fig.suptitle("spectra of ΔW (colour: layer, dark = first)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def plot_histogram(analysis: Analysis, path: Path) -> Path:
-    plt = _plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     for key, label in (("W", "W (base)"), ("dW", "ΔW (update)")):
         values = analysis.samples[key].abs()
@@ -95,14 +81,11 @@ def plot_histogram(analysis: Analysis, path: Path) -> Path:
     ax.set_ylabel("density")
     ax.set_title("entries of W against those of ΔW (sampled over all adapted modules)", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def plot_steps(norms: StepNorms, path: Path) -> Path:
-    plt = _plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
     image = ax.imshow(norms.norms, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_yticks(range(len(norms.steps)), norms.steps)
@@ -112,10 +95,7 @@ def plot_steps(norms: StepNorms, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_title("‖s·B·A‖_F per layer (all adapted modules of the layer) over training")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def markdown(analysis: Analysis, title: str, steps: StepNorms | None) -> str:

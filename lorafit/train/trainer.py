@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorafit import plots
 from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig
 from lorafit.device import model_device, to_device
 from lorafit.errors import LorafitError
@@ -370,11 +371,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def plot_losses(history: list[dict], path: Path) -> Path:
     """Training (and validation) loss over steps as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1)
     val = [h for h in history if "val_loss" in h]
@@ -384,7 +381,4 @@ def plot_losses(history: list[dict], path: Path) -> Path:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
