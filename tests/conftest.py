@@ -30,6 +30,23 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return model
 
 
+def refused_in_one_line(model, call) -> str:
+    """Run `call`, which must raise a one-line LorafitError and leave `model` exactly as it was (every
+    tensor of its state dict and its adapters' configs); returns the message."""
+    from lorafit.errors import LorafitError
+    from lorafit.lora.inject import adapter_configs
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    configs = dict(adapter_configs(model))
+    with pytest.raises(LorafitError) as e:
+        call()
+    assert "\n" not in str(e.value)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert adapter_configs(model) == configs
+    return str(e.value)
+
+
 MAKERS = {"llama": make_llama, "gpt2": make_gpt2}
 
 

@@ -7,9 +7,8 @@ import torch
 from peft import PeftModel
 
 import lorafit as lf
-from lorafit.errors import LorafitError
 from lorafit.lora.inject import adapter_configs, lora_layers
-from tests.conftest import make_gpt2, make_llama
+from tests.conftest import make_gpt2, make_llama, refused_in_one_line
 
 TARGETS = ["q_proj", "v_proj"]
 WEIGHTS = [1.0, -0.5, 0.7]
@@ -149,29 +148,17 @@ def test_combined_adapter_round_trips_through_lorafit_and_peft(combination, ids,
     torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-5, rtol=0)
 
 
-def _one_line_refusal(model, call):
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = sorted(adapter_configs(model))
-    with pytest.raises(LorafitError) as e:
-        call()
-    assert "\n" not in str(e.value)
-    assert sorted(adapter_configs(model)) == names
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    return str(e.value)
-
-
 def test_bad_input_is_one_line_and_leaves_the_model_unchanged():
     model = _model()
     lf.add_adapter(model, lf.LoraConfig(r=4, target_modules=["k_proj", "q_proj"]), "d")
     lf.add_adapter(model, lf.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "dora")
-    assert "unknown combination" in _one_line_refusal(
+    assert "unknown combination" in refused_in_one_line(
         model, lambda: lf.add_weighted_adapter(model, ["a", "b"], [1, 1], "x", "average"))
-    assert "same layers" in _one_line_refusal(
+    assert "same layers" in refused_in_one_line(
         model, lambda: lf.add_weighted_adapter(model, ["a", "d"], [1, 1], "x", "cat"))
-    assert "DoRA" in _one_line_refusal(model, lambda: lf.add_weighted_adapter(model, ["a", "dora"], [1, 1], "x"))
-    assert "density" in _one_line_refusal(model, lambda: lf.add_weighted_adapter(model, ["a", "b"], [1, 1], "x", "ties"))
-    assert "one weight per adapter" in _one_line_refusal(model, lambda: lf.add_weighted_adapter(model, ["a", "b"], [1], "x"))
+    assert "DoRA" in refused_in_one_line(model, lambda: lf.add_weighted_adapter(model, ["a", "dora"], [1, 1], "x"))
+    assert "density" in refused_in_one_line(model, lambda: lf.add_weighted_adapter(model, ["a", "b"], [1, 1], "x", "ties"))
+    assert "one weight per adapter" in refused_in_one_line(model, lambda: lf.add_weighted_adapter(model, ["a", "b"], [1], "x"))
 
 
 def test_linear_over_different_layers_counts_a_missing_adapter_as_zero():

@@ -5,9 +5,8 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import lorafit as lf
-from lorafit.errors import LorafitError
-from lorafit.lora.inject import adapter_configs, lora_layers
-from tests.conftest import make_llama
+from lorafit.lora.inject import lora_layers
+from tests.conftest import make_llama, refused_in_one_line
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SPECS = {  # three adapters of different ranks and scalings; "c" is smaller and adapts fewer modules
@@ -68,23 +67,11 @@ def test_compiled_hotswap_never_recompiles(folders, ids, tmp_path):
     torch._dynamo.reset()
 
 
-def _refused(model, call):
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    configs = dict(adapter_configs(model))
-    with pytest.raises(LorafitError) as e:
-        call()
-    assert "\n" not in str(e.value)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
-    assert adapter_configs(model) == configs
-    return str(e.value)
-
-
 def test_refusals_are_one_line_and_change_nothing(folders):
     model = lf.load_adapter(make_llama(), folders["c"])
-    assert "adapts" in _refused(model, lambda: lf.hotswap_adapter(model, folders["a"], "default"))  # more modules
-    assert "no adapter named" in _refused(model, lambda: lf.hotswap_adapter(model, folders["c"], "other"))
+    assert "adapts" in refused_in_one_line(model, lambda: lf.hotswap_adapter(model, folders["a"], "default"))  # more modules
+    assert "no adapter named" in refused_in_one_line(model, lambda: lf.hotswap_adapter(model, folders["c"], "other"))
     model = lf.load_adapter(make_llama(), folders["a"])
-    assert "max_rank" in _refused(model, lambda: lf.prepare_for_compiled_hotswap(model, max_rank=2))
+    assert "max_rank" in refused_in_one_line(model, lambda: lf.prepare_for_compiled_hotswap(model, max_rank=2))
     lf.prepare_for_compiled_hotswap(model, max_rank=4)
-    assert "max_rank" in _refused(model, lambda: lf.hotswap_adapter(model, folders["b"], "default"))
+    assert "max_rank" in refused_in_one_line(model, lambda: lf.hotswap_adapter(model, folders["b"], "default"))
