@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real transformers models built from configs (random weights, seconds)."""
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+# bitsandbytes (a dev reference) tries to fetch a CPU kernel from the Hub on import when the `kernels`
+# package is installed (transformers >= 5.25 depends on it) and logs a warning when it cannot: offline,
+# its own fallback runs, and the message says nothing about lorafit (README, "Versions").
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 LLAMA = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

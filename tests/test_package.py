@@ -1,5 +1,6 @@
 """`import lorafit` is light: public names load on first use, from the modules that define them."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +26,13 @@ def test_import_lorafit_does_not_import_torch():
     code = "import sys, lorafit; assert 'torch' not in sys.modules; lorafit.LorafitError; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_import_lorafit_prints_nothing_even_when_its_public_names_load():
+    """Neither the import nor the first use of the public names (which imports torch, transformers and the
+    layers) writes to stdout or stderr, with transformers' own logging at its default level."""
+    code = "import lorafit; [getattr(lorafit, n) for n in lorafit.__all__]"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (result.stdout, result.stderr) == ("", "")

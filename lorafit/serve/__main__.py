@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> None:
     sock.bind((args.host, args.port))
     sock.listen(512)  # connections made before uvicorn is up wait in the backlog
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    # Idle keep-alive connections stay open 75 s (nginx's default), longer than clients keep them (httpx and
+    # the OpenAI SDK: 5 s), so a client never sends a request on a connection the server is closing (uvicorn's
+    # own 5 s races them: a ReadError on a busy machine).
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=75))
     print(f"lorafit serve: {name} with {len(adapters)} adapter(s); listening on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])
 

@@ -33,6 +33,7 @@ from lorafit.device import model_device
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.io import read_prompt_format
 from lorafit.prompt import CHAT, PromptFormat, default_format, stop_ids
+from lorafit.sequence_state import keeps_recurrent_state
 from lorafit.serve.adapters import AdapterRegistry
 from lorafit.serve.batch import Batch, kv, left_padded, merge_batches, select_rows
 from lorafit.serve.detok import TextStream
@@ -65,8 +66,8 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
                  max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024,
                  share_prefixes: bool = True) -> None:
-        if getattr(model, "_is_stateful", False):  # transformers' mark of a recurrent state (Mamba, Jamba, ...)
-                raise LorafitError(f"{type(model).__name__}: serving needs attention's key/value cache, and "
+        if keeps_recurrent_state(model.config):  # Mamba, Jamba, linear attention: what the config declares
+            raise LorafitError(f"{type(model).__name__}: serving needs attention's key/value cache, and "
                                f"{model.config.model_type!r} keeps a recurrent state the batching engine cannot "
                                "split by row; serve an attention model (Llama, Qwen, Gemma, ...)")
         self.model = model.eval()
