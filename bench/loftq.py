@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     machine = machine_info()
     print(json.dumps(machine), file=sys.stderr)
+    if args.smoke and args.model is None:
+        args.model = toy_model_folder()
+        print("a toy model (--smoke): the numbers mean nothing", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke and args.model is None:
-            args.model = toy_model_folder()
-            print("a toy model (--smoke): the numbers mean nothing", file=sys.stderr)
         fp, _ = load_model(resolve_model(args.model))
         weights = {f"{n}": m.weight.detach().clone() for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)}
         del fp
