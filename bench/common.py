@@ -1,12 +1,16 @@
-"""Helpers shared by the benchmarks: the reference model shape, memory readings, machine facts."""
+"""Helpers shared by the benchmarks: the reference model shape, its toy twin for `--smoke` runs, memory
+readings, machine facts."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,17 +35,58 @@ SMOLLM2_135M = {
 }
 
 
-def build_smollm2_shaped(seed: int):
-    """A random-weight LlamaForCausalLM with SmolLM2-135M's shape, fp32, SDPA attention, in train mode."""
+# The same family at toy size: what every benchmark's --smoke runs on, so that its whole code path (argument
+# defaults, set-up, one step, the report) is checked in seconds. Numbers from it mean nothing.
+SMOLLM2_TOY = {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+def build_smollm2_shaped(seed: int, shape: dict | None = None):
+    """A random-weight LlamaForCausalLM with SmolLM2-135M's shape (or `shape`), fp32, SDPA attention, in train mode."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SMOLLM2_135M)
+    config = LlamaConfig(**(shape or SMOLLM2_135M))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.config.use_cache = False
     return model
+
+
+def toy_model_folder() -> str:
+    """The model --smoke runs on, made once into `<lorafit cache>/models/smollm2-toy-<key>/` (seed 0, so always
+    the same): the bundled SmolLM2-135M-Instruct's config, tokenizer and chat template with SMOLLM2_TOY's sizes
+    and random weights. Two runs making it at once both succeed; the first one's folder is kept."""
+    from lorafit.paths import cache_dir
+
+    key = hashlib.sha256(json.dumps(SMOLLM2_TOY, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"smollm2-toy-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from lorafit.model import resolve_model
+
+    bundled = resolve_model(None)
+    config = AutoConfig.from_pretrained(bundled)
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim"):
+        setattr(config, name, SMOLLM2_TOY[name])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+    try:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).to(torch.float32).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(bundled).save_pretrained(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a run beside this one that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def rss_mib() -> float:
@@ -75,18 +120,16 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, str | int]:
-    """What the numbers depend on: CPU, cores this process may use, library versions, date."""
-    import peft
-    import torch
-    import transformers
-
+    """What the numbers depend on: CPU, cores this process may use, library versions (read from the installed
+    packages' metadata, without importing them), date."""
+    version = importlib.metadata.version
     return {
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -105,6 +148,17 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def child_flags(flags: dict[str, object]) -> list[str]:
+    """`{"max_steps": 2, "smoke": True, "model": None}` as the command line `--max-steps 2 --smoke`: None is
+    left out (the child keeps its default), True is a bare switch."""
+    argv: list[str] = []
+    for flag, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return argv
+
+
 def run_side_in_child(script: str, side: str, flags: dict[str, object], env: dict[str, str]) -> dict:
     """Run `script --side SIDE --child-out F --flag value ...` in a fresh interpreter (so neither side
     inherits the other's heap) and return the JSON it wrote to F, plus `other_load`: the CPU used
@@ -113,9 +167,7 @@ def run_side_in_child(script: str, side: str, flags: dict[str, object], env: dic
     busy0, child0, wall0 = machine_busy_seconds(), children_cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, os.path.abspath(script), "--side", side, "--child-out", out]
-        for flag, value in flags.items():
-            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+        cmd = [sys.executable, os.path.abspath(script), "--side", side, "--child-out", out, *child_flags(flags)]
         print(f"[{side}] running ...", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, env=env)
         with open(out) as f:

@@ -1,9 +1,10 @@
 """Training on 2 processes vs 1 on the CPU, at the same global batch: tokens/s and memory per process.
 
     HF_HUB_OFFLINE=1 python bench/dist.py [--quant nf4] [--strategies ddp,fsdp] [--max-steps 6] [--json out.json]
+    python bench/dist.py --smoke    # a toy model of the same family, 2 steps of 64 tokens: checks the script
 
 Each run is `lorafit.train.run.run` (what `lorafit train` executes) on the bundled SmolLM2-135M-Instruct
-(its real weights) and the same data, batch_size (the global micro-batch: 2 processes take half each),
+(its real weights; or --model) and the same data, batch_size (the global micro-batch: 2 processes take half each),
 steps, LoRA and seed, in fresh processes:
 
     1 process    `python bench/dist.py --child ...`, torch threads = the cores this benchmark may use
@@ -38,6 +39,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- child: one process of a run --------------------------------------------------------------------
+def run_config_raw(args: argparse.Namespace, data: str, output_dir: str) -> dict:
+    """The mapping a YAML config file for `lorafit train` would hold (no `model:` line: the bundled default)."""
+    return {**({"model": args.model} if args.model else {}), "quantize": None if args.quant == "none" else args.quant,
+            "device": "cpu", "dtype": "float32", "data": {"path": data, "max_seq_length": args.max_seq_length},
+            "lora": {"r": 16, "alpha": 16, "target_modules": "all-linear"}, "output_dir": output_dir,
+            "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": 2e-4, "warmup_ratio": 0.0,
+            "distributed": args.strategy, "seed": 0}
+
+
 def run_child(args: argparse.Namespace) -> None:
     import torch
 
@@ -67,14 +77,10 @@ def run_child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "dates.jsonl")
         write_jsonl(data, make_dataset(512, seed=1))  # the same file in every process (a fixed seed)
-        raw = {"model": "SmolLM2-135M-Instruct", "quantize": None if args.quant == "none" else args.quant,
-               "device": "cpu", "dtype": "float32", "data": {"path": data, "max_seq_length": args.max_seq_length},
-               "lora": {"r": 16, "alpha": 16, "target_modules": "all-linear"}, "output_dir": os.path.join(tmp, "out"),
-               "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": 2e-4,
-               "warmup_ratio": 0.0, "distributed": args.strategy, "seed": 0}
+        config = parse_run_config(run_config_raw(args, data, os.path.join(tmp, "out")), "bench")
         trainer_module.Trainer = TimedTrainer  # run() imports the class from this module when called
         try:
-            history = run(parse_run_config(raw, "bench"))
+            history = run(config)
         finally:
             trainer_module.Trainer = base
     steps, tokens = marks["steps"], marks["tokens"]
@@ -90,7 +96,8 @@ def run_child(args: argparse.Namespace) -> None:
 
 # -- parent ----------------------------------------------------------------------------------------
 def child_command(args: argparse.Namespace, nproc: int, strategy: str, out: str, threads: int) -> list[str]:
-    flags = ["--child", "--child-out", out, "--strategy", strategy, "--quant", args.quant,
+    flags = ["--child", "--child-out", out, *(["--model", args.model] if args.model else []),
+             "--strategy", strategy, "--quant", args.quant,
              "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
              "--max-seq-length", str(args.max_seq_length), "--threads", str(threads)]
     script = os.path.abspath(__file__)
@@ -135,7 +142,8 @@ def report(runs: dict[str, list[dict]], machine: dict, args: argparse.Namespace)
                     f"{r0['tokens_per_s'] / one:.2f} | {per_rank(ranks, 'peak_rss_mib', 0)} | "
                     f"{per_rank(ranks, 'rss_end_mib', 0)} | "
                     f"{per_rank(ranks, 'base_mib', 1)} | {per_rank(ranks, 'adapter_mib', 2)} | {r0['other_load']:.0%} |")
-    settings = (f"bundled SmolLM2-135M-Instruct, quant={args.quant}, fp32 on CPU, LoRA r=16 all-linear, global "
+    model = "a toy model (--smoke: the numbers mean nothing)" if args.smoke else args.model
+    settings = (f"{model or 'bundled SmolLM2-135M-Instruct'}, quant={args.quant}, fp32 on CPU, LoRA r=16 all-linear, global "
                 f"batch {args.batch_size} (each of 2 processes {args.batch_size // 2}), max_seq_length "
                 f"{args.max_seq_length}, {args.max_steps} steps (tokens/s over steps 2..N), demo task data")
     machine_line = (f"{machine['cpu']}, {machine['cores']} cores used of {os.cpu_count()}; python {machine['python']}, "
@@ -143,8 +151,9 @@ def report(runs: dict[str, list[dict]], machine: dict, args: argparse.Namespace)
     return "\n".join([f"machine: {machine_line}", f"settings: {settings}", *rows])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="HF folder or .gguf (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--quant", choices=["none", "nf4"], default="none")
     parser.add_argument("--strategies", default="ddp,fsdp")
     parser.add_argument("--max-steps", type=int, default=6)
@@ -155,17 +164,30 @@ def main() -> None:
                         help="also run 1 process of 1 thread (on a loaded machine a process of several threads "
                              "waits for its slowest one at every op; a process of one thread does not)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script in seconds: a random toy model of SmolLM2's family (unless --model), "
+                             "and unless given, --max-steps 2 --max-seq-length 64; the numbers mean nothing")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:  # toy sizes as defaults: flags given explicitly still win
+        parser.set_defaults(max_steps=2, max_seq_length=64)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.child:
         run_child(args)
         return
     sys.path.insert(0, ROOT)
-    from bench.common import machine_info
+    from bench.common import machine_info, toy_model_folder
 
+    if args.smoke and args.model is None:
+        args.model = toy_model_folder()
     runs = {"1 process": measure(args, 1, "auto")}
     if args.one_thread and args.cores > 1:  # the same work on one core: no thread of its own kept waiting
         runs["1 process, 1 thread"] = measure(args, 1, "auto", threads=1)

@@ -3,7 +3,7 @@
     python bench/gpu_train.py                       # 1B and 8B Llama shapes, seq 2048, batch 4
     python bench/gpu_train.py --shapes 1b --steps 10 --batch 8
     python bench/gpu_train.py --probe               # first find the largest batch each side fits
-    python bench/gpu_train.py --dry-run             # CPU, tiny shape: checks the script end to end
+    python bench/gpu_train.py --dry-run             # CPU, tiny shape: checks the script end to end (or --smoke)
 
 Both sides train the same thing: a Llama-architecture model built from its config (random weights,
 bf16), every linear layer except the head frozen in 4-bit NF4 with double-quantized statistics
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", help="also write every number to this file")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, 1 step: checks the script")
+    parser.add_argument("--dry-run", "--smoke", action="store_true", help="CPU, tiny shape, 1 step: checks the script")
     parser.add_argument("--side", choices=["lorafit", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         args.shapes, args.seq, args.steps, args.device, args.max_batch, args.batch = "tiny", 32, 1, "cpu", 2, 1
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, f"bench/gpu_train.py: --device {args.device}, but torch {torch.__version__} sees no CUDA GPU "
+                       "here; run it on a GPU machine, or with --dry-run to check the script on the CPU\n")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     print(f"device: {name}   date: {datetime.datetime.now().isoformat(timespec='seconds')}   "
           f"torch {torch.__version__}", flush=True)

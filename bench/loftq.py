@@ -13,7 +13,8 @@ the validation loss before training, the loss of each training step, and the mea
 last five steps.
 
     HF_HUB_OFFLINE=1 python bench/loftq.py [--steps 40 --rank 16 --loftq-iter 1 --batch-size 8 --out DIR
-                                            --sides plain,loftq]
+                                            --sides plain,loftq --model M --json out.json]
+    python bench/loftq.py --smoke    # a toy model of the same family, 2 steps: checks the script in seconds
 """
 
 from __future__ import annotations
@@ -27,23 +28,30 @@ from pathlib import Path
 
 import torch
 
-import lorafit as lf
-from bench.common import machine_info
-from lorafit.lora.inject import lora_layers
-from lorafit.model import load_model, resolve_model
-from lorafit.train.data import DataConfig, load_data
-from lorafit.train.demo_task import make_splits, write_jsonl
-from lorafit.train.trainer import TrainConfig, Trainer, evaluate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `bench.common` importable
 
+import lorafit as lf  # noqa: E402
+from bench.common import machine_info, toy_model_folder, write_json  # noqa: E402
+from lorafit.lora.inject import lora_layers  # noqa: E402
+from lorafit.model import load_model, resolve_model  # noqa: E402
+from lorafit.train.data import DataConfig, load_data  # noqa: E402
+from lorafit.train.demo_task import make_splits, write_jsonl  # noqa: E402
+from lorafit.train.trainer import TrainConfig, Trainer, evaluate  # noqa: E402
+
+SIDES = ("plain", "loftq")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config(side: str, args) -> lf.LoraConfig:
+    return lf.LoraConfig(r=args.rank, alpha=args.rank, target_modules=TARGETS,
+                         **({"init": "loftq", "loftq_iter": args.loftq_iter} if side == "loftq" else {}))
 
 
 def run(side: str, args, data_dir: Path, weights: dict[str, torch.Tensor]) -> dict:
     t0 = time.perf_counter()
-    lora = lf.LoraConfig(r=args.rank, alpha=args.rank, target_modules=TARGETS,
-                         **({"init": "loftq", "loftq_iter": args.loftq_iter} if side == "loftq" else {}))
+    lora = lora_config(side, args)
     torch.manual_seed(0)
-    model, tokenizer = load_model(resolve_model(None), quantize=None if side == "loftq" else "nf4")
+    model, tokenizer = load_model(resolve_model(args.model), quantize=None if side == "loftq" else "nf4")
     lf.apply_lora(model, lora)
     init_s = time.perf_counter() - t0
     errors = []
@@ -60,14 +68,19 @@ def run(side: str, args, data_dir: Path, weights: dict[str, torch.Tensor]) -> di
     losses = [h["loss"] for h in history if "loss" in h]
     out = {"side": side, "layers": len(errors), "weight_error_mean": sum(errors) / len(errors),
            "weight_error_min": min(errors), "weight_error_max": max(errors), "val_loss_before": val_before,
-           "losses": losses, "first5": sum(losses[:5]) / 5, "last5": sum(losses[-5:]) / 5, "init_s": init_s,
+           "losses": losses, "first5": mean(losses[:5]), "last5": mean(losses[-5:]), "init_s": init_s,
            "total_s": time.perf_counter() - t0}
     print(json.dumps({k: v for k, v in out.items() if k != "losses"}), file=sys.stderr, flush=True)
     return out
 
 
-def main() -> None:
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF folder or .gguf (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--loftq-iter", type=int, default=1)
@@ -75,18 +88,38 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sides", default="plain,loftq", help="which runs, in order (one per process is fine)")
     parser.add_argument("--out", default=None, help="keep data and each side's metrics.jsonl here (default: a temp dir)")
-    args = parser.parse_args()
-    print(json.dumps(machine_info()), file=sys.stderr)
-    fp, _ = load_model(resolve_model(None))
-    weights = {f"{n}": m.weight.detach().clone() for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)}
-    del fp
+    parser.add_argument("--json", help="also write every side's numbers (losses included) and the machine here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script in seconds: a random toy model of SmolLM2's family unless --model is "
+                             "given, and unless given, --steps 2; the numbers mean nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:  # toy sizes as defaults: flags given explicitly still win
+        parser.set_defaults(steps=2)
+        args = parser.parse_args(argv)
+    if unknown := [side for side in args.sides.split(",") if side not in SIDES]:
+        parser.error(f"--sides: unknown {', '.join(unknown)}; use {' and/or '.join(SIDES)}, comma-separated")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    machine = machine_info()
+    print(json.dumps(machine), file=sys.stderr)
+    if args.smoke and args.model is None:
+        args.model = toy_model_folder()
+        print("a toy model (--smoke): the numbers mean nothing", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
+        fp, _ = load_model(resolve_model(args.model))
+        weights = {f"{n}": m.weight.detach().clone() for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)}
+        del fp
         data_dir = Path(args.out or tmp)
         data_dir.mkdir(parents=True, exist_ok=True)
         train, val = make_splits(600, 40, seed=0)
         write_jsonl(data_dir / "train.jsonl", train)
         write_jsonl(data_dir / "val.jsonl", val)
         results = [run(side, args, data_dir, weights) for side in args.sides.split(",")]
+    if args.json:
+        write_json(args.json, {"machine": machine, "args": vars(args), "results": results}, indent=2)
     if len(results) != 2:
         print(json.dumps(results[0]))
         return

@@ -24,6 +24,7 @@ The per-side model is made in two steps, `build_base` then `add_lora`, so that a
 branch in `build_base`; injection, timing and reporting stay as they are.
 
     HF_HUB_OFFLINE=1 python bench/lora_step.py [--steps 5 --warmup 2 --json out.json]
+    python bench/lora_step.py --smoke    # the same family at toy size, 1 + 1 steps of 32 tokens: checks the script
 """
 
 from __future__ import annotations
@@ -37,19 +38,21 @@ import time
 
 SIDES = ("lorafit", "peft")
 QUANT_MODES = ("none", "nf4")
+CHILD_FLAGS = ("steps", "warmup", "batch", "seq", "rank", "threads", "seed", "lr", "quant", "smoke")  # passed on to each side
 
 
 # -- child: build one side's model ----------------------------------------------------------------
-def build_base(side: str, quant: str, seed: int):
+def build_base(side: str, quant: str, seed: int, smoke: bool = False):
     """The frozen base model for one side. Both sides get the same fp32 weights from the same seed.
+    SmolLM2-135M's shape, or with `smoke` its toy twin (bench.common.SMOLLM2_TOY).
 
     "nf4": lorafit swaps its linears for its own NF4 layers (lorafit.quant.quantize_model); PEFT's
     side gets bitsandbytes Linear4bit layers (nf4, double quant, fp32 compute), which is what
     BitsAndBytesConfig(load_in_4bit=True) builds. Both quantize the same fp32 weights to the same bytes.
     """
-    from bench.common import build_smollm2_shaped
+    from bench.common import SMOLLM2_TOY, build_smollm2_shaped
 
-    model = build_smollm2_shaped(seed)
+    model = build_smollm2_shaped(seed, SMOLLM2_TOY if smoke else None)
     if quant == "none":
         return model
     if side == "lorafit":
@@ -133,7 +136,7 @@ def run_side(args: argparse.Namespace) -> dict:
     from bench.common import median, peak_rss_mib, rss_mib
 
     torch.set_num_threads(args.threads)
-    model = build_base(args.side, args.quant, args.seed)
+    model = build_base(args.side, args.quant, args.seed, args.smoke)
     model.train()
     rss_model = rss_mib()
     model, params, lora_A = add_lora(args.side, model, args.rank)
@@ -186,9 +189,7 @@ def launch(side: str, args: argparse.Namespace) -> dict:
     child, as a share of all cores): a neighbour's load slows one side and not the other."""
     from bench.common import run_side_in_child
 
-    flags = {flag: getattr(args, flag) for flag in ("steps", "warmup", "batch", "seq", "rank", "threads", "seed",
-                                                     "lr", "quant")}
-    return run_side_in_child(__file__, side, flags, child_env(args))
+    return run_side_in_child(__file__, side, {flag: getattr(args, flag) for flag in CHILD_FLAGS}, child_env(args))
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
@@ -225,7 +226,8 @@ def report(results: dict[str, dict], machine: dict, args: argparse.Namespace) ->
     rows.append(f"| lorafit / PEFT | {lf['tokens_per_s'] / pf['tokens_per_s']:.3f} | "
                 f"{lf['step_s'] / pf['step_s']:.3f} | {lf['peak_rss_mib'] / pf['peak_rss_mib']:.3f} | "
                 f"{lf['step_overhead_mib'] / pf['step_overhead_mib']:.3f} |")
-    settings = (f"batch {args.batch} x {args.seq} tokens, r={args.rank}, alpha={args.rank}, dropout 0, "
+    model = "a toy model (--smoke: the numbers mean nothing)" if args.smoke else "SmolLM2-135M's shape"
+    settings = (f"{model}, batch {args.batch} x {args.seq} tokens, r={args.rank}, alpha={args.rank}, dropout 0, "
                 f"all-linear ({lf['adapted_modules']} modules, {lf['trainable_params']:,} trainable params; "
                 f"PEFT {pf['adapted_modules']} / {pf['trainable_params']:,}), fp32, quant={args.quant}, "
                 f"AdamW lr={args.lr}, {args.threads} threads, median of {args.steps} steps after "
@@ -260,9 +262,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="glibc MALLOC_MMAP_THRESHOLD_ for both children (e.g. 65536): peak RSS then tracks "
                         "live tensors rather than heap the allocator kept")
     p.add_argument("--json", metavar="PATH", help="also write all results (both sides, machine) here")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script in seconds: SmolLM2's family at toy size, and unless given, --steps 1 "
+                        "--warmup 1 --seq 32; the numbers mean nothing")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--child-out", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:  # toy sizes as defaults: flags given explicitly still win
+        p.set_defaults(steps=1, warmup=1, seq=32)
+        args = p.parse_args(argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
     python bench/serve.py [--model M] [--adapters 8] [--per-adapter 4] [--max-tokens 32] [--rounds 3]
                           [--threads N] [--no-share-prefixes] [--skip-peft] [--json out.json]
+    python bench/serve.py --smoke    # a toy model of the same family, 2 x 2 requests of 4 tokens: checks the script
 
 Every request arrives at t=0, spread evenly over N adapters. Three ways to serve the same requests:
 
@@ -37,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lorafit as lf  # noqa: E402
-from bench.common import machine_busy_seconds, machine_info, write_json  # noqa: E402
+from bench.common import machine_busy_seconds, machine_info, toy_model_folder, write_json  # noqa: E402
 from lorafit.lora.inject import lora_layers  # noqa: E402
 from lorafit.model import load_model  # noqa: E402
 from lorafit.serve import Engine, SamplingParams  # noqa: E402
@@ -208,7 +209,7 @@ def report(sides: list[Side], tokens: int) -> dict:
                       for s in sides}}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--adapters", type=int, default=8)
@@ -220,12 +221,27 @@ def main() -> None:
     parser.add_argument("--no-share-prefixes", action="store_true", help="lorafit prefills every prompt in full")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--json", default=None, help="also write the numbers here")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script in seconds: a random toy model of SmolLM2's family (unless --model), "
+                             "and unless given, --adapters 2 --per-adapter 2 --max-tokens 4 --rounds 1; "
+                             "the numbers mean nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:  # toy sizes as defaults: flags given explicitly still win
+        parser.set_defaults(adapters=2, per_adapter=2, max_tokens=4, rounds=1)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = {**machine_info(), "torch_threads": torch.get_num_threads()}
     print("machine:", "; ".join(f"{k} {v}" for k, v in info.items()))
+    if args.smoke and args.model is None:
+        args.model = toy_model_folder()
+        print("a toy model (--smoke): the numbers mean nothing")
     _, tokenizer = load_model(args.model)
     share = not args.no_share_prefixes
     with tempfile.TemporaryDirectory() as tmp:

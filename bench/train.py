@@ -29,6 +29,7 @@ Why it is fair:
   same number as warmup_steps (with the default 10 steps that is 0 on both sides).
 
     HF_HUB_OFFLINE=1 python bench/train.py [--max-steps 10 --quant nf4 --json out.json]
+    python bench/train.py --smoke      # a toy model of the same family, 2 steps of 64 tokens: checks the script
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import tempfile
 import time
 
 SIDES = ("lorafit", "hf")
+CHILD_FLAGS = ("model", "data", "quant", "max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "rank",
+               "max_seq_length", "threads", "seed")  # what the parent passes on to each side
 DEFAULT_DATA = "../shared/data/alpaca_seed_tasks.alpaca.jsonl"  # relative to the repository root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +55,9 @@ def data_config(args: argparse.Namespace):
 
 
 def train_config_raw(args: argparse.Namespace, output_dir: str) -> dict:
-    """The mapping a YAML config file for `lorafit train` would hold."""
+    """The mapping a YAML config file for `lorafit train` would hold (no `model:` line: the bundled default)."""
     return {
-        "model": args.model, "quantize": None if args.quant == "none" else args.quant, "dtype": "float32",
+        **({"model": args.model} if args.model else {}), "quantize": None if args.quant == "none" else args.quant, "dtype": "float32",
         "device": "cpu",  # a CPU benchmark: the HF side runs on the CPU too
         "data": {"path": args.data, "max_seq_length": args.max_seq_length, "seed": args.seed},
         "lora": {"r": args.rank, "alpha": args.rank, "dropout": 0.0, "target_modules": "all-linear"},
@@ -221,10 +224,7 @@ def child_env() -> dict[str, str]:
 def launch(side: str, args: argparse.Namespace) -> dict:
     from bench.common import run_side_in_child
 
-    flags = {flag: getattr(args, flag) for flag in ("model", "data", "quant", "max_steps", "batch_size", "grad_accum",
-                                                     "lr", "warmup_ratio", "rank", "max_seq_length", "threads",
-                                                     "seed")}
-    return run_side_in_child(__file__, side, flags, child_env())
+    return run_side_in_child(__file__, side, {flag: getattr(args, flag) for flag in CHILD_FLAGS}, child_env())
 
 
 def checks(results: dict[str, dict]) -> list[str]:
@@ -250,7 +250,8 @@ def report(results: dict[str, dict], machine: dict, args: argparse.Namespace) ->
     rows.append(f"| lorafit / HF | {lf['tokens_per_s'] / hf['tokens_per_s']:.3f} | "
                 f"{lf['loop_s'] / hf['loop_s']:.3f} | {lf['peak_rss_mib'] / hf['peak_rss_mib']:.3f} |")
     hf_stack = "Trainer + PEFT" + (" + bitsandbytes" if args.quant == "nf4" else "")
-    settings = (f"model {args.model or 'bundled SmolLM2-135M-Instruct'}, data {args.data}, quant={args.quant} "
+    model = "a toy model (--smoke: the numbers mean nothing)" if args.smoke else args.model
+    settings = (f"model {model or 'bundled SmolLM2-135M-Instruct'}, data {args.data}, quant={args.quant} "
                 f"(HF side: transformers {hf_stack}), fp32 on CPU, LoRA r={args.rank} alpha={args.rank} "
                 f"dropout 0 all-linear, batch {args.batch_size} x grad_accum {args.grad_accum}, "
                 f"max_seq_length {args.max_seq_length}, {args.max_steps} steps (tokens/s over steps 2..N), "
@@ -288,11 +289,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write all results (both sides, machine) here")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script in seconds: a random toy model of SmolLM2's family (unless --model), "
+                        "and unless given, --max-steps 2 --max-seq-length 64; the numbers mean nothing")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.model == "None":
-        args.model = None
+    if args.smoke:  # toy sizes as defaults: flags given explicitly still win
+        p.set_defaults(max_steps=2, max_seq_length=64)
+        args = p.parse_args(argv)
     return args
 
 
@@ -305,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke and args.model is None:
+            from bench.common import toy_model_folder
+
+            args.model = toy_model_folder()
         if not os.path.isfile(args.data):  # no shared data here: the demo task, generated
             from lorafit.train.demo_task import make_dataset, write_jsonl
 
