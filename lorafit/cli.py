@@ -92,6 +92,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     from lorafit.train.estimate import MARKS, TrainSetup, estimate, format_grid
+    from lorafit.train.estimate.shapes import model_shape
 
     if not args.gpu_memory > 0:
         raise LorafitError(f"--gpu-memory {args.gpu_memory:g} must be a positive size in GB")
@@ -105,6 +106,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         print(format_per_device(TrainSetup(model=args.model, rank=args.rank, **setup), args.nproc,
                                 args.gpu_memory if args.device == "cuda" else None))
     elif args.model:
+        if args.sizes:
+            raise LorafitError("--sizes is for the table of sizes; drop it, or --model")
         result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
         print(result.setup.shape.describe())  # the shape read from the folder or .gguf (or the size's)
         print(result.breakdown())
@@ -119,7 +122,10 @@ def cmd_estimate(args: argparse.Namespace) -> None:
             marks = MARKS
         except (UnicodeEncodeError, LookupError):
             marks = ("yes", "no")
-        print(format_grid(rank=args.rank, gpu_gb=args.gpu_memory, marks=marks, **setup))
+        sizes = {"sizes": tuple(s.strip() for s in args.sizes.split(",") if s.strip())} if args.sizes else {}
+        for size in sizes.get("sizes", ()):
+            model_shape(size)  # each size checked before any row is printed
+        print(format_grid(rank=args.rank, gpu_gb=args.gpu_memory, marks=marks, **setup, **sizes))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -244,8 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.train.estimate import DEVICES, METHODS
 
     p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base")
-    p.add_argument("--model", help="a size (1B, 7B, 70B, ...), a model folder or a .gguf (its real shape is read); "
+    p.add_argument("--model", help="a size (1B, 7B, 40B, 350M, ...: a size that is no known model's gets a Llama "
+                   "shape interpolated from the known ones), a model folder or a .gguf (its real shape is read); "
                    "omit for the table of sizes")
+    p.add_argument("--sizes", metavar="S1,S2,...", help="the table's sizes, comma-separated (any number with M or B; "
+                   "default 1B,3B,7B,8B,13B,34B,65B,70B)")
     p.add_argument("--method", choices=METHODS, default="qlora",
                    help="full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (the table's total column)")
