@@ -144,6 +144,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
                    command="lorafit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lorafit.evaluation.run import eval_command
+
+    eval_command(args.data, args.adapter, model=args.model, quantize=args.quantize, device=args.device,
+                 dtype=args.dtype, out=args.out, metrics=args.metric, max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size, max_examples=args.max_examples, base=not args.no_base,
+                 generate=not args.no_generate, lm_eval=args.lm_eval, include_path=args.include_path,
+                 limit=args.limit)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from lorafit.serve.__main__ import run
 
@@ -293,6 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval", type=int, help="evaluate on at most this many held-out samples")
     p.add_argument("--tag", help="prefix of the result files, so several ablations can share --out and its points")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("eval", help="score the base and adapters side by side on held-out data (loss, perplexity, "
+                       "answers); lm-evaluation-harness tasks")
+    p.add_argument("--data", required=True, help="held-out JSONL in a training format (alpaca, chat or text records)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="an adapter to score; repeat for more (all share the loaded base and every batch)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base: HF folder (a merged one too), .gguf or the default")
+    p.add_argument("--quantize", help="nf4 or ternary: the base as QLoRA / ternary training saw it")
+    p.add_argument("--out", default="runs/eval", help="folder for results.md, results.json and wrong/<model>.jsonl")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="exact (default), contains, regex (the reference is a pattern), or a Python scorer "
+                        "module:function (prediction, reference, record) -> bool or [0, 1]; repeat for several")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward, over all models")
+    p.add_argument("--max-examples", type=int, help="score the first N records only")
+    p.add_argument("--no-base", action="store_true", help="score the adapters only")
+    p.add_argument("--no-generate", action="store_true", help="loss and perplexity only (no answers)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (the shipped "
+                   "lorafit_dates, lorafit_dates_mc, lorafit_text; or your own with --include-path)")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, help="lm-eval: at most N documents per task")
+    add_placement(p)
+    p.set_defaults(func=cmd_eval)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments
 
