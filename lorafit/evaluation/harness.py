@@ -37,13 +37,22 @@ from lorafit.generate import generate_ids
 TASKS_DIR = Path(__file__).parent / "tasks"
 
 
-def check_lm_eval(include_path: list[str] | None = None) -> None:
-    """lm-eval is installed and every --include-path is a folder; else one line saying what to do."""
+def check_lm_eval(tasks: list[str], include_path: list[str] | None = None):
+    """lm-eval is installed, every --include-path is a folder and every task is known; else one line
+    saying what to do. Returns the TaskManager that knows them."""
     if importlib.util.find_spec("lm_eval") is None:
         raise LorafitError("--lm-eval needs lm-evaluation-harness: pip install 'lorafit[lm-eval]'")
     for path in include_path or []:
         if not Path(path).is_dir():
             raise LorafitError(f"--include-path {path}: not a folder of lm-eval task YAMLs")
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=[str(TASKS_DIR), *(include_path or [])])
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise LorafitError(f"--lm-eval: unknown task(s) {', '.join(unknown)}; the shipped ones are lorafit_dates, "
+                           "lorafit_dates_mc and lorafit_text (add your own folder with --include-path)")
+    return manager
 
 
 class Scorer:
@@ -134,7 +143,9 @@ def _lm_class():
                 from lorafit.device import resolve_device, resolve_dtype
                 from lorafit.model import load_model
 
-                place = resolve_device(device if device not in (None, "") else "auto")
+                if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+                    device = "auto"  # lm-eval's command line passes cuda:0 by default; its HF model falls back too
+                place = resolve_device(device or "auto")
                 loaded, tokenizer = load_model(model, quantize=quantize or None, dtype=resolve_dtype(dtype, place),
                                                device=place)
                 if adapter:
@@ -206,18 +217,13 @@ def register() -> type:
 
 def run_tasks(model: nn.Module, tokenizer, views: list[str | None], tasks: list[str],
               include_path: list[str] | None, limit: int | None, batch_size: int,
-              names: dict[str | None, str]) -> dict[str, dict[str, dict[str, float]]]:
+              names: dict[str | None, str], manager=None) -> dict[str, dict[str, dict[str, float]]]:
     """lm-eval's `tasks` on each view of one loaded model: {model name: {task: {metric: value}}}."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     lm_class = register()
     scorer = Scorer(model, tokenizer, views, batch_size)
-    manager = TaskManager(include_path=[str(TASKS_DIR), *(include_path or [])])
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise LorafitError(f"--lm-eval: unknown task(s) {', '.join(unknown)}; the shipped ones are lorafit_dates, "
-                           "lorafit_dates_mc and lorafit_text (add your own folder with --include-path)")
+    manager = manager or check_lm_eval(tasks, include_path)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for view in views:
         result = lm_eval.simple_evaluate(model=lm_class(scorer=scorer, view=view), tasks=tasks, task_manager=manager,

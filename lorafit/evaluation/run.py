@@ -77,10 +77,11 @@ def eval_command(data: str, adapters: list[str], model: str | None = None, quant
     if not base and not folders:
         raise LorafitError("--no-base needs at least one --adapter: there is nothing else to score")
     tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
+    manager = None
     if tasks:
         from lorafit.evaluation.harness import check_lm_eval
 
-        check_lm_eval(include_path)
+        manager = check_lm_eval(tasks, include_path)
     device_ = resolve_device(device)
     loaded, tokenizer = load_model(model, quantize=quantize, dtype=resolve_dtype(dtype, device_), device=device_)
     for name, folder in folders.items():
@@ -121,7 +122,7 @@ def eval_command(data: str, adapters: list[str], model: str | None = None, quant
         from lorafit.evaluation.harness import run_tasks
 
         results["lm_eval"] = run_tasks(loaded, tokenizer, list(formats), tasks, include_path, limit, batch_size,
-                                       names=label)
+                                       names=label, manager=manager)
     table = format_table(results)
     _write(Path(out), results, table, wrong)
     print(table)
