@@ -53,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=40)
     ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of both sides, the order alternating")
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     root = Path(tempfile.mkdtemp(prefix="lorafit-eval-bench-"))
@@ -72,7 +73,7 @@ def main() -> None:
             apart.results |= eval_command(data, [spec], out=str(root / f"apart{i}"), **common)["models"]
 
     times = {"one run, 4 adapters": [], "4 runs, 1 adapter each": []}
-    for order in ((together, apart), (apart, together)):
+    for order in ([(together, apart), (apart, together)] * args.rounds)[:args.rounds]:
         for fn in order:
             key = "one run, 4 adapters" if fn is together else "4 runs, 1 adapter each"
             times[key].append(timed(fn))

@@ -108,10 +108,10 @@ def mixed_losses(model: nn.Module, rows: list[tuple[str | None, Sample]], pad_id
             with row_routing(model, [rows[i][0] for i in batch_rows]):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"]).logits[:, :-1]  # (B, T-1, V)
-            losses = F.cross_entropy(logits.float().transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
-                                     reduction="none").sum(-1)  # (B,)
-            for i, loss, n in zip(batch_rows, losses.tolist(), counts):
-                out[i] = (loss, n)
+            labels = batch["labels"][:, 1:]
+            for b, (i, n) in enumerate(zip(batch_rows, counts)):  # row by row: no (B, V, T) copy of the logits
+                loss = F.cross_entropy(logits[b].float(), labels[b], ignore_index=IGNORE, reduction="sum")
+                out[i] = (float(loss), n)
     finally:
         model.train(was_training)
     return out

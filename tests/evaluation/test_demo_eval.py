@@ -20,7 +20,7 @@ from lorafit.evaluation.run import eval_command
 def test_eval_reproduces_the_demos_figures(tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "demo"
-    demo = run_demo(DemoConfig(output_dir=str(out), n_train=96, n_eval=40, steps=12, device="cpu"))
+    demo = run_demo(DemoConfig(output_dir=str(out), n_train=64, n_eval=20, steps=10, device="cpu"))
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["val_loss"] == demo["val_after"]
 
@@ -32,4 +32,4 @@ def test_eval_reproduces_the_demos_figures(tmp_path):
     assert adapter["perplexity"] == pytest.approx(math.exp(logged[-1]["val_loss"]), rel=1e-4)
     assert adapter["perplexity"] == pytest.approx(logged[-1]["val_ppl"], rel=1e-4)
     assert base["perplexity"] == pytest.approx(math.exp(demo["val_before"]), rel=1e-4)
-    assert adapter["loss"] < base["loss"]  # the fine-tune learned the task
+    assert adapter["loss"] < base["loss"] and adapter["exact"] > 0  # the fine-tune learned something to compare
