@@ -92,6 +92,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     from lorafit.train.estimate import MARKS, TrainSetup, estimate, format_grid
+    from lorafit.train.estimate.shapes import model_shape
 
     if not args.gpu_memory > 0:
         raise LorafitError(f"--gpu-memory {args.gpu_memory:g} must be a positive size in GB")
@@ -105,6 +106,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         print(format_per_device(TrainSetup(model=args.model, rank=args.rank, **setup), args.nproc,
                                 args.gpu_memory if args.device == "cuda" else None))
     elif args.model:
+        if args.sizes:
+            raise LorafitError("--sizes is for the table of sizes; drop it, or --model")
         result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
         print(result.setup.shape.describe())  # the shape read from the folder or .gguf (or the size's)
         print(result.breakdown())
@@ -119,7 +122,10 @@ def cmd_estimate(args: argparse.Namespace) -> None:
             marks = MARKS
         except (UnicodeEncodeError, LookupError):
             marks = ("yes", "no")
-        print(format_grid(rank=args.rank, gpu_gb=args.gpu_memory, marks=marks, **setup))
+        sizes = {"sizes": tuple(s.strip() for s in args.sizes.split(",") if s.strip())} if args.sizes else {}
+        for size in sizes.get("sizes", ()):
+            model_shape(size)  # each size checked before any row is printed
+        print(format_grid(rank=args.rank, gpu_gb=args.gpu_memory, marks=marks, **setup, **sizes))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -136,6 +142,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
     ablate_command(args.config, args.grid, args.methods, args.out, sets=args.set, max_eval=args.max_eval, tag=args.tag,
                    command="lorafit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lorafit.evaluation.run import eval_command
+
+    eval_command(args.data, args.adapter, model=args.model, quantize=args.quantize, device=args.device,
+                 dtype=args.dtype, out=args.out, metrics=args.metric, max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size, max_examples=args.max_examples, base=not args.no_base,
+                 generate=not args.no_generate, lm_eval=args.lm_eval, include_path=args.include_path,
+                 limit=args.limit)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -244,8 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.train.estimate import DEVICES, METHODS
 
     p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base")
-    p.add_argument("--model", help="a size (1B, 7B, 70B, ...), a model folder or a .gguf (its real shape is read); "
+    p.add_argument("--model", help="a size (1B, 7B, 40B, 350M, ...: a size that is no known model's gets a Llama "
+                   "shape interpolated from the known ones), a model folder or a .gguf (its real shape is read); "
                    "omit for the table of sizes")
+    p.add_argument("--sizes", metavar="S1,S2,...", help="the table's sizes, comma-separated (any number with M or B; "
+                   "default 1B,3B,7B,8B,13B,34B,65B,70B)")
     p.add_argument("--method", choices=METHODS, default="qlora",
                    help="full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (the table's total column)")
@@ -284,6 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval", type=int, help="evaluate on at most this many held-out samples")
     p.add_argument("--tag", help="prefix of the result files, so several ablations can share --out and its points")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("eval", help="score the base and adapters side by side on held-out data (loss, perplexity, "
+                       "answers); lm-evaluation-harness tasks")
+    p.add_argument("--data", required=True, help="held-out JSONL in a training format (alpaca, chat or text records)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="an adapter to score; repeat for more (all share the loaded base and every batch)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base: HF folder (a merged one too), .gguf or the default")
+    p.add_argument("--quantize", help="nf4 or ternary: the base as QLoRA / ternary training saw it")
+    p.add_argument("--out", default="runs/eval", help="folder for results.md, results.json and wrong/<model>.jsonl")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="exact (default), contains, regex (the reference is a pattern), or a Python scorer "
+                        "module:function (prediction, reference, record) -> bool or [0, 1]; repeat for several")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward, over all models")
+    p.add_argument("--max-examples", type=int, help="score the first N records only")
+    p.add_argument("--no-base", action="store_true", help="score the adapters only")
+    p.add_argument("--no-generate", action="store_true", help="loss and perplexity only (no answers)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (the shipped "
+                   "lorafit_dates, lorafit_dates_mc, lorafit_text; or your own with --include-path)")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, help="lm-eval: at most N documents per task")
+    add_placement(p)
+    p.set_defaults(func=cmd_eval)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments
 

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorafit.card import adapter_card, write_card
 from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig, IA3Config, LoraConfig
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.lora.base import kind_of
@@ -288,11 +289,13 @@ def _saved_owner(name: str, saved: list[str]) -> str | None:
 
 # -- public API -------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = DEFAULT_ADAPTER,
-                 prompt_format: PromptFormat | None = None) -> Path:
-    """Write one adapter (a few MB) in PEFT's format; the base model is not saved.
+                 prompt_format: PromptFormat | None = None, training: dict[str, Any] | None = None) -> Path:
+    """Write one adapter (a few MB) in PEFT's format, with its model card (README.md, lorafit.card);
+    the base model is not saved.
 
     `prompt_format`: how its training data was rendered, written to `lorafit_prompt.json` (the Trainer
-    passes it); None writes none and removes an older one, so the folder describes this save only."""
+    passes it); None writes none and removes an older one, so the folder describes this save only.
+    `training`: the run that trained it (the Trainer's `run_info` and history), for the card."""
     configs = adapter_configs(model)
     if adapter not in configs:
         raise LorafitError(f"no adapter named {adapter!r} to save; loaded adapters: {sorted(configs) or 'none'}")
@@ -316,6 +319,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
         (directory / PROMPT_NAME).unlink(missing_ok=True)
     else:
         atomic_write_bytes(directory / PROMPT_NAME, (json.dumps(prompt_format.to_dict(), indent=2) + "\n").encode())
+    write_card(directory, *adapter_card(peft_config, training), title=directory.name)
     return directory
 
 

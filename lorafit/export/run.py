@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lorafit.card import gguf_card, is_card, write_card
 from lorafit.errors import LorafitError
 from lorafit.export.arch import family_for
 from lorafit.export.lora_gguf import LORA_OUTTYPES, export_gguf_lora
@@ -75,6 +76,7 @@ def export_command(model: str, adapter: str | None, fmt: str, outtype: str | Non
                                 name=Path(adapter).resolve().name)
         print(f"wrote {done.path}: GGUF LoRA ({done.n_tensors // 2} adapted matrices, {outtype}, arch {done.arch}); "
               f"llama.cpp applies it on a GGUF of {model} (--lora)")
+        write_gguf_card(done.path, model, "LoRA adapter", outtype)
         return done.path
 
     base, tokenizer = load_model(folder)
@@ -89,7 +91,18 @@ def export_command(model: str, adapter: str | None, fmt: str, outtype: str | Non
     what = f"{model} + adapter {adapter}" if adapter else str(model)
     print(f"wrote {done.path}: {what} as GGUF ({outtype}, arch {done.arch}, {done.n_tensors} tensors, "
           f"{done.n_bytes / 2**20:.0f} MiB of weights, tokenizer and chat template included)")
+    write_gguf_card(done.path, model, "merged model" if adapter else "model", outtype)
     return done.path
+
+
+def write_gguf_card(path: Path, base: str, what: str, outtype: str) -> None:
+    """The model card (README.md, library_name: gguf) beside a .gguf, unless that folder's README is
+    not a model card (a project's own README is never rewritten)."""
+    readme = path.parent / "README.md"
+    if not is_card(readme):
+        print(f"lorafit export: {readme} exists and is not a model card; left as it is (no card written)")
+        return
+    write_card(path.parent, *gguf_card(path, base, what, outtype), title=path.stem)
 
 
 def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, dense: bool = False,

@@ -23,6 +23,7 @@ from lorafit.serve.requests import Event, PromptTooLong, SamplingParams, ServerB
 
 POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 class ApiError(Exception):
@@ -62,17 +63,23 @@ class SamplingBody(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
-    def params(self, max_tokens: int | None, default_max: int) -> SamplingParams:
+    def params(self, max_tokens: int | None, default_max: int, logprobs: int | None = None,
+               prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP:
             raise ApiError(400, f"at most {MAX_STOP} stop sequences", param="stop")
         return SamplingParams(max_tokens=max_tokens or default_max, temperature=self.temperature or 0.0,
                               top_p=self.top_p if self.top_p is not None else 1.0, stop=tuple(s for s in stop if s),
-                              seed=self.seed, ignore_eos=self.ignore_eos)
+                              seed=self.seed, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
 
 
 class CompletionBody(SamplingBody):
-    prompt: str | list[str] | list[int] = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """OpenAI's legacy field: the log-prob of each token and of the `logprobs` likeliest alternatives."""
+    echo: bool = False
+    """The prompt comes back before the completion (with `logprobs`: its tokens' log-probs too)."""
 
 
 class TextPart(BaseModel):
@@ -92,6 +99,26 @@ class ChatMessage(BaseModel):
 class ChatBody(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
 
 
 class AdapterBody(BaseModel):
@@ -108,6 +135,9 @@ class Job:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.requests = []
+        self.tokenizer = engine.tokenizer
+        self.prompt_texts: list[str] | None = None  # completions: the prompts as text (log-probs' text_offset)
+        self.echo = False  # the answers start with the prompts' texts
         try:
             for i, ids in enumerate(prompts):
                 self.requests.append(engine.submit(ids, adapter, params, self._sink(i)))

@@ -7,6 +7,13 @@
     POST   /v1/adapters           {"name", "path"}: load a folder under --adapter-root (a loaded name: hot-swap)
     DELETE /v1/adapters/{name}    unload (requests already running finish on it first)
     GET    /health                liveness, queue depth and resident memory
+    POST   /tokenize, /detokenize   vLLM's shapes: text <-> token ids (lm-eval's tokenizer_backend=remote)
+    GET    /tokenizer_info        vLLM's shape: special tokens, chat template, context length
+
+`/v1/completions` honours `logprobs` (top-k) and `echo` as OpenAI's legacy API has them (tokens,
+token_logprobs, top_logprobs, text_offset; with echo the prompt's tokens too, the first null), and
+`/v1/chat/completions` honours `logprobs` / `top_logprobs`: the raw model's log-probs, from the same
+batched forward that generates (lorafit.serve.engine).
 
 Every error is OpenAI's shape (api.py), so clients show the message; nothing a client sends can
 take the server down. `stream: true` answers with server-sent events (responses.py). The routes
@@ -31,7 +38,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafit.errors import LorafitError
 from lorafit.prompt import conversation_ids, text_ids
-from lorafit.serve.api import AdapterBody, ApiError, ChatBody, CompletionBody, Job, prompt_error
+from lorafit.serve.api import (
+    AdapterBody,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    DetokenizeBody,
+    Job,
+    TokenizeBody,
+    prompt_error,
+)
 from lorafit.serve.engine import Engine
 from lorafit.serve.requests import AdapterExists, BadAdapterName, PromptTooLong, UnknownAdapter
 from lorafit.serve.responses import Answer, respond
@@ -126,12 +142,19 @@ async def completions(body: CompletionBody, http: Request):
     srv = server(http)
     adapter = srv.adapter_for(body.model)
     if isinstance(body.prompt, str):
+        texts: list[str | None] = [body.prompt]
         prompts = [srv.prompt_ids(body.prompt, "prompt")]
     elif all(isinstance(p, int) for p in body.prompt):
-        prompts = [srv.checked_ids(list(body.prompt))]
-    else:
-        prompts = [srv.prompt_ids(p, "prompt") for p in body.prompt]
-    job = Job(srv.engine, prompts, adapter, body.params(body.max_tokens, 16), "prompt")
+        texts, prompts = [None], [srv.checked_ids(list(body.prompt))]
+    else:  # a batch: texts, or token id lists
+        texts = [p if isinstance(p, str) else None for p in body.prompt]
+        prompts = [srv.prompt_ids(p, "prompt") if isinstance(p, str) else srv.checked_ids(list(p)) for p in body.prompt]
+    if body.echo and body.stream:
+        raise ApiError(400, "echo is answered whole: send it without stream", param="echo")
+    echo_logprobs = body.logprobs if body.echo else None
+    job = Job(srv.engine, prompts, adapter, body.params(body.max_tokens, 16, body.logprobs, echo_logprobs), "prompt")
+    job.echo = body.echo  # the prompt as sent (token ids: decoded), then the completion
+    job.prompt_texts = [t if t is not None else srv.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
     return await respond(job, http, Answer(body.model, chat=False), body.stream, body.include_usage)
 
 
@@ -139,8 +162,51 @@ async def chat_completions(body: ChatBody, http: Request):
     srv = server(http)
     adapter = srv.adapter_for(body.model)
     ids = srv.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages], adapter)
-    job = Job(srv.engine, [ids], adapter, body.params(body.max_completion_tokens or body.max_tokens, 256), "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    job = Job(srv.engine, [ids], adapter, body.params(body.max_completion_tokens or body.max_tokens, 256, logprobs),
+              "messages")
     return await respond(job, http, Answer(body.model, chat=True), body.stream, body.include_usage)
+
+
+async def tokenize(body: TokenizeBody, http: Request):
+    """vLLM's /tokenize: a prompt's token ids (with the tokenizer's special tokens unless
+    add_special_tokens is false), or chat messages' as the base model's chat route renders them."""
+    srv = server(http)
+    tok = srv.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give either prompt or messages", param="prompt")
+    if body.prompt is not None:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        adapter = srv.adapter_for(body.model) if body.model else None
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = conversation_ids(tok, srv.engine.prompt_format(adapter), messages, body.add_generation_prompt,
+                                   "messages")
+        except LorafitError as e:
+            raise ApiError(400, str(e), param="messages") from None
+    return {"count": len(ids), "max_model_len": srv.engine.context_length, "tokens": ids,
+            "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+
+
+async def detokenize(body: DetokenizeBody, http: Request):
+    """vLLM's /detokenize: token ids back to text (special tokens kept, as vLLM does)."""
+    tok = server(http).tokenizer
+    if any(t < 0 or t >= len(tok) for t in body.tokens):
+        raise ApiError(400, f"token ids must lie in [0, {len(tok)})", param="tokens")
+    return {"prompt": tok.decode(body.tokens)}
+
+
+async def tokenizer_info(http: Request):
+    """vLLM's /tokenizer_info: the tokenizer's class, special tokens, chat template and context, so a
+    client (lm-evaluation-harness' tokenizer_backend=remote) tokenizes as the server does."""
+    srv = server(http)
+    tok = srv.tokenizer
+    return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": tok.chat_template,
+            "model_max_length": srv.engine.context_length, "vocab_size": len(tok)}
 
 
 async def models(http: Request):
@@ -235,4 +301,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_root: str 
     app.add_api_route("/v1/adapters", load_adapter, methods=["POST"])
     app.add_api_route("/v1/adapters/{name}", unload_adapter, methods=["DELETE"])
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"])
     return app

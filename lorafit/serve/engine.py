@@ -41,7 +41,7 @@ from lorafit.serve.kvcache import AppendCache
 from lorafit.serve.prefix import shared_prefixes, sliding_window
 from lorafit.serve.requests import Event, PromptTooLong, Request, SamplingParams, ServerBusy, UnknownAdapter
 from lorafit.serve.router import Router
-from lorafit.serve.sampling import make_generator, sample
+from lorafit.serve.sampling import make_generator, sample, token_logprobs
 
 log = logging.getLogger("lorafit.serve")
 
@@ -99,6 +99,7 @@ class Engine:
         self._stopping = False
         self.completed = 0
         self.tokens_generated = 0
+        self._logprobs: dict[int, tuple | None] = {}  # the last step's log-probs per row (`_sample` -> `_emit`)
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
@@ -271,16 +272,22 @@ class Engine:
         self.registry.collect()
 
     @torch.inference_mode()
-    def _forward(self, rows: list[Request], **inputs) -> torch.Tensor:
+    def _forward(self, rows: list[Request], every_position: bool = False, **inputs) -> torch.Tensor:
+        """The logits of the last position (B, vocab) in fp32, or with `every_position` all of them
+        (B, T, vocab) in the model's dtype (prompt log-probs)."""
         with self.model_lock:
             self.router.use([r.internal for r in rows])
-            out = self.model(**inputs, use_cache=True, logits_to_keep=self._last_position)
-        return out.logits[:, -1].float()  # (B, vocab)
+            out = self.model(**inputs, use_cache=True, logits_to_keep=0 if every_position else self._last_position)
+        return out.logits if every_position else out.logits[:, -1].float()
 
     def _prefill(self, rows: list[Request]) -> Batch:
         """Prefill newly admitted rows; rows that share an adapter and a prompt prefix compute
-        that prefix once (see `shared_prefixes`), the rest are prefilled as they are."""
+        that prefix once (see `shared_prefixes`), the rest are prefilled as they are. Rows that ask
+        for their prompt's log-probs are prefilled whole."""
+        echo = [r for r in rows if r.params.prompt_logprobs is not None]
+        rows = [r for r in rows if r.params.prompt_logprobs is None]
         groups, plain = shared_prefixes(rows, self.window) if self.share_prefixes else ([], rows)
+        plain = echo + plain
         parts = ([self._prefill_plain(plain)] if plain else []) + ([self._prefill_shared(groups)] if groups else [])
         return parts[0] if len(parts) == 1 else merge_batches(*parts)
 
@@ -288,8 +295,18 @@ class Engine:
         ids, mask = left_padded([r.prompt_ids for r in rows], self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = AppendCache()
-        logits = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions,
+        echo = any(r.params.prompt_logprobs is not None for r in rows)
+        logits = self._forward(rows, every_position=echo, input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache)
+        if echo:  # (B, T, vocab): the prompt's log-probs, then the last position's logits as usual
+            width = ids.shape[1]
+            for i, r in enumerate(rows):
+                k = r.params.prompt_logprobs
+                if k is not None:  # row i's prompt fills its last len(prompt) columns; column t predicts t+1
+                    n = len(r.prompt_ids)
+                    targets = ids[i, width - n + 1:]  # (n-1,)
+                    r.prompt_logprobs = [None, *token_logprobs(logits[i, width - n:width - 1], targets, k)]
+            logits = logits[:, -1].float()
         return self._started(rows, cache, mask, logits)
 
     def _prefill_shared(self, groups: list[tuple[list[Request], int]]) -> Batch:
@@ -331,18 +348,27 @@ class Engine:
         self._emit(batch.rows, batch.last)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
-        return sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        self._logprobs = dict.fromkeys(range(len(rows)))  # row -> TokenLogprob of this step, for `_emit`
+        if wanted:
+            index = torch.tensor(wanted, device=logits.device)
+            top = max(rows[i].params.logprobs for i in wanted)
+            for i, entry in zip(wanted, token_logprobs(logits[index], tokens[index], top)):
+                self._logprobs[i] = (entry[0], entry[1], entry[2][:rows[i].params.logprobs])
+        return tokens
 
     def _emit(self, rows: list[Request], tokens: torch.Tensor) -> None:
         """Append each row's new token, decide whether it is finished, send the new text."""
         now = time.perf_counter()
-        for r, token in zip(rows, tokens.tolist()):
+        for i, (r, token) in enumerate(zip(rows, tokens.tolist())):
             if r.done or r.cancelled:
                 continue
             r.t_first = r.t_first or now
+            logprob = self._logprobs.get(i)
             if token in self.eos_ids and not r.params.ignore_eos:
-                r.finish_reason = "stop"
-                self._send(r, r.stream.flush(r.output_ids)[0], [], now)
+                r.finish_reason = "stop"  # a stop token is not part of the text; its log-prob is (OpenAI's too)
+                self._send(r, r.stream.flush(r.output_ids)[0], [], now, logprob)
                 continue
             r.output_ids.append(token)
             self.tokens_generated += 1
@@ -354,11 +380,11 @@ class Engine:
                 rest, stopped = r.stream.flush(r.output_ids)
                 text += rest
                 r.finish_reason = "stop" if stopped else "length"
-            self._send(r, text, [token], now)
+            self._send(r, text, [token], now, logprob)
 
-    def _send(self, r: Request, text: str, new_ids: list[int], now: float) -> None:
+    def _send(self, r: Request, text: str, new_ids: list[int], now: float, logprob=None) -> None:
         if r.done:
             r.t_done = now
             self._settle(r)  # settle before the caller hears the request is done
         if text or new_ids or r.done:
-            r.sink(Event(text, new_ids, r.finish_reason))
+            r.sink(Event(text, new_ids, r.finish_reason, logprobs=None if logprob is None else [logprob]))

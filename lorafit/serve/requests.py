@@ -44,6 +44,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, load tests)
+    logprobs: int | None = None  # log-prob of each new token and of its top-k alternatives (0: the token's only)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI's `echo` with `logprobs`)
+
+
+# (token id, log-prob, [(alternative id, log-prob), ...] the top-k), as `sampling.token_logprobs` gives them
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Event:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "error" on the last event
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # asked for: one per token of `token_ids`, plus the stop token
 
 
 @dataclass(eq=False)
@@ -72,6 +79,7 @@ class Request:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     t_done: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for: one per prompt token (None first), set at prefill
 
     def cancel(self) -> None:
         """Drop the row at the next step (a client that went away); a no-op once finished."""

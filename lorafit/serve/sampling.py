@@ -41,3 +41,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """The model's log-probability of each chosen token and its `top` likeliest alternatives, from
+    logits (N, vocab) and tokens (N,): [(token, logprob, [(token, logprob), ...])] (the raw model's
+    distribution, log_softmax in fp32, whatever temperature sampled the token)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, vocab)
+    chosen = logp.gather(-1, tokens[:, None].to(logp.device))[:, 0].tolist()
+    if top > 0:
+        values, ids = logp.topk(top, dim=-1)  # (N, top)
+        alts = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        alts = [[] for _ in chosen]
+    return [(t, lp, a) for t, lp, a in zip(tokens.tolist(), chosen, alts)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
+from lorafit.train.trackers import check_report_to
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -79,6 +80,11 @@ class TrainConfig:
     """Stop after this many evaluations without a new best validation loss."""
     logging_steps: int = 1
     """Refresh the progress bar every N steps (metrics.jsonl gets every step)."""
+    report_to: list[str] | str | None = None
+    """Experiment trackers that also get every step's metrics, under the HF Trainer's names (train/loss,
+    eval/loss, ...), with this config as hyperparameters: any of tensorboard (output_dir/runs/), mlflow
+    ($MLFLOW_TRACKING_URI, else sqlite:///output_dir/mlflow.db), wandb (in $WANDB_MODE; offline needs no
+    network), trackio (local). Each is an extra: pip install 'lorafit[tensorboard]'. None: metrics.jsonl only."""
     seed: int = 0
     """Seeds adapter init, dropout and the data order."""
     distributed: str = "auto"
@@ -119,5 +125,9 @@ class TrainConfig:
                 self.loraplus_lr_ratio, (int, float)) or not self.loraplus_lr_ratio > 0):
             raise LorafitError(f"TrainConfig.loraplus_lr_ratio must be a positive number or null, "
                                f"got {self.loraplus_lr_ratio!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        self.report_to = list(self.report_to or [])
+        check_report_to(self.report_to)
         if self.epochs <= 0:
             raise LorafitError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")

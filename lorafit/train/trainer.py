@@ -58,6 +58,7 @@ from lorafit.train.full import MODEL_DIR, load_model_weights, save_model_folder
 from lorafit.train.loraplus import loraplus_param_groups
 from lorafit.train.loss import evaluate, loss_sum, n_targets, token_loss_sum
 from lorafit.train.prepare import prepare_model
+from lorafit.train.trackers import Trackers
 
 __all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "loss_sum", "lr_factor",
            "make_optimizer", "n_targets", "token_loss_sum"]
@@ -146,6 +147,7 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
         self.best_val, self.bad_evals = math.inf, 0
+        self.grad_norm: float | None = None  # of the last optimizer step, when clipping is on
 
     # -- data order -------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -179,8 +181,9 @@ class Trainer:
 
     def _optimizer_step(self) -> float:
         cfg = self.config
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if cfg.max_grad_norm:  # the norm before clipping, logged as grad_norm (a DTensor under FSDP)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs at a multiple
@@ -207,6 +210,7 @@ class Trainer:
                 print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")
         elif main:
             metrics_path.write_text("")  # a fresh run starts a fresh log
+        trackers = Trackers(cfg.report_to if main else [], self.out, self.run_info())  # rank 0's dashboards
         model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not main)
@@ -219,7 +223,9 @@ class Trainer:
             tokens = sum(len(self.train_samples[j]) for i in indices for j in self.order.indices(i))  # all ranks'
             self.step, self.micro = self.step + 1, self.micro + cfg.grad_accum
             record = {"step": self.step, "loss": loss, "lr": lr,
-                      "tokens_per_s": tokens / (time.perf_counter() - start)}
+                      "tokens_per_s": tokens / (time.perf_counter() - start),
+                      **({"grad_norm": self.grad_norm} if self.grad_norm is not None else {}),
+                      "epoch": self.micro / self.batches_per_epoch}
             stop = False
             if cfg.eval_steps and self.val_samples and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
                 record.update(evaluate(model, self.val_samples, self.pad_id, cfg.eval_batch_size or cfg.batch_size,
@@ -231,6 +237,7 @@ class Trainer:
             if main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                trackers.log(record)
             if self.step % cfg.logging_steps == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
@@ -243,6 +250,7 @@ class Trainer:
                           f"{cfg.early_stopping_patience} evaluations (best {self.best_val:.4f})")
                 break
         bar.close()
+        trackers.close()
         model.eval()
         with self.parallel.full_params():  # every rank takes part in gathering the shards; rank 0 writes
             if main:
@@ -258,12 +266,20 @@ class Trainer:
         patience = self.config.early_stopping_patience
         return patience is not None and self.bad_evals >= patience
 
+    def run_info(self) -> dict:
+        """The run's resolved configuration (the trackers' hyperparameters, the model card's): this
+        TrainConfig, the base and its quantization, the data's size and the steps."""
+        return {**asdict(self.config), "model": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+                "quantize": quantization_of(self.model), "train_samples": len(self.train_samples),
+                "val_samples": len(self.val_samples), "total_steps": self.total_steps}
+
     # -- checkpoints ------------------------------------------------------------------------
     def _save_weights(self, folder: Path, tokenizer=None) -> Path:
         """What trained: the adapter (folder/adapter) or, for a full fine-tune, the model (folder/model)."""
         if self.config.method == "full":
             return save_model_folder(self.model, folder / MODEL_DIR, tokenizer)
-        return save_adapter(self.model, folder / "adapter", prompt_format=self.prompt_format)
+        return save_adapter(self.model, folder / "adapter", prompt_format=self.prompt_format,
+                            training={**self.run_info(), "history": self.history})
 
     def _save_checkpoint(self) -> Path | None:
         """Every rank calls it (the optimizer states, RNG states and adapter shards are gathered);

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from lorafit.cli import main
 from lorafit.io import load_adapter
@@ -27,7 +28,9 @@ def test_export_merged_model_runs_in_llama_cpp(files, tmp_path, capsys):
     code, out, _ = run(capsys, "--model", files / "llama", "--adapter", files / "adapter", "--outtype", "f32",
                        "--out", tmp_path / "m.gguf")
     assert code == 0 and "wrote" in out and "chat template" in out
-    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "m.gguf"]  # and its model card
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "gguf" and card.data.base_model is None and "m.gguf" in card.text
     model, tok = load_model(files / "llama")
     load_adapter(model, files / "adapter")
     ids = tok(PROMPT)["input_ids"]
@@ -40,6 +43,11 @@ def test_export_base_alone_and_the_adapter_as_gguf_lora(files, tmp_path, capsys)
     code, out, _ = run(capsys, "--model", files / "llama", "--adapter", files / "adapter", "--format", "gguf-lora",
                        "--out", tmp_path / "lora.gguf")
     assert code == 0 and "GGUF LoRA" in out
+    assert "lora.gguf" in ModelCard.load(tmp_path / "README.md").text  # the card now describes the last export
+    (tmp_path / "README.md").write_text("# my project\n")  # not a model card: never rewritten
+    code, out, _ = run(capsys, "--model", files / "llama", "--adapter", files / "adapter", "--format", "gguf-lora",
+                       "--out", tmp_path / "lora2.gguf")
+    assert code == 0 and "not a model card" in out and (tmp_path / "README.md").read_text() == "# my project\n"
     model, tok = load_model(files / "llama")
     load_adapter(model, files / "adapter")
     ids = tok(PROMPT)["input_ids"]

@@ -1,6 +1,7 @@
 """Memory estimator: hand arithmetic, peft's own parameter counts, monotonicity, calibration."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,8 @@ def test_gemma3_shape_from_its_gguf(gemma3_gguf):
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
-    with pytest.raises(LorafitError, match="model size '5B' is unknown"):
-        TrainSetup(model="5B")
+    with pytest.raises(LorafitError, match="model size 'abc' is unknown: give a number of parameters with M or B"):
+        TrainSetup(model="abc")
     with pytest.raises(LorafitError, match="method='dora' is unknown"):
         TrainSetup(method="dora")
     with pytest.raises(LorafitError, match="lm_head"):
@@ -280,3 +281,35 @@ def test_the_estimator_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("size", ["10B", "30B", "33B", "40B", "1.5B", "500M", "5b", "100M", "405B"])
+def test_any_size_gets_an_interpolated_llama_shape_that_says_so(size):
+    from lorafit.train.estimate.shapes import SIZES, model_shape, parse_size
+
+    shape = model_shape(size)
+    assert shape.n_params == pytest.approx(parse_size(size), rel=0.03)  # the MLP width is solved for the total
+    assert "is no known model" in shape.describe() and ("interpolated between" in shape.interpolated
+                                                         or "extrapolated from" in shape.interpolated)
+    assert shape.heads * shape.head_dim == shape.hidden and shape.heads % shape.kv_heads == 0
+    assert not SIZES["7B"].interpolated and "interpolated" not in SIZES["7B"].describe()
+    lo, hi = SIZES["34B"], SIZES["65B"]  # 40B lies between them: its depth and width do too
+    forty = model_shape("40B")
+    assert lo.layers <= forty.layers <= hi.layers and lo.hidden <= forty.hidden <= hi.hidden
+
+
+def test_estimate_cli_interpolates_and_prints_seed_000s_ternary_rows():
+    from lorafit.cli import main
+
+    sizes = "1B,3B,7B,10B,13B,30B,33B,40B,65B,70B"
+    out = subprocess.run([sys.executable, "-m", "lorafit.cli", "estimate", "--method", "ternary", "--sizes", sizes],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = [line.split()[0] for line in out.stdout.splitlines()[3:] if line[:1].isdigit()]
+    assert rows == sizes.split(",")
+    assert out.stdout.count("is no known model") == 4  # 10B, 30B, 33B, 40B
+    one = subprocess.run([sys.executable, "-m", "lorafit.cli", "estimate", "--model", "40B"], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert one.returncode == 0 and "interpolated between the known 34B and 65B" in one.stdout and "total" in one.stdout
+    for args in (["--model", "abc"], ["--sizes", "1B,abc"]):
+        assert main(["estimate", *args]) == 2

@@ -21,6 +21,8 @@ GPT-2, GPT-NeoX, Falcon, OPT (ungated MLPs) and mixtures of experts have other s
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,8 @@ class ModelShape:
     """1-D weights of one block (norms, biases); 0 means Llama's two RMSNorms, 2 * hidden."""
     model_type: str = "llama"
     """The family (HF config's model_type, or the GGUF's architecture), for the printout."""
+    interpolated: str = ""
+    """How a size that is not a known model's was shaped (`interpolate`), said in the printout."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
@@ -102,7 +106,8 @@ class ModelShape:
 
     def describe(self) -> str:
         """One line: the family and the dimensions the estimate uses."""
-        return (f"{self.model_type}: {self.layers} layers, hidden {self.hidden}, intermediate {self.intermediate}, "
+        how = f" ({self.interpolated})" if self.interpolated else ""
+        return (f"{self.model_type}{how}: {self.layers} layers, hidden {self.hidden}, intermediate {self.intermediate}, "
                 f"{self.heads} heads ({self.kv_heads} kv) x {self.head_dim}, vocab {self.vocab}, "
                 f"{'tied' if self.tie_embeddings else 'own'} head: {self.n_params:,} params")
 
@@ -195,16 +200,72 @@ SIZES: dict[str, ModelShape] = {
 }
 
 
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([MB])", re.IGNORECASE)
+
+
+def parse_size(text: str) -> float | None:
+    """Parameters of a size written as a number with M or B ("40B", "1.5b", "350M"); None otherwise."""
+    m = SIZE.fullmatch(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        return None
+    return float(m.group(1)) * (1e6 if m.group(2).upper() == "M" else 1e9)
+
+
+def _round(x: float, to: int) -> int:
+    return max(to, int(round(x / to)) * to)
+
+
+def interpolate(n_params: float, name: str = "") -> ModelShape:
+    """A Llama-shaped decoder of about `n_params` parameters, for a size that is no known model's.
+
+    Between two known sizes a and b (`SIZES`, ordered by parameters), at t = log(n/n_a) / log(n_b/n_a):
+    depth is interpolated linearly and width geometrically (heads of 128; GQA with 8 KV heads and a
+    multiple of 8 heads where a neighbour uses it), vocabulary and tied head are the nearer neighbour's, and the
+    MLP width is solved so that the total comes to n_params (a multiple of 256; 64 below 1B). Beyond the known range,
+    depth and width scale as the cube root of the parameters from the nearest end."""
+    known = sorted(SIZES.values(), key=lambda s: s.n_params)
+    lo = max((s for s in known if s.n_params <= n_params), key=lambda s: s.n_params, default=None)
+    hi = min((s for s in known if s.n_params >= n_params), key=lambda s: s.n_params, default=None)
+    if lo is not None and hi is not None and lo is not hi:
+        t = math.log(n_params / lo.n_params) / math.log(hi.n_params / lo.n_params)
+        layers = round(lo.layers + t * (hi.layers - lo.layers))
+        hidden = lo.hidden * (hi.hidden / lo.hidden) ** t
+        near = lo if t < 0.5 else hi
+        gqa = lo.kv_heads < lo.heads or hi.kv_heads < hi.heads
+        how = f"interpolated between the known {_label(lo)} and {_label(hi)}"
+    else:
+        near = lo or hi  # the largest or the smallest known size
+        scale = (n_params / near.n_params) ** (1 / 3)
+        layers, hidden, gqa = max(1, round(near.layers * scale)), near.hidden * scale, near.kv_heads < near.heads
+        how = f"extrapolated from the known {_label(near)}"
+    head_dim = 128 if hidden >= 1024 else 64
+    hidden = _round(hidden, head_dim * (8 if gqa else 1))  # GQA: a multiple of 8 heads, 8 of them for keys/values
+    heads = hidden // head_dim
+    kv_heads = 8 if gqa else heads
+    probe = ModelShape(hidden, hidden, layers, heads, kv_heads, near.vocab, near.tie_embeddings)
+    per_unit = 3 * layers * hidden  # parameters per unit of MLP width (gate, up, down)
+    intermediate = _round(probe.intermediate + (n_params - probe.n_params) / per_unit, 256 if hidden >= 1024 else 64)
+    return ModelShape(hidden, intermediate, layers, heads, kv_heads, near.vocab, near.tie_embeddings,
+                      interpolated=f"{name or f'{n_params / 1e9:g}B'} is no known model: a Llama shape {how}")
+
+
+def _label(shape: ModelShape) -> str:
+    return next(k for k, v in SIZES.items() if v is shape)
+
+
 def model_shape(model: str | Path | dict | Any) -> ModelShape:
-    """A size name from SIZES, a ModelShape, or anything `ModelShape.from_config` reads."""
+    """A size name from SIZES, any other size (a number with M or B: `interpolate`), a ModelShape, or
+    anything `ModelShape.from_config` reads."""
     if isinstance(model, ModelShape):
         return model
     if isinstance(model, str) and model.upper() in SIZES:
         return SIZES[model.upper()]
     if isinstance(model, str) and not Path(model).exists():
-        raise LorafitError(
-            f"model size {model!r} is unknown: use one of {', '.join(SIZES)}, a model folder or a .gguf file"
-        )
+        n_params = parse_size(model)
+        if n_params is None:
+            raise LorafitError(f"model size {model!r} is unknown: give a number of parameters with M or B "
+                               f"(7B, 40B, 350M), a model folder or a .gguf file")
+        return interpolate(n_params, model.upper())
     return ModelShape.from_config(model)
 
 

@@ -60,16 +60,19 @@ def format_grid(
     parts_header = ("packed" if method == "ternary" else "codes", "scales", f"{first.dtype} parts")
     header = ("model", "params", *(parts_header if quantized else ()), "weights",
               *(("fits",) if full else (f"r={r}" for r in columns)), "total" if full else f"total r={rank}")
-    rows = []
+    rows, notes = [], []
     for size in sizes:
         by_rank = {r: estimate(TrainSetup(model=size, method=method, rank=r, batch=batch, seq=seq, **setup))
                    for r in {*columns, rank}}
         e = by_rank[rank]
+        if e.setup.shape.interpolated:
+            notes.append(f"  {e.setup.shape.describe()}")
         parts = (_gib(e.base.codes), _gib(e.base.scales), _gib(e.base.dense)) if quantized else ()
         fits = [marks[0] if by_rank[r].fits(gpu_gb) else marks[1] for r in columns]
         rows.append((size, f"{e.n_params / 1e9:.2f}B", *parts, _gib(e.weights), *fits, _gib(e.total)))
     title = f"{_title(first, batch, seq)} | fits {gpu_gb:g} GB? ({marks[0]}/{marks[1]})"
-    return _render(title, header, rows, left=1)
+    table = _render(title, header, rows, left=1)
+    return table + ("\nsizes that are no known model's, shaped by interpolation:\n" + "\n".join(notes) if notes else "")
 
 
 def format_table(

@@ -1,0 +1,1 @@
+"""lm-eval task YAMLs shipped with lorafit (see lorafit/evaluation/harness.py)."""
