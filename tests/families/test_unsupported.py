@@ -27,3 +27,22 @@ def test_serving_a_recurrent_state_model_is_refused():
                                            r"'mamba' keeps a recurrent state") as e:
         Engine(mamba, tok)
     assert "\n" not in str(e.value)
+
+
+def test_training_a_lora_that_a_fused_kernel_would_skip_is_refused(tmp_path):
+    """Granite 4's Mamba layers train through a fused kernel that reads mamba.out_proj's weight itself: a LoRA
+    there would not train (PEFT's is silently left out). Named in one line, before the model is changed."""
+    import lorafit as lf
+    from lorafit.train.data import Record, tokenize_record
+    from lorafit.train.trainer import TrainConfig, Trainer
+    from tests.families.kit import make_model
+
+    tok = tokenizer()
+    model = make_model("granitemoehybrid", tok)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    config = TrainConfig(output_dir=str(tmp_path), lora=lf.LoraConfig(r=4, target_modules="all-linear"), max_steps=1)
+    with pytest.raises(LorafitError, match=r"granitemoehybrid: model.layers.0.mamba.out_proj is read by weight in a "
+                                           r"fused training kernel .* leave mamba.out_proj out of target_modules") as e:
+        Trainer(config, model, tok, [tokenize_record(tok, Record("alpaca", {"instruction": "a", "output": "b"}, "m"))])
+    assert "\n" not in str(e.value)
+    assert model.state_dict().keys() == before.keys()  # no adapter was added
