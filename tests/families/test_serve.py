@@ -23,7 +23,7 @@ PROMPTS = ["the quick brown fox jumps over the lazy dog and then", "hello world"
            "adapters share one base model in a batch, and a server answers many clients at once"]
 SHARED = "a server answers many clients at once, tokens stream back as they come:"  # > 8 tokens in common
 NEW = 14  # tokens per request: past the window after any prompt
-SLIDING = ("mistral", "gemma2", "gemma3")  # their shared prefix would put padding inside a window: not shared
+SLIDING = ("mistral", "gemma2", "gemma3", "gemma4", "gpt_oss", "olmo3", "llama4")  # windows (llama4: chunks): no shared prefix
 
 
 @pytest.fixture(scope="module")
