@@ -117,6 +117,7 @@ CONFIGS.update({
 NEW = [f for f in CONFIGS if f not in OLD]
 FAMILIES = list(CONFIGS)
 MOE = ("qwen3_5_moe", "qwen3_next", "gpt_oss", "llama4")  # 3-D expert weights (target_parameters)
+RECURRENT = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "granitemoehybrid", "lfm2")  # a state along the sequence
 
 # What `target_modules=None` adapts in each family: every projection of attention and MLP.
 DEFAULTS = {
