@@ -18,8 +18,9 @@ What each family brings that the others do not:
 
 The 2025-26 families (NEW), each with what it adds:
 
-    gemma4            per-layer input embeddings, sliding / global layers, the last two layers reading the
-                      keys and values of earlier ones (KV sharing), logit soft-capping
+    gemma4            per-layer input embeddings, sliding / global layers (the global ones with a wider head),
+                      the last two layers reading the keys and values of earlier ones (KV sharing), logit
+                      soft-capping
     qwen3_5           gated DeltaNet linear attention (a recurrent state and a short convolution) beside gated
                       full attention
     qwen3_5_moe       the same with a routed MoE (3-D experts) and a shared expert
@@ -83,7 +84,7 @@ CONFIGS.update({
         **{**_decoder(tok), "num_hidden_layers": 4}, head_dim=16, sliding_window=WINDOW, final_logit_softcapping=30.0,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         num_kv_shared_layers=2, hidden_size_per_layer_input=16, vocab_size_per_layer_input=len(tok),
-        attn_implementation="eager"),
+        per_layer_config={"01": {"head_dim": 32}, "03": {"head_dim": 32}}, attn_implementation="eager"),
     "qwen3_5": lambda tok: t.Qwen3_5TextConfig(
         **{**_decoder(tok), "num_hidden_layers": 3}, head_dim=16, **_LINEAR_ATTENTION,
         layer_types=["linear_attention", "full_attention", "linear_attention"]),
