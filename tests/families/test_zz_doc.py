@@ -37,6 +37,11 @@ brings); ✓ means the link's test passed for it, ✗ is the one line lorafit an
   inference exactly as its training sample began;
 - serve: two adapters and the base in one batch give every request its solo greedy tokens;
 - estimate: `lorafit estimate --model FOLDER` counts `num_parameters()` exactly.
+
+On the CPU the hybrid families run transformers' pure-PyTorch reference kernels (the chunked gated delta rule,
+the causal 1-D convolution, the Mamba-2 chunk scan; transformers warns that it falls back to them); on CUDA it
+takes flash-linear-attention, causal-conv1d and mamba-ssm where they are installed. Training, serving and
+every comparison here go through those reference paths.
 """
 
 
