@@ -111,10 +111,16 @@ class AppendCache(DynamicCache):
 
     def select(self, index: torch.Tensor, start: int = 0) -> AppendCache:
         """The cache of rows `index`, attention columns from `start` on."""
-        return AppendCache.from_layers([
-            _state_layer(layer, lambda t: t.index_select(0, index)) if is_recurrent(layer) else
-            _kv_layer(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
-            for layer in self.layers])
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index)
+
+        layers = []
+        for layer in self.layers:
+            keys = rows(layer.keys)[:, :, start:] if has_kv(layer) else None
+            values = rows(layer.values)[:, :, start:] if has_kv(layer) else None
+            layers.append(_with_kv(_state_layer(layer, rows), keys, values) if is_recurrent(layer) else
+                          _kv_layer(keys, values))
+        return AppendCache.from_layers(layers)
 
     def join(self, other: AppendCache, length: int, index: torch.Tensor | None) -> AppendCache:
         """This cache's rows then `other`'s, attention left-padded to `length` columns, reordered by `index`."""
@@ -124,6 +130,8 @@ class AppendCache(DynamicCache):
 
         layers = []
         for a, b in zip(self.layers, other.layers):
+            keys = cat(left_pad(a.keys, length, 2), left_pad(b.keys, length, 2)) if has_kv(a) else None
+            values = cat(left_pad(a.values, length, 2), left_pad(b.values, length, 2)) if has_kv(a) else None
             if is_recurrent(a):  # one state per row: no padding
                 layer = _state_layer(a, lambda t: t)
                 for field in ("conv_states", "recurrent_states"):
@@ -131,16 +139,28 @@ class AppendCache(DynamicCache):
                     setattr(layer, field, {i: None if t is None else cat(t, theirs[i])
                                            for i, t in getattr(a, field).items()})
                 layer.cumulative_length_linear = torch.maximum(a.cumulative_length_linear, b.cumulative_length_linear)
-                layers.append(layer)
+                layers.append(_with_kv(layer, keys, values))
             else:
-                layers.append(_kv_layer(cat(left_pad(a.keys, length, 2), left_pad(b.keys, length, 2)),
-                                        cat(left_pad(a.values, length, 2), left_pad(b.values, length, 2))))
+                layers.append(_kv_layer(keys, values))
         return AppendCache.from_layers(layers)
 
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per attention layer (keys, values), each (B, heads, L, head_dim)."""
-        return [(layer.keys, layer.values) for layer in self.layers if not is_recurrent(layer)]
+        return [(layer.keys, layer.values) for layer in self.layers if has_kv(layer)]
 
 
 def is_recurrent(layer) -> bool:
     return isinstance(layer, LinearAttentionCacheLayerMixin)
+
+
+def has_kv(layer) -> bool:
+    """Whether a cache layer holds keys and values: an attention layer, or a layer that is both (Falcon-H1's
+    "hybrid" layers: a Mamba state and attention side by side)."""
+    return isinstance(layer, DynamicLayer) and getattr(layer, "is_initialized", False)
+
+
+def _with_kv(layer, keys: torch.Tensor | None, values: torch.Tensor | None):
+    """`layer` (a copied recurrent layer) holding `keys` / `values` too, where it is also an attention layer."""
+    if keys is not None:
+        layer.keys, layer.values = keys, values
+    return layer
