@@ -5,6 +5,7 @@
     qwen2           qwen2            no (NEOX rope)      as is          q/k/v biases
     qwen3           qwen3            no (NEOX rope)      as is          per-head q/k RMSNorm
     gemma3_text     gemma3           no (NEOX rope)      + 1            sliding-window layers, embeddings scaled by sqrt(d)
+    smollm3         smollm3          yes                 as is          Llama's tensors; every 4th layer without rope
 
 Metadata keys are `<arch>.<key>` (gguf-py's `Keys.LLM` / `Keys.Attention` / `Keys.Rope`):
 context_length, embedding_length, block_count, feed_forward_length, attention.head_count,
@@ -96,6 +97,19 @@ def _llama(w: GGUFWriter, c) -> None:
     w.add_rope_freq_base(rope_parameters(c)["rope_theta"])
 
 
+# -- smollm3 ---------------------------------------------------------------------------------
+SMOLLM3_NOPE_STEP = 4  # llama.cpp's smollm3: layers 3, 7, 11, ... skip rope (a fixed step, not a key it reads)
+
+
+def _check_smollm3(c) -> None:
+    _check_llama(c)
+    expected = [int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(c.num_hidden_layers)]
+    if list(getattr(c, "no_rope_layers", expected)) != expected:
+        _refuse(c, f"no_rope_layers other than every {SMOLLM3_NOPE_STEP}th layer")
+    if getattr(c, "use_sliding_window", False):
+        _refuse(c, "use_sliding_window=True")
+
+
 # -- qwen2 / qwen3 ----------------------------------------------------------------------------
 def _check_qwen(c) -> None:
     if getattr(c, "use_sliding_window", False):
@@ -157,7 +171,22 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen2", MODEL_ARCH.QWEN2, "Qwen2", False, 0.0, _check_qwen, _qwen),
     Family("qwen3", MODEL_ARCH.QWEN3, "Qwen3", False, 0.0, _check_qwen, _qwen),
     Family("gemma3_text", MODEL_ARCH.GEMMA3, "Gemma 3 (text)", False, 1.0, _check_gemma3, _gemma3),
+    Family("smollm3", MODEL_ARCH.SMOLLM3, "SmolLM3", True, 0.0, _check_smollm3, _llama),
 )}
+
+# Families llama.cpp runs (its architecture name) whose tensors lorafit's writer does not lay out yet: their own
+# kinds of layer (linear attention and its convolution state, Mamba-2, short convolutions, 3-D experts with
+# their biases and sinks, per-layer input embeddings) each need their own GGUF mapping and hyperparameters.
+NOT_YET = {"gemma4_text": ("gemma4", "per-layer input embeddings and KV-sharing layers"),
+           "qwen3_5_text": ("qwen35", "gated DeltaNet linear attention"),
+           "qwen3_5_moe_text": ("qwen35moe", "gated DeltaNet linear attention and 3-D experts"),
+           "qwen3_next": ("qwen3next", "gated DeltaNet linear attention and 3-D experts"),
+           "gpt_oss": ("gpt-oss", "3-D experts with biases and attention sinks"),
+           "llama4_text": ("llama4", "3-D experts and chunked attention"),
+           "olmo3": ("olmo2", "sliding-window layers"),
+           "granitemoehybrid": ("granitehybrid", "Mamba-2 layers"),
+           "lfm2": ("lfm2", "short-convolution layers"),
+           "ministral3": ("mistral3", "YaRN rope with attention temperature scaling")}
 
 
 def family_for(config) -> Family:
@@ -165,8 +194,12 @@ def family_for(config) -> Family:
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None:
-        archs = "/".join(getattr(config, "architectures", None) or []) or "unknown class"
         supported = ", ".join(f"{f.label} ({f.model_type})" for f in FAMILIES.values())
+        if model_type in NOT_YET:
+            arch, what = NOT_YET[model_type]
+            raise LorafitError(f"model_type {model_type!r}: llama.cpp runs it as {arch!r}, and lorafit's GGUF writer "
+                               f"does not lay out its {what} yet; it exports {supported}")
+        archs = "/".join(getattr(config, "architectures", None) or []) or "unknown class"
         raise LorafitError(f"model_type {model_type!r} ({archs}) cannot be exported to GGUF; supported: {supported}")
     family.check(config)
     return family

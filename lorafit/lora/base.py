@@ -9,7 +9,9 @@ tried in order and the first that matches wins (PEFT's dispatch, without a class
     conv1d      transformers' Conv1D (GPT-2)              stored (in, out)   (not fused)
     quantized   anything with dequantize() + set_weight()  packed             base.dequantize(dtype)
                 (lorafit.quant's NF4 and ternary layers)
-    linear      nn.Linear                                 (out, in)          the frozen .weight
+    linear      nn.Linear (its own forward: a subclass    (out, in)          the frozen .weight
+                that returns more, e.g. Llama 4's router,
+                is not a linear map)
 
 Everything else in lorafit asks here (`kind_of`, `base_dims`, `dense_weight`, `write_weight`,
 `is_quantized`) instead of testing classes or attributes itself; a new kind of base is one entry.
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from lorafit.modules import plain_linear
 
 WeightFn = Callable[[torch.dtype], torch.Tensor]
 
@@ -57,7 +61,7 @@ KINDS: tuple[BaseKind, ...] = (
              and hasattr(m, "in_features") and hasattr(m, "out_features"),
              lambda m: (m.in_features, m.out_features),
              lambda m, dtype: m.dequantize(dtype), lambda m, W: m.set_weight(W), quantized=True),
-    BaseKind("linear", lambda m: isinstance(m, nn.Linear),
+    BaseKind("linear", plain_linear,
              lambda m: (m.in_features, m.out_features),
              lambda m, dtype: m.weight.detach().to(dtype), _write_param),
 )

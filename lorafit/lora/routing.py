@@ -185,7 +185,15 @@ class RowRouting:
 
     # -- the forward ----------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y (the base output for the whole batch) plus each row's own adapter update."""
+        """y (the base output for the whole batch) plus each row's own adapter update.
+
+        Rows are x's first dim; a layer inside an MoE block (Llama 4's, Qwen3.5-MoE's and Qwen3-Next's
+        shared expert) sees the batch flattened to (B·T, in), row after row, and is served as (B, T, in)."""
+        rows = len(self.row_adapters)
+        if x.shape[0] != rows and not layer.is_embedding:
+            if x.dim() != 2 or x.shape[0] % rows:
+                raise ValueError(f"per-row routing of {rows} rows got an input of shape {tuple(x.shape)}")
+            return self.forward(layer, x.reshape(rows, -1, x.shape[-1]), y.reshape(rows, -1, y.shape[-1])).reshape(y.shape)
         route = self._routes[id(layer)]
         if route.plan is not None and x.shape[:-1].numel() <= route.max_stacked_tokens and \
                 not (route.trainable and torch.is_grad_enabled()):

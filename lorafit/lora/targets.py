@@ -13,9 +13,15 @@ from torch import nn
 from lorafit.errors import LorafitError
 from lorafit.lora.base import is_adaptable, is_linear
 from lorafit.lora.layer import LoraLayer, inside_wrapper
-from lorafit.modules import path_matches
+from lorafit.modules import path_matches, read_by_weight
 
 _LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_MLP = ["gate_proj", "up_proj", "down_proj"]
+# Linear attention (gated DeltaNet): the projections in and out of it. Its per-head decay and beta gates
+# (in_proj_a / in_proj_b, in_proj_ba: a few outputs per head) stay frozen, as does MoE routing; 3-D experts
+# are adapted through target_parameters.
+_QWEN3_5 = [*_ATTENTION, "in_proj_qkv", "in_proj_z", "out_proj", *_MLP]
 
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": _LLAMA,
@@ -38,6 +44,25 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "bert": ["query", "key", "value", "dense"],
     "roberta": ["query", "key", "value", "dense"],
+    "gemma4": _LLAMA,
+    "gemma4_text": _LLAMA,
+    "qwen3_5": _QWEN3_5,
+    "qwen3_5_text": _QWEN3_5,
+    "qwen3_5_moe": _QWEN3_5,  # with the shared expert's gate/up/down
+    "qwen3_5_moe_text": _QWEN3_5,
+    # no shared-expert gate/up/down: PEFT (>= 0.19 on transformers 5) reads those names on qwen3_next as the
+    # fused experts (target_parameters), so an adapter naming them would load differently there
+    "qwen3_next": [*_ATTENTION, "in_proj_qkvz", "out_proj"],
+    "gpt_oss": _ATTENTION,  # its MLP is experts only
+    "llama4": _LLAMA,  # dense MLP layers and the shared expert
+    "llama4_text": _LLAMA,
+    "smollm3": _LLAMA,
+    "ministral3": _LLAMA,
+    "mistral3": _LLAMA,
+    # attention, the Mamba-2 input projection, the shared MLP (no router; not out_proj: modules.read_by_weight)
+    "granitemoehybrid": [*_ATTENTION, "in_proj", "input_linear", "output_linear"],
+    # short convolutions' in/out projections, attention (its output is out_proj too), the SwiGLU MLP
+    "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"],
 }
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
@@ -103,6 +128,17 @@ def find_targets(
     return found
 
 
+def check_trainable(model: nn.Module, paths: list[str]) -> None:
+    """One line when a module about to be trained with LoRA is one its parent reads by weight in training
+    (`lorafit.modules.read_by_weight`): the adapter would not be trained."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    read = read_by_weight(model)
+    bad = [p for p in paths if path_matches(p, read)]
+    if bad:
+        raise LorafitError(f"{model_type}: {bad[0]} is read by weight in a fused training kernel (its parent never "
+                           f"calls it), so a LoRA there would not train; leave {', '.join(read)} out of target_modules")
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Distinct short names of the model's linear modules (what a user would put in target_modules)."""
     seen: dict[str, None] = {}
@@ -119,7 +155,8 @@ SHORT_TARGETS = {"q": ["q"], "qk": ["q", "k"], "qkv": ["q", "k", "v"], "qkvo": [
 _LLAMA_PARTS = {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"],
                 "mlp": ["gate_proj", "up_proj", "down_proj"]}
 FAMILY_PARTS: dict[str, dict[str, list[str]]] = {
-    **{family: _LLAMA_PARTS for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")},
+    **{family: _LLAMA_PARTS for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo3",
+                                           "gemma4_text", "smollm3", "ministral3", "llama4_text")},
     "mixtral": {**_LLAMA_PARTS, "mlp": ["w1", "w2", "w3"]},
     "opt": {**_LLAMA_PARTS, "o": ["out_proj"], "mlp": ["fc1", "fc2"]},
     "phi": {**_LLAMA_PARTS, "o": ["dense"], "mlp": ["fc1", "fc2"]},

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.modules import path_matches, set_submodule
+from lorafit.modules import path_matches, plain_linear, read_by_weight, set_submodule
 from lorafit.quant.linear import NF4Linear, PackedLinear
 from lorafit.quant.nf4 import VALID_BLOCKSIZES
 from lorafit.quant.ternary import TernaryLinear
@@ -62,11 +62,12 @@ def quantize_linear(name: str, linear: nn.Linear, method: str = "nf4", *, blocks
 def quantize_model(model: nn.Module, method: str = "nf4", skip: tuple[str, ...] = ("lm_head",), *,
                    blocksize: int = 64, double_quant: bool = True, group_size: int | None = None,
                    compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every `nn.Linear` not named in `skip` by its quantized version, in place; returns `model`."""
+    """Replace every plain `nn.Linear` not named in `skip` (nor read by weight in training:
+    `lorafit.modules.read_by_weight`) by its quantized version, in place; returns `model`."""
     if method not in METHODS:
         raise LorafitError(f"unknown quantization method {method!r}; use one of {METHODS}")
     names = [n for n, m in model.named_modules()
-             if (isinstance(m, nn.Linear) or is_conv1d(m)) and not path_matches(n, skip)]
+             if (plain_linear(m) or is_conv1d(m)) and not path_matches(n, [*skip, *read_by_weight(model)])]
     for name in names:
         linear = model.get_submodule(name)
         set_submodule(model, name, quantize_linear(

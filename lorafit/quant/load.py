@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit.errors import LorafitError
-from lorafit.modules import path_matches, set_submodule
+from lorafit.modules import path_matches, plain_linear, read_by_weight, set_submodule
 from lorafit.quant.apply import METHODS, is_conv1d
 from lorafit.quant.bnb_format import nf4_from_bnb_state, nf4_to_bnb_state
 from lorafit.quant.linear import NF4Linear, PackedLinear
@@ -112,6 +112,34 @@ def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     return names
 
 
+def stacked_experts(model: nn.Module, key: str, where: dict, read) -> torch.Tensor | None:
+    """A 3-D expert weight (E, ...) that the checkpoint keeps one expert at a time, as transformers saves
+    Qwen3-Next / Qwen3.5-MoE experts (`mlp.experts.{e}.gate_proj.weight`, ...): its conversion's sources
+    stacked over experts (MergeModulelist), then joined (Concatenate) along its dim. None: no such conversion."""
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    for conversion in extract_weight_conversions_for_model(model) or []:
+        if type(conversion) is not WeightConverter or len(conversion.target_patterns) != 1:
+            continue
+        target = conversion.target_patterns[0]
+        ops = conversion.operations
+        if not key.endswith("." + target) or not ops or not isinstance(ops[0], MergeModulelist) or \
+                not all(isinstance(op, Concatenate) for op in ops[1:]):
+            continue
+        prefix = key[: -len(target)]
+        parts = []
+        for source in conversion.source_patterns:
+            experts = []
+            while (name := prefix + source.replace("*", str(len(experts)))) in where:
+                experts.append(read(name))
+            if not experts:
+                return None
+            parts.append(torch.stack(experts, dim=ops[0].dim))  # (E, out, in)
+        return torch.cat(parts, dim=ops[1].dim) if len(ops) > 1 else parts[0]
+    return None
+
+
 def is_bnb_4bit(config) -> bool:
     q = getattr(config, "quantization_config", None)
     q = q if isinstance(q, dict) else (q.to_dict() if q is not None else {})
@@ -153,7 +181,7 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
 
     compute = dtype if dtype != torch.float32 else None
     targets = [n for n, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or is_conv1d(m)) and not path_matches(n, skip)]
+               if (plain_linear(m) or is_conv1d(m)) and not path_matches(n, [*skip, *read_by_weight(model)])]
     done: set[str] = set()
     for name in tqdm(targets, desc=f"loading + quantizing ({method or 'bnb-nf4'})", unit="layer", leave=False):
         bias = read(f"{name}.bias").to(dtype) if f"{name}.bias" in where else None
@@ -191,9 +219,10 @@ def load_quantized(folder: str | Path, method: str | None = "nf4", dtype: torch.
             continue
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
-        if key not in where:
+        if key in where:
+            value = read(key)
+        elif (value := stacked_experts(model, key, where, read)) is None:
             continue  # e.g. a tied output head, tied below
-        value = read(key)
         value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)

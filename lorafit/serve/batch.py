@@ -1,10 +1,14 @@
-"""The running batch: its rows, their KV cache and attention mask, and how batches merge and shrink.
+"""The running batch: its rows, their cache and attention mask, and how batches merge and shrink.
 
 Rows are left-padded and right-aligned: every row's real tokens end at the last KV column. Merging
 two batches is then a left pad of the shorter one's KV and mask, and dropping finished rows can
 trim the KV columns that have become padding in every remaining row. Per-row position ids keep
 each row's rotary positions independent of the padding (a shared-prefix prefill also leaves
 masked padding between a row's prefix and the rest of its prompt).
+
+Recurrent layers (kvcache.py) keep one state per row, which merges and shrinks with the rows and needs
+no padding. Left padding does not reach such a state: transformers zeroes the inputs at masked positions
+of these layers, so a state that starts at zero stays zero through the padding in front of a row.
 
 Every tensor is made on the device of the tensors it comes from (or the one passed in); only
 small index lists are built in Python first.
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafit.serve.kvcache import AppendCache
+from lorafit.serve.kvcache import AppendCache, left_pad
 from lorafit.serve.requests import Request
 
 
@@ -32,17 +36,8 @@ class Batch:
 
 
 def kv(cache: AppendCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values), each (B, heads, L, head_dim)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """`t` with zeros prepended along `dim` up to `length`."""
-    if t.shape[dim] == length:
-        return t
-    shape = list(t.shape)
-    shape[dim] = length - t.shape[dim]
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    """Per attention layer (keys, values), each (B, heads, L, head_dim)."""
+    return cache.kv()
 
 
 def left_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +71,7 @@ def merge_batches(a: Batch, b: Batch) -> Batch:
         out = torch.cat([x, y])
         return out if index is None else out.index_select(0, index)
 
-    merged = [(cat(left_pad(ka, length, 2), left_pad(kb, length, 2)), cat(left_pad(va, length, 2), left_pad(vb, length, 2)))
-              for (ka, va), (kb, vb) in zip(kv(a.cache), kv(b.cache))]
-    return Batch([rows[i] for i in order], AppendCache.from_kv(merged),
+    return Batch([rows[i] for i in order], a.cache.join(b.cache, length, index),
                  cat(left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)),
                  cat(a.positions, b.positions), cat(a.last, b.last))
 
@@ -90,7 +83,5 @@ def select_rows(batch: Batch, keep: list[int]) -> Batch | None:
     index = torch.tensor(keep, device=batch.mask.device)
     mask = batch.mask.index_select(0, index)
     start = int((mask.sum(0) > 0).nonzero()[0])  # rows are right-aligned: padding is a prefix
-    trimmed = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-               for k, v in kv(batch.cache)]
-    return Batch([batch.rows[i] for i in keep], AppendCache.from_kv(trimmed), mask[:, start:],
+    return Batch([batch.rows[i] for i in keep], batch.cache.select(index, start), mask[:, start:],
                  batch.positions.index_select(0, index), batch.last.index_select(0, index))

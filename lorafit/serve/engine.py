@@ -7,7 +7,9 @@ long one to finish (continuous batching). Rows with different adapters share eve
 through `lorafit.adapter_per_row` (router.py), so eight adapters cost one base matmul per layer,
 not eight (plus two batched low-rank matmuls, `lorafit.ops.multi_lora`). Requests admitted
 together on one adapter whose prompts start alike prefill that prefix once (prefix.py). The KV
-cache (kvcache.py) appends each step's column in place; batches merge and shrink in batch.py.
+cache (kvcache.py) appends each step's column in place, and keeps the recurrent state of linear-attention,
+Mamba and convolution layers per row (Qwen3.5, Qwen3-Next, Granite 4, LFM2); batches merge and shrink
+in batch.py.
 
 The parts around the loop: adapters.py (names, references, safe unload), sampling.py (the next
 token), detok.py (ids to text and stop strings, a few tokens of work per token), requests.py
@@ -18,8 +20,10 @@ Every tensor the engine makes is made on the model's device.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -57,6 +61,21 @@ def rss_bytes() -> int:
         return 0
 
 
+def state_outside_cache(model: nn.Module) -> str | None:
+    """Why this model's sequence state would not live in the engine's cache (`AppendCache`, a transformers
+    `Cache` with attention and linear-attention layers), or None: RWKV passes its own `state`, xLSTM its own
+    cache class."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    arg = next((params[n] for n in ("cache", "past_key_values") if n in params), None)
+    if arg is None:
+        return "takes no cache argument" + (" (it passes its own `state`)" if "state" in params else "")
+    own = sorted(set(re.findall(r"\b(\w*Cache)\b", str(arg.annotation))) - {"Cache", "DynamicCache"})
+    return f"keeps its state in its own {own[0]}" if own else None
+
+
 class Engine:
     """Serve `model` (a plain transformers causal LM) with any number of adapters.
 
@@ -66,12 +85,16 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
                  max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024,
                  share_prefixes: bool = True) -> None:
-        if keeps_recurrent_state(model.config):  # Mamba, Jamba, linear attention: what the config declares
-            raise LorafitError(f"{type(model).__name__}: serving needs attention's key/value cache, and "
-                               f"{model.config.model_type!r} keeps a recurrent state the batching engine cannot "
-                               "split by row; serve an attention model (Llama, Qwen, Gemma, ...)")
+        outside = state_outside_cache(model)
+        if outside:
+            raise LorafitError(f"{type(model).__name__}: serving keeps each row's state in transformers' cache, and "
+                               f"{model.config.model_type!r} {outside}, which the batching engine cannot split by row; "
+                               "serve a model whose forward takes a transformers Cache")
         self.model = model.eval()
-        self.share_prefixes = share_prefixes  # prefill a prompt prefix common to rows on one adapter once
+        # prefill a prompt prefix common to rows on one adapter once; not where a layer keeps a recurrent state
+        # (the padding between a shared prefix and a row's rest would run through that state)
+        self.recurrent = keeps_recurrent_state(model.config)
+        self.share_prefixes = share_prefixes and not self.recurrent
         self.window = sliding_window(model.config)  # sliding-window attention: limits prefix sharing
         self.tokenizer = tokenizer
         # the scheduler decodes with its own copy, so it never shares tokenizer state with the HTTP thread
@@ -294,7 +317,7 @@ class Engine:
     def _prefill_plain(self, rows: list[Request]) -> Batch:
         ids, mask = left_padded([r.prompt_ids for r in rows], self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = AppendCache()
+        cache = AppendCache(self.model.config)
         echo = any(r.params.prompt_logprobs is not None for r in rows)
         logits = self._forward(rows, every_position=echo, input_ids=ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache)

@@ -8,8 +8,10 @@ Sliding-window attention (Mistral, Gemma 2 and 3, Phi-3) limits the window by KV
 position: transformers masks key j from query i when i - j >= window, counting cache columns. A shared
 prefix leaves padding between a row's prefix and the rest of its prompt, so columns and positions
 part there; such a group is only formed when no row can ever reach back a window's length across
-it (prompt + completion + that padding within the window). Elsewhere every row's tokens are
-contiguous columns, and the column mask is the position mask.
+it (prompt + completion + that padding within the window). Chunked attention (Llama 4) is the same
+case: transformers starts each row's chunks after its left padding, counting columns, so padding inside
+a row would move its chunk boundaries; the chunk size counts as the window. Elsewhere every row's tokens
+are contiguous columns, and the column mask is the position mask.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix does not pay for its ex
 
 
 def sliding_window(config) -> int | None:
-    """The sliding-window width of a model's attention, or None when no layer uses one."""
+    """The sliding-window width (or attention chunk size) of a model's attention, or None when no layer
+    uses one."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and "chunked_attention" in (getattr(config, "layer_types", None) or ["chunked_attention"]):
+        return int(chunk)
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", None) is False:
         return None

@@ -38,6 +38,15 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return loss_sum(model, to_device(batch, model_device(model))), n_target
 
 
+def decoder(model: nn.Module) -> nn.Module | None:
+    """The model without its output head (hidden states out), or None. Llama 4's causal LM names its
+    base-model prefix after the multimodal model's, so `base_model` is the causal LM itself there."""
+    body = getattr(model, "base_model", None)
+    if body is model:
+        body = getattr(model, "model", None)
+    return body if isinstance(body, nn.Module) else None
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token losses over the target tokens of a batch already on the model's device (fp32).
 
@@ -47,11 +56,13 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
+    body = decoder(model)
     plain_head = (isinstance(head, nn.Linear) and getattr(config, "final_logit_softcapping", None) is None
-                  and getattr(config, "logit_scale", None) is None and hasattr(model, "base_model"))
+                  and getattr(config, "logit_scale", None) is None and getattr(config, "logits_scaling", 1.0) == 1.0
+                  and body is not None)  # Granite divides its logits by logits_scaling
     if plain_head:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
         return causal_lm_loss(hidden, head.weight, batch["labels"], bias=head.bias, reduction="sum",
                               ignore_index=IGNORE)  # fp32: the chunks' logits are upcast before the softmax
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.config import DEFAULT_ADAPTER
+from lorafit.config import DEFAULT_ADAPTER, LoraConfig
 from lorafit.device import model_device
-from lorafit.lora.inject import adapter_configs, apply_lora, set_adapter, set_fused
+from lorafit.lora.inject import adapter_configs, apply_lora, lora_layers, set_adapter, set_fused
+from lorafit.lora.targets import check_trainable, find_targets
 from lorafit.train.checkpointing import enable_checkpointing
 from lorafit.train.config import TrainConfig
 from lorafit.train.full import make_fully_trainable
@@ -34,8 +35,12 @@ def prepare_model(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_
     if config.method == "full":
         make_fully_trainable(model)
     elif adapter not in adapter_configs(model):
+        lora = config.lora
+        if isinstance(lora, LoraConfig) and (lora.target_modules is not None or not lora.target_parameters):
+            check_trainable(model, find_targets(model, lora.target_modules, lora.layers_to_transform))
         apply_lora(model, config.lora, adapter)
     else:
+        check_trainable(model, [path for path, layer in lora_layers(model) if adapter in layer.adapter_names()])
         set_adapter(model, adapter)
     set_fused(model, config.fused_lora)
     if config.fused_mlp:

@@ -21,7 +21,7 @@ def test_unsupported_architecture_names_itself_and_the_supported_ones():
     with pytest.raises(LorafitError) as err:
         family_for(GPT2Config(architectures=["GPT2LMHeadModel"]))
     assert str(err.value) == ("model_type 'gpt2' (GPT2LMHeadModel) cannot be exported to GGUF; supported: Llama (llama), "
-                              "Qwen2 (qwen2), Qwen3 (qwen3), Gemma 3 (text) (gemma3_text)")
+                              "Qwen2 (qwen2), Qwen3 (qwen3), Gemma 3 (text) (gemma3_text), SmolLM3 (smollm3)")
 
 
 @pytest.mark.parametrize("config, words", [

@@ -15,6 +15,24 @@ What each family brings that the others do not:
     gpt2       Conv1D layers (transposed weights), learned positions, biases everywhere
     gpt_neox   fused query_key_value, partial rotary, parallel residual
     olmo2      q/k RMSNorm over the whole projection, norms after the blocks
+
+The 2025-26 families (NEW), each with what it adds:
+
+    gemma4            per-layer input embeddings, sliding / global layers (the global ones with a wider head),
+                      the last two layers reading the keys and values of earlier ones (KV sharing), logit
+                      soft-capping
+    qwen3_5           gated DeltaNet linear attention (a recurrent state and a short convolution) beside gated
+                      full attention
+    qwen3_5_moe       the same with a routed MoE (3-D experts) and a shared expert
+    qwen3_next        linear attention + full attention, MoE on every layer
+    gpt_oss           3-D experts stored (E, in, out), attention sinks, sliding / full layers, biases
+    llama4            chunked attention (8 tokens), a layer without rope, MoE every other layer (3-D experts,
+                      top-1, a shared expert), q/k L2 norm
+    smollm3           a layer without rope (NoPE) every 4th
+    olmo3             sliding / full layers with OLMo 2's norms
+    granitemoehybrid  Mamba-2 layers beside attention, embedding / residual / attention / logit multipliers
+    lfm2              short gated convolutions beside attention
+    ministral3        YaRN rope with attention temperature scaling
 """
 
 from __future__ import annotations
@@ -56,7 +74,51 @@ CONFIGS = {
     "gpt_neox": lambda tok: t.GPTNeoXConfig(**_decoder(tok)),
     "olmo2": lambda tok: t.Olmo2Config(**_decoder(tok)),
 }
+OLD = list(CONFIGS)
+
+_LINEAR_ATTENTION = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                     "linear_num_key_heads": 2, "linear_num_value_heads": 4}
+_MOE = {"moe_intermediate_size": 32, "num_experts_per_tok": 2}
+CONFIGS.update({
+    "gemma4": lambda tok: t.Gemma4TextConfig(
+        **{**_decoder(tok), "num_hidden_layers": 4}, head_dim=16, sliding_window=WINDOW, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        num_kv_shared_layers=2, hidden_size_per_layer_input=16, vocab_size_per_layer_input=len(tok),
+        per_layer_config={"01": {"head_dim": 32}, "03": {"head_dim": 32}}, attn_implementation="eager"),
+    "qwen3_5": lambda tok: t.Qwen3_5TextConfig(
+        **{**_decoder(tok), "num_hidden_layers": 3}, head_dim=16, **_LINEAR_ATTENTION,
+        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "qwen3_5_moe": lambda tok: t.Qwen3_5MoeTextConfig(
+        **{k: v for k, v in _decoder(tok).items() if k != "intermediate_size"}, head_dim=16, **_LINEAR_ATTENTION,
+        **_MOE, shared_expert_intermediate_size=32, num_experts=4, layer_types=["linear_attention", "full_attention"]),
+    "qwen3_next": lambda tok: t.Qwen3NextConfig(
+        **_decoder(tok), head_dim=16, **_LINEAR_ATTENTION, **_MOE, shared_expert_intermediate_size=32, num_experts=4,
+        layer_types=["linear_attention", "full_attention"]),
+    "gpt_oss": lambda tok: t.GptOssConfig(
+        **_decoder(tok), head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        attn_implementation="eager"),
+    "llama4": lambda tok: t.Llama4TextConfig(
+        **{**_decoder(tok), "num_hidden_layers": 4}, intermediate_size_mlp=128, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=WINDOW, no_rope_layer_interval=4,
+        attn_implementation="eager"),
+    "smollm3": lambda tok: t.SmolLM3Config(**{**_decoder(tok), "num_hidden_layers": 4}, no_rope_layer_interval=4),
+    "olmo3": lambda tok: t.Olmo3Config(**{**_decoder(tok), "num_hidden_layers": 4}, sliding_window=WINDOW),
+    "granitemoehybrid": lambda tok: t.GraniteMoeHybridConfig(
+        **_decoder(tok), layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=16,
+        mamba_d_head=32, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8, num_local_experts=0,
+        shared_intermediate_size=128, embedding_multiplier=2.0, logits_scaling=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.25),
+    "lfm2": lambda tok: t.Lfm2Config(**{**_decoder(tok), "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"],
+                                     conv_L_cache=3, block_auto_adjust_ff_dim=False),
+    "ministral3": lambda tok: t.Ministral3Config(**_decoder(tok), head_dim=16, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}),
+})
+NEW = [f for f in CONFIGS if f not in OLD]
 FAMILIES = list(CONFIGS)
+MOE = ("qwen3_5_moe", "qwen3_next", "gpt_oss", "llama4")  # 3-D expert weights (target_parameters)
+RECURRENT = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "granitemoehybrid", "lfm2")  # a state along the sequence
 
 # What `target_modules=None` adapts in each family: every projection of attention and MLP.
 DEFAULTS = {
@@ -65,7 +127,22 @@ DEFAULTS = {
     "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
     "gpt2": {"c_attn", "c_proj", "c_fc"},
     "gpt_neox": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
+    **dict.fromkeys(["gemma4", "smollm3", "olmo3", "ministral3", "llama4"],
+                    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    # linear attention: its input and output projections, not the per-head decay / beta gates (a few outputs each)
+    "qwen3_5": {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj",
+                "up_proj", "down_proj"},
+    "qwen3_5_moe": {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj",
+                    "up_proj", "down_proj"},
+    "qwen3_next": {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "out_proj"},
+    "gpt_oss": {"q_proj", "k_proj", "v_proj", "o_proj"},  # its MLP is experts only: target_parameters
+    "granitemoehybrid": {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "input_linear", "output_linear"},
+    "lfm2": {"q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"},
 }
+EXPERTS = {"qwen3_5_moe": ["experts.gate_up_proj", "experts.down_proj"],
+           "qwen3_next": ["experts.gate_up_proj", "experts.down_proj"],
+           "gpt_oss": ["experts.gate_up_proj", "experts.down_proj"],
+           "llama4": ["experts.gate_up_proj", "experts.down_proj"]}
 
 
 def tokenizer():

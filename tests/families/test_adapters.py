@@ -22,6 +22,7 @@ from lorafit.train.trainer import TrainConfig, Trainer, loss_sum, n_targets
 from tests.families.kit import DEFAULTS, FAMILIES, make_model, randomize, tokenizer
 
 TOL = 1e-5
+MERGE_TOL = 5e-5  # a merged weight rounds differently; linear attention and convolutions carry it to 2e-5 in fp32
 RECORDS = [{"instruction": "the quick brown fox", "output": "jumps over the lazy dog"},
            {"instruction": "hello world", "input": "tokens stream back", "output": "as they come"},
            {"instruction": "a server answers", "output": "many clients at once"}]
@@ -96,9 +97,9 @@ def test_merge_equals_unmerged(family, tok):
     with torch.no_grad():
         unmerged = model(ids).logits
         lf.merge_adapter(model)
-        torch.testing.assert_close(model(ids).logits, unmerged, atol=TOL, rtol=0)
+        torch.testing.assert_close(model(ids).logits, unmerged, atol=MERGE_TOL, rtol=0)
         lf.unmerge_adapter(model)
-        torch.testing.assert_close(model(ids).logits, unmerged, atol=TOL, rtol=0)
+        torch.testing.assert_close(model(ids).logits, unmerged, atol=MERGE_TOL, rtol=0)
         plain = lf.merge_and_unload(model)
         assert not list(lora_layers(plain))
-        torch.testing.assert_close(plain(ids).logits, unmerged, atol=TOL, rtol=0)
+        torch.testing.assert_close(plain(ids).logits, unmerged, atol=MERGE_TOL, rtol=0)

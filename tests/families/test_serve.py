@@ -3,8 +3,11 @@
 Each family's server runs two adapters and the base side by side: requests on different adapters share
 every forward, some join a batch already decoding, and requests on one adapter that start alike share a
 prefix. The reference is transformers' own greedy `generate`, one request at a time, its adapter set the
-usual way. Prompts and completions run past the sliding window (8 tokens) of Mistral, Gemma 2 and
-Gemma 3, so their sliding-window layers attend over a KV cache longer than the window.
+usual way. Prompts and completions run past the sliding window (8 tokens) of Mistral, Gemma 2, Gemma 3,
+Gemma 4, gpt-oss and OLMo 3 and past Llama 4's attention chunks, so those layers attend over a KV cache
+longer than the window. The hybrid families (Qwen3.5, Qwen3-Next, Granite 4, LFM2) keep a recurrent or
+convolution state per row: prompts of different lengths are left-padded in front of it, rows join the
+running batch and leave it, and every row still gets its solo tokens; their engine shares no prefix.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from lorafit.model import load_model
 from lorafit.serve.engine import Engine
 from lorafit.serve.prefix import shared_prefixes
 from lorafit.serve.requests import Request, SamplingParams
-from tests.families.kit import FAMILIES, WINDOW, randomize, save_model, tokenizer
+from tests.families.kit import FAMILIES, RECURRENT, WINDOW, randomize, save_model, tokenizer
 from tests.serve.test_engine import run_mixed, solo
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog and then", "hello world", "a",
            "adapters share one base model in a batch, and a server answers many clients at once"]
 SHARED = "a server answers many clients at once, tokens stream back as they come:"  # > 8 tokens in common
 NEW = 14  # tokens per request: past the window after any prompt
-SLIDING = ("mistral", "gemma2", "gemma3")  # their shared prefix would put padding inside a window: not shared
+SLIDING = ("mistral", "gemma2", "gemma3", "gemma4", "gpt_oss", "olmo3", "llama4")  # windows (llama4: chunks): no shared prefix
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,9 @@ def test_per_row_adapters_equal_solo_runs(family, tok, tmp_path):
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     early = [Request(ids, None, SamplingParams(max_tokens=NEW), print, internal=a) for ids, a in jobs[:-3]]
-    groups, _ = shared_prefixes(early, engine.window)  # what the engine prefills as one shared prefix
-    assert len(groups) == (0 if family in SLIDING else 1) and (engine.window == WINDOW) == (family in SLIDING)
+    groups, _ = shared_prefixes(early, engine.window) if engine.share_prefixes else ([], early)  # prefilled once
+    assert len(groups) == (0 if family in SLIDING + RECURRENT else 1) and (engine.window == WINDOW) == (family in SLIDING)
+    assert engine.recurrent == (family in RECURRENT)
     engine.start()
     try:
         assert run_mixed(engine, jobs, NEW, late=3) == want

@@ -13,9 +13,12 @@ weights per block, counted exactly (`block_vectors`):
     qwen3                       + per-head q/k RMSNorms                    + 2 * head_dim
     gemma2                      four RMSNorms (pre/post attention and MLP) 4 * hidden
     gemma3                      four RMSNorms + per-head q/k RMSNorms      4 * hidden + 2 * head_dim
-    olmo2                       + q/k RMSNorms over whole projections      + (heads + kv_heads) * head_dim
+    olmo2, olmo3                + q/k RMSNorms over whole projections      + (heads + kv_heads) * head_dim
+    smollm3, ministral3         two RMSNorms (NoPE layers and YaRN change no weight)
 
-GPT-2, GPT-NeoX, Falcon, OPT (ungated MLPs) and mixtures of experts have other shapes: a one-line error.
+GPT-2, GPT-NeoX, Falcon, OPT (ungated MLPs), mixtures of experts (gpt-oss, Llama 4, Qwen3.5-MoE), hybrids
+with linear-attention, Mamba or convolution layers (Qwen3.5, Qwen3-Next, Granite 4, LFM2) and Gemma 4's
+per-layer inputs have other shapes: a one-line error naming what the estimator does not model.
 """
 
 from __future__ import annotations
@@ -141,8 +144,9 @@ class ModelShape:
 
         model_type = config.get("model_type") or "llama"
         if model_type not in BLOCK_VECTORS:
+            has = f" ({OTHER_SHAPES[model_type]})" if model_type in OTHER_SHAPES else ""
             raise LorafitError(f"{where}: model_type {model_type!r} is not a Llama-style decoder (gated MLP, q/k/v/o "
-                               f"attention); the estimator knows {', '.join(BLOCK_VECTORS)}: pass a size instead")
+                               f"attention){has}; the estimator knows {', '.join(BLOCK_VECTORS)}: pass a size instead")
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
         kv_heads = config.get("num_key_value_heads") or heads
@@ -175,13 +179,25 @@ def _norms(n: int, qk: int = 0):
 
 # model_type -> block_vectors(hidden, heads, kv_heads, head_dim), see the module docstring
 BLOCK_VECTORS = {
-    **dict.fromkeys(["llama", "mistral", "phi3", "gemma", "granite", "smollm3"], _norms(2)),
+    **dict.fromkeys(["llama", "mistral", "phi3", "gemma", "granite", "smollm3", "ministral3", "ministral"], _norms(2)),
     "qwen2": lambda hidden, heads, kv_heads, head_dim: 2 * hidden + (heads + 2 * kv_heads) * head_dim,
     "qwen3": _norms(2, qk=2),
     "gemma2": _norms(4),
     "gemma3": _norms(4, qk=2),
     "gemma3_text": _norms(4, qk=2),
-    "olmo2": lambda hidden, heads, kv_heads, head_dim: 2 * hidden + (heads + kv_heads) * head_dim,
+    **dict.fromkeys(["olmo2", "olmo3"], lambda hidden, heads, kv_heads, head_dim: 2 * hidden + (heads + kv_heads) * head_dim),
+}
+
+# What the families the estimator refuses have instead of a Llama-style block (said in the refusal)
+_LINEAR_ATTENTION = "gated DeltaNet linear-attention layers"
+OTHER_SHAPES = {
+    "gemma4_text": "per-layer input embeddings and KV-sharing layers", "gemma4": "per-layer input embeddings and KV-sharing layers",
+    "qwen3_5_text": _LINEAR_ATTENTION, "qwen3_5": _LINEAR_ATTENTION,
+    "qwen3_5_moe_text": _LINEAR_ATTENTION + " and 3-D experts", "qwen3_5_moe": _LINEAR_ATTENTION + " and 3-D experts",
+    "qwen3_next": _LINEAR_ATTENTION + " and 3-D experts", "gpt_oss": "3-D experts with biases and attention sinks",
+    "llama4_text": "3-D experts every few layers", "llama4": "3-D experts every few layers",
+    "granitemoehybrid": "Mamba-2 layers", "lfm2": "short-convolution layers",
+    "mixtral": "3-D experts", "qwen2_moe": "3-D experts", "qwen3_moe": "3-D experts",
 }
 
 
