@@ -277,3 +277,21 @@ def test_gpu_train_flops_formula():
     # Llama 3 8B: ~7.5e9 linear parameters incl. the head -> 6N = 4.5e10 plus 12 L H T = 3.2e9 attention FLOPs per
     # token at seq 2048
     assert 4.7e10 < bench("gpu_train").model_flops_per_token("8b", 2048) < 4.9e10
+
+
+# -- bench/eval_adapters.py: four adapters in one `lorafit eval` run vs four runs ------------------------------
+def test_eval_adapters_defaults():
+    args = bench("eval_adapters").parse_args([])
+    assert (args.model, args.records, args.new_tokens, args.rounds, args.smoke) == (None, 40, 12, 2, False)
+    smoke = bench("eval_adapters").parse_args(["--smoke"])
+    assert (smoke.records, smoke.new_tokens, smoke.rounds) == (4, 2, 1)
+
+
+def test_eval_adapters_smoke(smollm2_dir, tmp_path):
+    out = run_script("eval_adapters", "--smoke", "--json", str(tmp_path / "r.json"), cwd=tmp_path)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["together"]) == set(report["apart"]) == {"a0", "a1", "a2", "a3"}
+    for name, scores in report["together"].items():  # both sides scored the same adapters the same way
+        assert finite(scores["loss"], report["apart"][name]["loss"], report["ratio"])
+        assert scores["exact"] == report["apart"][name]["exact"]
+    assert [len(t) for t in report["times"].values()] == [1, 1] and "ratio (4 runs / one run)" in out
