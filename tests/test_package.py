@@ -36,3 +36,14 @@ def test_import_lorafit_prints_nothing_even_when_its_public_names_load():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (result.stdout, result.stderr) == ("", "")
+
+
+def test_no_merge_conflict_left_in_a_tracked_file():
+    files = subprocess.run(["git", "ls-files", "-z"], capture_output=True, cwd=ROOT)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout")
+    markers = ("<<<<<<< ", ">>>>>>> ")
+    left = [f"{name}:{i}" for name in files.stdout.decode().split("\0") if name and (ROOT / name).is_file()
+            for i, line in enumerate((ROOT / name).read_bytes().decode("utf-8", "replace").splitlines(), 1)
+            if line.startswith(markers)]
+    assert not left, f"merge conflict markers at {', '.join(left[:10])}"
