@@ -37,6 +37,7 @@ from gguf import quants as gguf_quants
 from tqdm.auto import tqdm
 
 from lorafit.errors import LorafitError
+from lorafit.paths import new_file_mode
 
 Q = GGMLQuantizationType
 # --outtype -> (ggml type of the matrices, general.file_type)
@@ -116,6 +117,7 @@ def write_gguf(out: str | os.PathLike, arch: str, metadata: Callable[[GGUFWriter
     written in order with a progress bar. Atomic: a temporary file in the same folder, renamed."""
     out = Path(out)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.fchmod(fd, new_file_mode())  # the umask's permissions, not mkstemp's private 0600
     os.close(fd)
     tmp = Path(tmp_name)
     writer = GGUFWriter(tmp, arch)
