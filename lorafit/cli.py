@@ -86,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for i, (prompt, ids) in enumerate(zip(args.prompt, new)):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         if several:  # each answer under its prompt; one prompt prints the answer alone (easy to pipe)
-            print(("" if i == 0 else "\n") + f"### prompt {i + 1}: {prompt}")
+            print(("" if i == 0 else "---\n") + f"### prompt {i + 1}: {prompt}")
         if not text:
             print(f"lorafit generate: prompt {i + 1}: {why_empty(tokenizer, ids)}", file=sys.stderr)
         print(text, flush=True)
@@ -117,10 +117,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
     if not args.gpu_memory > 0:
         raise LorafitError(f"--gpu-memory {args.gpu_memory:g} must be a positive size in GiB")
-    method = args.method or DEFAULT_METHOD
-    if args.method is None:  # say which method the numbers are for
-        print(f"lorafit estimate: --method {method} (the default; full, lora or ternary for the others)",
-              file=sys.stderr)
+    method = args.method or DEFAULT_METHOD  # the table's title names it; a single estimate says it below
     setup = {"method": method, "batch": args.batch, "seq": args.seq, "device": args.device,
              "group_size": args.group_size}
     if args.nproc != 1:
@@ -136,11 +133,13 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
         print(result.setup.shape.describe())  # the shape read from the folder or .gguf (or the size's)
         print(result.breakdown())
+        what = f"{method}{' (the default --method)' if args.method is None else ''}, r={args.rank}, " \
+               f"batch {args.batch} x seq {args.seq}"
         if args.device == "cuda":
             verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
-            print(f"{result.total_gb:.1f} GiB: {verdict} a {args.gpu_memory:g} GiB GPU")
+            print(f"{what}: {result.total_gb:.1f} GiB: {verdict} a {args.gpu_memory:g} GiB GPU")
         else:
-            print(f"{result.total_gb:.1f} GiB of RAM at the peak (the process's resident size)")
+            print(f"{what}: {result.total_gb:.1f} GiB of RAM at the peak (the process's resident size)")
     else:
         try:  # ✓ / ✗ where the terminal can show them
             "".join(MARKS).encode(getattr(sys.stdout, "encoding", None) or "ascii")
@@ -226,7 +225,9 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default (argparse's "(default: X)"), where it has one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or action.help is None or "%(default)" in action.help:
+        if action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS \
+                or action.help is None or "default:" in action.help:
             return action.help
         return super()._get_help_string(action)
 

@@ -50,9 +50,9 @@ def temporary_file(target: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        os.fchmod(fd, new_file_mode())
         os.close(fd)
         yield tmp
+        tmp.chmod(new_file_mode())  # after the write: some writers (safetensors) make the file anew, private
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)  # gone already after the rename

@@ -117,7 +117,6 @@ def write_gguf(out: str | os.PathLike, arch: str, metadata: Callable[[GGUFWriter
     written in order with a progress bar. Atomic: a temporary file in the same folder, renamed."""
     out = Path(out)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.fchmod(fd, new_file_mode())  # the umask's permissions, not mkstemp's private 0600
     os.close(fd)
     tmp = Path(tmp_name)
     writer = GGUFWriter(tmp, arch)
@@ -139,6 +138,7 @@ def write_gguf(out: str | os.PathLike, arch: str, metadata: Callable[[GGUFWriter
         writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        tmp.chmod(new_file_mode())  # the umask's permissions, not mkstemp's private 0600
         os.replace(tmp, out)
     except BaseException:
         writer.close()

@@ -33,12 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "named after its folder (repeatable)")
     parser.add_argument("--adapter-root", default=None,
                         help="allow POST /v1/adapters to load folders under this directory (off when unset)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--api-key", default=os.environ.get("LORAFIT_API_KEY"),
                         help="require `Authorization: Bearer KEY` (default: $LORAFIT_API_KEY; none when unset)")
     parser.add_argument("--served-name", default=None, help="the base model's name in /v1/models (default: folder name)")
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded together")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long an idle server waits for more requests to start a batch together")
     parser.add_argument("--dtype", default="auto",

@@ -76,9 +76,9 @@ def test_qlora_with_loftq_loads_full_precision_and_ends_all_nf4(tokenizer, tmp_p
     import lorafit.train.trainer as trainer_module
 
     class Recording(trainer_module.Trainer):
-        def train(self, resume=False):
+        def train(self, resume=False, overwrite=False):
             seen["model"] = self.model
-            return super().train(resume)
+            return super().train(resume, overwrite)
 
     monkeypatch.setattr(trainer_module, "Trainer", Recording)  # the real Trainer, which also keeps its model
     history = run(config)

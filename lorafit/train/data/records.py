@@ -23,7 +23,7 @@ from lorafit.errors import LorafitError
 SHAPES = ("alpaca", "chat", "text")
 FORMATS = ("auto", *SHAPES)
 ROLES = ("system", "user", "assistant", "tool", "developer")  # the roles chat templates know
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's names (its turns: {"from", "value"})
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's names (its turns: {"from", "value"})
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _detect_shape(obj: dict) -> str | None:
     return None
 
 
-SHAREGPT_HINT = ("'conversations' of {from, value} turns is ShareGPT's format: write each record as "
+_SHAREGPT_HINT = ("'conversations' of {from, value} turns is ShareGPT's format: write each record as "
                  "{\"messages\": [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", ...}]} "
                  "(human -> user, gpt -> assistant)")
 
@@ -85,11 +85,11 @@ def _validate(obj: dict, shape: str, where: str) -> None:
                     f"{where}: field 'messages[{i}]' must be an object with 'role' and 'content'"
                 )
             if "from" in m and "value" in m and "role" not in m:
-                raise LorafitError(f"{where}: messages[{i}] has 'from'/'value': {SHAREGPT_HINT}")
+                raise LorafitError(f"{where}: messages[{i}] has 'from'/'value': {_SHAREGPT_HINT}")
             _need_str(m, "role", f"{where}: messages[{i}]")
             _need_str(m, "content", f"{where}: messages[{i}]")
             if m["role"] not in ROLES:
-                meant = SHAREGPT_ROLES.get(m["role"])
+                meant = _SHAREGPT_ROLES.get(m["role"])
                 hint = (f"; {m['role']!r} is ShareGPT's name for {meant!r}: rename the roles (human -> user, "
                         "gpt -> assistant)") if meant else ""
                 raise LorafitError(f"{where}: messages[{i}] has the unknown role {m['role']!r}: use "
@@ -139,7 +139,7 @@ def read_records(path: str | Path, format: str = "auto") -> list[Record]:
             found = _detect_shape(obj)
             if shape is None:  # first record of an auto-detected file decides
                 if found is None:
-                    hint = SHAREGPT_HINT if "conversations" in obj else (
+                    hint = _SHAREGPT_HINT if "conversations" in obj else (
                         "use 'instruction'+'output' (alpaca), 'messages' (chat) or 'text'")
                     raise LorafitError(f"{where}: cannot tell the record shape from fields {sorted(obj)}: {hint}")
                 shape, first_line = found, lineno
