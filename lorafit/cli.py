@@ -434,7 +434,10 @@ def one_line_warnings(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        status = _main(argv)
+        try:
+            status = _main(argv)
+        except SystemExit as e:  # argparse's --help, --version and usage errors: flushed below as well
+            status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         sys.stdout.flush()  # a reader that stopped early shows here, not at exit
     except BrokenPipeError:
         # the reader (head, grep -m) stopped reading: end quietly, as other tools killed by SIGPIPE do;

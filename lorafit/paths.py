@@ -62,13 +62,16 @@ def write_folder(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Fill a fresh temporary folder beside `target` with `write(tmp)`, then rename it onto `target`
     (replacing a folder or file there). An interrupted or failing write leaves `target` as it was and
     no temporary folder behind; the temporary name starts with a dot, so globs of finished folders
-    (`step-*`) never see it. The folder gets the permissions of a new folder (the umask's)."""
+    (`step-*`) never see it. The folder and everything in it get the permissions of a new folder or
+    file (the umask's), whatever the writers did (safetensors makes its files 0600)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        tmp.chmod(new_file_mode(folder=True))
         write(tmp)
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(new_file_mode(folder=path.is_dir()))
         if target.is_dir():
             remove_folder(target)
         elif target.exists():

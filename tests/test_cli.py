@@ -328,10 +328,3 @@ def test_device_and_dtype_mistakes_are_one_line(command, mistake, tiny_model_dir
     else:
         assert "dtype 'bogus' is unknown" in line and "--dtype" in line, line
     assert not (tmp_path / "demo").exists() and not (tmp_path / "m").exists()
-
-
-def test_generate_on_cpu(tiny_model_dir):
-    result = lorafit("generate", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
-                     "--max-new-tokens", "2", "hello", "world")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.splitlines()) == 2

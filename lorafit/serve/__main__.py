@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
-def _adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
+def adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
     """(name, folder) of each --adapter: NAME=DIR, or DIR alone (named after its folder, or its run's
     folder for a run's adapter/); a name given twice is refused."""
     from lorafit.config import check_adapter_name
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    adapters = _adapter_specs(args.adapter)
+    adapters = adapter_specs(args.adapter)
     if args.adapter_root and not Path(args.adapter_root).is_dir():
         raise LorafitError(f"--adapter-root {args.adapter_root}: not a directory")
     for _, path in adapters:  # each adapter's files, before the slow part
