@@ -340,3 +340,14 @@ def test_adalora_regularizer_in_the_loss_and_allocation_after_each_step(tokenize
     ids = torch.tensor([batch["input_ids"][0].tolist()])
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
     torch.testing.assert_close(peft_model(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_the_loss_plot_has_whole_steps_on_its_axis():
+    from lorafit.plots import pyplot
+    from lorafit.train.trainer import loss_figure
+
+    fig = loss_figure([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.2, "val_loss": 1.4}])
+    fig.canvas.draw()
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    pyplot().close(fig)
