@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.train.demo_task import make_dataset, write_jsonl
-from lorafit.train.run import EXAMPLE
 from tests.test_cli import ROOT, help_entries, lorafit, tiny_model_dir  # noqa: F401  (a fixture)
 
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1",
@@ -30,6 +29,8 @@ def test_the_readme_run_file_is_the_one_train_help_shows_and_it_trains(tiny_mode
     """The YAML example of the README, as it is, for two steps on a tiny model with SmolLM2's tokenizer
     (the flags override the file: a CPU runs the real 135M model's steps in tens of seconds each); its
     relative paths are read from the file's folder, not from the working directory."""
+    from lorafit.train.run import EXAMPLE
+
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"A run file for `lorafit train run.yaml`.*?\n```yaml\n(.*?)```", readme, re.S).group(1)
     assert block == EXAMPLE
@@ -105,14 +106,8 @@ def test_outputs_get_the_umasks_permissions(tiny_model_dir, tmp_path):  # noqa: 
     train = under_022("train", "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "2",
                       "--save-steps", "1", "--batch-size", "4", "--lora.r", "2", "--output-dir", str(run),
                       "--data.max-seq-length", "64")
-    truncated = [line for line in train.stderr.splitlines() if "longer than max_seq_length=64" in line]
-    assert len(truncated) == 1 and truncated[0].startswith(f"lorafit train: warning: {data}: ")  # one line
-    assert "warnings.warn" not in train.stderr
-    merge = under_022("merge", "--model", str(tiny_model_dir), "--adapter", str(run), "--out", str(tmp_path / "merged"),
-                      "--dtype", "bfloat16")  # a run's output_dir means its adapter/
-    assert merge.stdout.startswith(f"lorafit merge: merged {run / 'adapter'} into {tiny_model_dir}: a plain "
-                                   "transformers checkpoint in bfloat16")
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    merge = under_022("merge", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"),
+                      "--out", str(tmp_path / "merged"), "--dtype", "bfloat16")
     under_022("export", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--outtype", "f16",
               "--out", str(tmp_path / "model.gguf"))
     written = [run / "adapter", run / "checkpoints", tmp_path / "merged", tmp_path / "model.gguf"]
@@ -120,6 +115,16 @@ def test_outputs_get_the_umasks_permissions(tiny_model_dir, tmp_path):  # noqa: 
     assert len(written) > 15 and (run / "checkpoints" / "step-00000002" / "trainer_state.pt") in written
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
     assert modes == {name: "0o755" if (tmp_path / name).is_dir() else "0o644" for name in modes}
+
+    truncated = [line for line in train.stderr.splitlines() if "longer than max_seq_length=64" in line]
+    assert len(truncated) == 1 and truncated[0].startswith(f"lorafit train: warning: {data}: ")  # one line
+    assert "warnings.warn" not in train.stderr
+    assert merge.stdout.startswith(f"lorafit merge: merged {run / 'adapter'} into {tiny_model_dir}: a plain "
+                                   "transformers checkpoint in bfloat16")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    merged_again = under_022("merge", "--model", str(tiny_model_dir), "--adapter", str(run), "--overwrite",
+                             "--out", str(tmp_path / "merged"))  # a run's output_dir means its adapter/; dtype: the base's
+    assert "a plain transformers checkpoint in float32" in merged_again.stdout
 
 
 @pytest.mark.parametrize("args", [["estimate"], ["estimate", "--model", "7B", "--device", "cpu"], ["train", "--help"]])
