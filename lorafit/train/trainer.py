@@ -9,8 +9,9 @@ A checkpoint (adapter + optimizer + RNG + data position) is written to a tempora
 renamed into place, so a run killed mid-save still has its previous checkpoint, and `resume=True`
 continues with the same losses the uninterrupted run would have had. Ctrl-C ends the current step and
 writes one too (lorafit.train.interrupt), `save_steps` or not. What output_dir may hold when a run
-starts (no earlier run unless `resume` or `overwrite`) and checkpoint rotation: lorafit.train.outdir. The RNG state is the CPU
-generator's and, when CUDA is in use, every CUDA device's (dropout masks on a GPU draw from those).
+starts (no earlier run unless `resume` or `overwrite`) and checkpoint rotation: lorafit.train.outdir.
+The RNG state is the CPU generator's and, when CUDA is in use, every CUDA device's (dropout masks on a
+GPU draw from those).
 
 Devices: the model stays where the caller put it. Batches are built on the host (`collate`), their
 target tokens counted there (no device sync), then moved to the model's device (`lorafit.device.
