@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("eval", help="score the base and adapters side by side on held-out data (loss, perplexity, "
-                       "answers); lm-evaluation-harness tasks")
+                       "answers); lm-evaluation-harness tasks", formatter_class=Help)
     p.add_argument("--data", required=True, help="held-out JSONL in a training format (alpaca, chat or text records)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="an adapter to score; repeat for more (all share the loaded base and every batch)")
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", metavar="NAME",
                    help="exact (default), contains, regex (the reference is a pattern), or a Python scorer "
                         "module:function (prediction, reference, record) -> bool or [0, 1]; repeat for several")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated answer in tokens")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward, over all models")
     p.add_argument("--max-examples", type=int, help="score the first N records only")
     p.add_argument("--no-base", action="store_true", help="score the adapters only")

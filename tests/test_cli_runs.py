@@ -144,7 +144,7 @@ def test_version_and_help_of_every_option_with_its_default():
     from lorafit import __version__
 
     assert lorafit("--version").stdout == f"lorafit {__version__}\n"
-    for cmd in ("generate", "merge", "export", "estimate", "serve"):
+    for cmd in ("generate", "merge", "export", "estimate", "eval", "serve"):
         entries = help_entries(lorafit(cmd, "--help", COLUMNS="1000").stdout)
         missing = [flag for flag, entry in entries.items() if flag != "--help" and len(entry.split(None, 2)) < 3]
         assert not missing, (cmd, missing)  # every option says what it is
