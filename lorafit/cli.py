@@ -10,14 +10,13 @@ killed by SIGPIPE. Ctrl-C ends with status 130 (`lorafit train` writes a checkpo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import warnings
 
 from lorafit.errors import LorafitError
-from lorafit.flags import dashed, suggest
+from lorafit.flags import dashed, unknown_options
 from lorafit.model import DEFAULT_MODEL
+from lorafit.terminal import Help, Parser, TrainHelp, one_line_warnings, pipeable
 
 DEFAULT_METHOD = "qlora"  # lorafit estimate's, when --method is not given
 
@@ -184,13 +183,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run(args)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with its own errors (a missing or malformed argument) on one line, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
-
-
 def add_placement(p: argparse.ArgumentParser) -> None:
     """--device and --dtype, documented by RunConfig's fields (checked when the command runs)."""
     from lorafit.fieldinfo import help_text
@@ -219,24 +211,6 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         groups[key.rpartition(".")[0]].add_argument(
             f"--{key.replace('_', '-')}", dest="overrides", action="append", metavar=metavar(f),
             type=lambda v, k=key: (k, v), help=help_text(cls, name).replace("%", "%%"), **extra)
-
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default (argparse's "(default: X)"), where it has one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == [] \
-                or action.default is argparse.SUPPRESS \
-                or action.help is None or "default:" in action.help:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class TrainHelp(argparse.RawDescriptionHelpFormatter):
-    """`lorafit train --help`: the description and the example run file as written."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=36)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,42 +383,8 @@ def _flags(sub: argparse.ArgumentParser) -> list[str]:
     return [o for a in sub._actions for o in a.option_strings]
 
 
-def _unknown_options(sub: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
-    """One line for arguments the subcommand does not know, with the flag most likely meant as a hint."""
-    flag = next((u for u in unknown if u.startswith("-")), None)
-    if flag is None:
-        return f"lorafit {command}: error: unexpected argument {unknown[0]!r}; see `lorafit {command} --help`"
-    flag = flag.split("=")[0]
-    close = suggest(flag, _flags(sub))
-    hint = f"; did you mean {close}?" if close else f"; see `lorafit {command} --help`"
-    return f"lorafit {command}: error: unknown option {flag}{hint}"
-
-
-def one_line_warnings(command: str) -> None:
-    """Warnings as one line each: lorafit's own as `lorafit CMD: warning: ...`, others' with their
-    category (no Python source line: the user did not write it)."""
-    def show(message, category, filename, lineno, file=None, line=None):
-        own = "/lorafit/" in filename.replace(os.sep, "/")
-        text = str(message).replace("\n", " ")
-        out = file if file is not None else sys.stderr
-        with contextlib.suppress(OSError, ValueError):  # stderr closed or gone
-            out.write(f"lorafit {command}: warning: {text}\n" if own else f"{category.__name__}: {text}\n")
-    warnings.showwarning = show
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        try:
-            status = _main(argv)
-        except SystemExit as e:  # argparse's --help, --version and usage errors: flushed below as well
-            status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        sys.stdout.flush()  # a reader that stopped early shows here, not at exit
-    except BrokenPipeError:
-        # the reader (head, grep -m) stopped reading: end quietly, as other tools killed by SIGPIPE do;
-        # stdout goes to /dev/null so that Python's own flush at exit does not fail once more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    return status
+    return pipeable(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -456,7 +396,7 @@ def _main(argv: list[str] | None = None) -> int:
         argv = dashed(argv, _flags(subcommands[command]))  # --learning_rate works as --learning-rate
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        print(_unknown_options(subcommands[args.command], args.command, unknown), file=sys.stderr)
+        print(unknown_options(args.command, unknown, _flags(subcommands[args.command])), file=sys.stderr)
         return 2
     one_line_warnings(args.command)
     try:

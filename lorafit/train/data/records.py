@@ -22,7 +22,8 @@ from lorafit.errors import LorafitError
 
 SHAPES = ("alpaca", "chat", "text")
 FORMATS = ("auto", *SHAPES)
-ROLES = ("system", "user", "assistant", "tool", "developer")  # the roles chat templates know
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")  # chat templates' roles
+# (ipython: Llama 3.1's tool results; function: OpenAI's older name for tool)
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's names (its turns: {"from", "value"})
 
 

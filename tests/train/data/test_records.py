@@ -113,8 +113,8 @@ def test_a_byte_order_mark_is_read_and_other_encodings_name_their_line(tmp_path)
     ([{"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}],
      ":1: messages[0] has 'from'/'value': 'conversations' of {from, value} turns is ShareGPT's format"),
     ([{"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]}],
-     ":1: messages[0] has the unknown role 'human': use system, user, assistant, tool, developer; 'human' is "
-     "ShareGPT's name for 'user'"),
+     ":1: messages[0] has the unknown role 'human': use system, user, assistant, tool, developer, ipython, "
+     "function; 'human' is ShareGPT's name for 'user'"),
     ([CHAT, {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}],
      ":2: messages[1] has the unknown role 'bot': use system, user, assistant, tool, developer"),
 ])
