@@ -86,7 +86,7 @@ def test_adapter_mistakes_are_found_before_the_model_loads(tiny, unloadable, tmp
     assert message.format(**paths) in _one_line(capsys, status)
 
 
-def testadapter_specs_name_a_folder_after_itself_or_its_run(tmp_path):
+def test_adapter_specs_name_a_folder_after_itself_or_its_run(tmp_path):
     from lorafit.serve.__main__ import adapter_specs
 
     run = tmp_path / "runs" / "dates"
