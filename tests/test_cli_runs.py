@@ -34,7 +34,8 @@ def test_the_readme_run_file_is_the_one_train_help_shows_and_it_trains(tiny_mode
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"A run file for `lorafit train run.yaml`.*?\n```yaml\n(.*?)```", readme, re.S).group(1)
     assert block == EXAMPLE
-    assert all(line in lorafit("train", "--help").stdout for line in EXAMPLE.splitlines())
+    shown = lorafit("train", "--help").stdout
+    assert all(line in shown for line in EXAMPLE.splitlines())
     (tmp_path / "run.yaml").write_text(block)
     write_jsonl(tmp_path / "train.jsonl", make_dataset(40, seed=0))
     result = lorafit("train", str(tmp_path / "run.yaml"), "--max-steps", "2", "--model", str(tiny_model_dir), cwd=ROOT)
@@ -140,16 +141,26 @@ def test_output_can_be_piped_into_a_reader_that_stops(args):
     assert result.stderr == "" and result.returncode in (0, 141)  # 141: as tools killed by SIGPIPE
 
 
-def test_version_and_help_of_every_option_with_its_default():
+def in_process(capsys, *args: str) -> tuple[int, str]:
+    """`lorafit ARGS` in this process (no interpreter start-up): its exit status and stdout."""
+    from lorafit.cli import main
+
+    status = main(list(args))
+    return status, capsys.readouterr().out
+
+
+def test_version_and_help_of_every_option_with_its_default(capsys, monkeypatch):
     from lorafit import __version__
 
-    assert lorafit("--version").stdout == f"lorafit {__version__}\n"
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    assert in_process(capsys, "--version") == (0, f"lorafit {__version__}\n")
     for cmd in ("generate", "merge", "export", "estimate", "eval", "serve"):
-        entries = help_entries(lorafit(cmd, "--help", COLUMNS="1000").stdout)
+        status, out = in_process(capsys, cmd, "--help")
+        entries = help_entries(out)
         missing = [flag for flag, entry in entries.items() if flag != "--help" and len(entry.split(None, 2)) < 3]
-        assert not missing, (cmd, missing)  # every option says what it is
-    generate = help_entries(lorafit("generate", "--help", COLUMNS="1000").stdout)
-    assert generate["--max-new-tokens"].endswith("(default: 64)") and "(default: 0.0)" in generate["--temperature"]
+        assert status == 0 and entries and not missing, (cmd, missing)  # every option says what it is
+        if cmd == "generate":
+            assert entries["--max-new-tokens"].endswith("(default: 64)") and "(default: 0.0)" in entries["--temperature"]
 
 
 def test_generate_prints_each_prompt_and_says_when_the_limit_cut_the_answer(tiny_model_dir):  # noqa: F811
@@ -163,12 +174,11 @@ def test_generate_prints_each_prompt_and_says_when_the_limit_cut_the_answer(tiny
     assert one.stdout == lines[1] + "\n"  # one prompt: its answer alone, easy to pipe
 
 
-def test_estimate_says_which_method_it_used_in_one_unit():
-    cpu = lorafit("estimate", "--model", "7B", "--device", "cpu")
-    assert cpu.returncode == 0, cpu.stderr
-    assert cpu.stdout.splitlines()[-1].startswith("qlora (the default --method), r=16, batch 1 x seq 512: ")
-    assert lorafit("estimate", "--model", "7B", "--device", "cpu", "--method", "lora").stdout.splitlines()[-1] \
+def test_estimate_says_which_method_it_used_in_one_unit(capsys):
+    status, cpu = in_process(capsys, "estimate", "--model", "7B", "--device", "cpu")
+    assert status == 0 and cpu.splitlines()[-1].startswith("qlora (the default --method), r=16, batch 1 x seq 512: ")
+    assert in_process(capsys, "estimate", "--model", "7B", "--device", "cpu", "--method", "lora")[1].splitlines()[-1] \
         .startswith("lora, r=16")
-    for result in (cpu, lorafit("estimate"), lorafit("estimate", "--model", "7B"),
-                   lorafit("estimate", "--model", "7B", "--nproc", "2", "--batch", "2")):
-        assert result.returncode == 0 and not re.search(r"\bGB\b", result.stdout), result.stdout  # GiB throughout
+    for args in (["--model", "7B", "--device", "cpu"], [], ["--model", "7B"], ["--model", "7B", "--nproc", "2", "--batch", "2"]):
+        status, out = in_process(capsys, "estimate", *args)
+        assert status == 0 and "GiB" in out and not re.search(r"\bGB\b", out), out  # GiB throughout
