@@ -68,12 +68,18 @@ def test_a_used_output_folder_is_refused_and_resume_needs_a_checkpoint(tiny_mode
                                                           "here at column 9)"),
     ([], "schedule: [cosine\n", "{yaml}:3: not valid YAML ("),
 ])
-def test_mistakes_name_the_flag_or_the_key_as_typed(unloadable, data, tmp_path, flags, yaml_text, message):
+def test_mistakes_name_the_flag_or_the_key_as_typed(unloadable, data, tmp_path, capsys, flags, yaml_text, message):
+    """In this process: the config is checked before anything else (no model, no data read)."""
+    from lorafit.cli import main
+
     yaml_file = tmp_path / "run.yaml"
     if yaml_text is not None:
         yaml_file.write_text(f"data: {{path: {data}}}\n" + yaml_text.replace("data: {", f"data: {{path: {data}, "))
     args = [str(yaml_file)] if yaml_text is not None else ["--data", str(data)]
-    line = _error_line(lorafit("train", *args, "--model", str(unloadable), *flags))
+    status = main(["train", *args, "--model", str(unloadable), *flags])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and "Traceback" not in err, err
+    line = err
     assert line.startswith("lorafit train: error: " + message.format(yaml=yaml_file)), line
     assert "Config." not in line  # the key the user wrote, not the Python class
 
