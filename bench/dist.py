@@ -62,10 +62,10 @@ def run_child(args: argparse.Namespace) -> None:
     base = trainer_module.Trainer
 
     class TimedTrainer(base):
-        def train(self, resume: bool = False):
+        def train(self, resume: bool = False, overwrite: bool = False):
             marks["trainer"] = self
             marks["start"] = time.perf_counter()
-            return super().train(resume)
+            return super().train(resume, overwrite)
 
         def _optimizer_step(self):
             lr = super()._optimizer_step()

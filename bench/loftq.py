@@ -64,7 +64,7 @@ def run(side: str, args, data_dir: Path, weights: dict[str, torch.Tensor]) -> di
     val_before = evaluate(model, splits.val, tokenizer.pad_token_id)["val_loss"]
     config = TrainConfig(output_dir=str(data_dir / side), lora=lora, max_steps=args.steps, batch_size=args.batch_size,
                          learning_rate=args.lr, warmup_ratio=0.1, seed=0, logging_steps=args.steps)
-    history = Trainer(config, model, tokenizer, splits.train).train()
+    history = Trainer(config, model, tokenizer, splits.train).train(overwrite=True)
     losses = [h["loss"] for h in history if "loss" in h]
     out = {"side": side, "layers": len(errors), "weight_error_mean": sum(errors) / len(errors),
            "weight_error_min": min(errors), "weight_error_max": max(errors), "val_loss_before": val_before,

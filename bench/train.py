@@ -20,7 +20,7 @@ Why it is fair:
 - each side runs in its own fresh subprocess (this script with --side), one after the other;
 - same model folder, same data file, same tokenization: both sides call lorafit.train.data.load_data
   with the same DataConfig, and the HF side is fed the very micro-batches lorafit's trainer builds
-  (its own shuffling, `lorafit.train.trainer.EpochOrder`, padded by lorafit's `collate`), one prebuilt batch per
+  (its own shuffling, `lorafit.train.order.EpochOrder`, padded by lorafit's `collate`), one prebuilt batch per
   dataset item, in order. Each side counts the non-pad tokens it actually consumed per step and the
   parent checks that the two lists agree;
 - both models start from the same weights with B = 0, so the first-step losses must agree; the
@@ -77,10 +77,10 @@ def run_lorafit(args: argparse.Namespace, output_dir: str) -> dict:
     base = trainer_module.Trainer
 
     class TimedTrainer(base):
-        def train(self, resume: bool = False):
+        def train(self, resume: bool = False, overwrite: bool = False):
             marks["rss_before_loop"] = rss_mib()
             marks["start"] = time.perf_counter()
-            return super().train(resume)
+            return super().train(resume, overwrite)
 
         def accumulate(self, micro):
             marks["tokens"].append(sum(int(b["attention_mask"].sum()) for b in micro))
@@ -105,7 +105,7 @@ def run_lorafit(args: argparse.Namespace, output_dir: str) -> dict:
 def prebuilt_batches(args: argparse.Namespace, samples: list, pad_id: int) -> list[dict]:
     """The micro-batches lorafit's trainer would draw (its `EpochOrder`, its `collate`), in order."""
     from lorafit.train.data import collate
-    from lorafit.train.trainer import EpochOrder
+    from lorafit.train.order import EpochOrder
 
     order = EpochOrder(len(samples), args.batch_size, args.seed)
     return [collate([samples[j] for j in order.indices(i)], pad_id) for i in range(args.max_steps * args.grad_accum)]

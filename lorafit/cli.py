@@ -1,7 +1,10 @@
 """The `lorafit` command: one function per subcommand.
 
 A user's mistake (a missing file, a bad field) is a `LorafitError`: printed as one line, exit
-status 2, no traceback. Anything else is a bug and keeps its traceback.
+status 2, no traceback. Anything else is a bug and keeps its traceback. Warnings are one line too
+(`lorafit train: warning: ...`, no Python source location). Output is pipeable: a reader that stops
+early (`lorafit estimate | head -1`) ends the command quietly, with status 141 as for other tools
+killed by SIGPIPE. Ctrl-C ends with status 130 (`lorafit train` writes a checkpoint first).
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ import os
 import sys
 
 from lorafit.errors import LorafitError
-from lorafit.flags import dashed, suggest
+from lorafit.flags import dashed, unknown_options
 from lorafit.model import DEFAULT_MODEL
+from lorafit.terminal import Help, Parser, TrainHelp, one_line_warnings, pipeable
+
+DEFAULT_METHOD = "qlora"  # lorafit estimate's, when --method is not given
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -28,12 +34,14 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     raw = load_yaml(args.config) if args.config else {}
     for dotted, value in args.overrides:
         apply_override(raw, dotted, value)
-    config = parse_run_config(raw, args.config or "flags")
+    flags = {dotted.replace("-", "_"): value for dotted, value in args.overrides}
+    config = parse_run_config(raw, args.config or "flags", flags)
     if args.nproc_per_node is not None and args.nproc_per_node != 1:
         from lorafit.train.distributed.launch import check_launch, launch
 
         check_launch(args.nproc_per_node, config.train.batch_size, config.device, config.data.path)
-        argv = ["train", *([args.config] if args.config else []), *(["--resume"] if args.resume else [])]
+        argv = ["train", *([args.config] if args.config else []), *(["--resume"] if args.resume else []),
+                *(["--overwrite"] if args.overwrite else [])]
         flags = [a for key, value in args.overrides for a in (f"--{key.replace('_', '-')}", value)]
         return launch(args.nproc_per_node, argv + flags)
     from lorafit.train.distributed.world import launched_size
@@ -42,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         from torch.distributed.elastic.multiprocessing.errors import record
 
         run = record(run)
-    run(config, resume=args.resume)
+    run(config, resume=args.resume, overwrite=args.overwrite)
     return None
 
 
@@ -57,31 +65,43 @@ def _load(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lorafit.generate import generate_ids, render_prompt, why_empty
-    from lorafit.io import load_adapter, read_prompt_format
+    from lorafit.io import adapter_dir, add_adapter_state, read_adapter, read_prompt_format
     from lorafit.prompt import TEXT, PromptFormat
 
+    if args.max_new_tokens < 1:
+        raise LorafitError(f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens")
+    if args.adapter:  # read and checked before the model loads; a run's output_dir means its adapter/
+        args.adapter = str(adapter_dir(args.adapter))
+        adapter = read_adapter(args.adapter)
     fmt = read_prompt_format(args.adapter) if args.adapter else None  # the format the adapter was trained in
     model, tokenizer = _load(args)
     if args.adapter:
-        load_adapter(model, args.adapter)
+        add_adapter_state(model, *adapter, source=args.adapter)
     if args.no_chat:
         fmt = PromptFormat(TEXT)
     prompts = [render_prompt(tokenizer, p, fmt, input=args.input or "") for p in args.prompt]
     new = generate_ids(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    for i, ids in enumerate(new):
+    several = len(args.prompt) > 1
+    for i, (prompt, ids) in enumerate(zip(args.prompt, new)):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if several:  # each answer under its prompt; one prompt prints the answer alone (easy to pipe)
+            print(("" if i == 0 else "---\n") + f"### prompt {i + 1}: {prompt}")
         if not text:
             print(f"lorafit generate: prompt {i + 1}: {why_empty(tokenizer, ids)}", file=sys.stderr)
         print(text, flush=True)
+        if len(ids) >= args.max_new_tokens:
+            print(f"lorafit generate: prompt {i + 1}: the answer was cut at --max-new-tokens {args.max_new_tokens} "
+                  "(raise it for the rest)", file=sys.stderr)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lorafit.device import resolve_device, resolve_dtype
+    from lorafit.device import parse_dtype, resolve_device
     from lorafit.export.run import merge_command
 
     device = resolve_device(args.device)
+    dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)  # auto: the base's own dtype
     merge_command(args.model, args.adapter, args.out, overwrite=args.overwrite, dense=args.dense,
-                  quantize=args.quantize, device=device, dtype=resolve_dtype(args.dtype, device))
+                  quantize=args.quantize, device=device, dtype=dtype)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -95,8 +115,9 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     from lorafit.train.estimate.shapes import model_shape
 
     if not args.gpu_memory > 0:
-        raise LorafitError(f"--gpu-memory {args.gpu_memory:g} must be a positive size in GB")
-    setup = {"method": args.method, "batch": args.batch, "seq": args.seq, "device": args.device,
+        raise LorafitError(f"--gpu-memory {args.gpu_memory:g} must be a positive size in GiB")
+    method = args.method or DEFAULT_METHOD  # the table's title names it; a single estimate says it below
+    setup = {"method": method, "batch": args.batch, "seq": args.seq, "device": args.device,
              "group_size": args.group_size}
     if args.nproc != 1:
         from lorafit.train.estimate.distributed import format_per_device
@@ -111,11 +132,13 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         result = estimate(TrainSetup(model=args.model, rank=args.rank, **setup))
         print(result.setup.shape.describe())  # the shape read from the folder or .gguf (or the size's)
         print(result.breakdown())
+        what = f"{method}{' (the default --method)' if args.method is None else ''}, r={args.rank}, " \
+               f"batch {args.batch} x seq {args.seq}"
         if args.device == "cuda":
             verdict = "fits" if result.fits(args.gpu_memory) else "does NOT fit"
-            print(f"{result.total_gb:.1f} GB: {verdict} a {args.gpu_memory:g} GB GPU")
+            print(f"{what}: {result.total_gb:.1f} GiB: {verdict} a {args.gpu_memory:g} GiB GPU")
         else:
-            print(f"{result.total_gb:.1f} GB of RAM at the peak (the process's resident size)")
+            print(f"{what}: {result.total_gb:.1f} GiB of RAM at the peak (the process's resident size)")
     else:
         try:  # ✓ / ✗ where the terminal can show them
             "".join(MARKS).encode(getattr(sys.stdout, "encoding", None) or "ascii")
@@ -160,13 +183,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run(args)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with its own errors (a missing or malformed argument) on one line, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
-
-
 def add_placement(p: argparse.ArgumentParser) -> None:
     """--device and --dtype, documented by RunConfig's fields (checked when the command runs)."""
     from lorafit.fieldinfo import help_text
@@ -198,8 +214,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lorafit import __version__
+
     parser = Parser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate, serve.",
                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on a generated task and show the effect")
@@ -209,26 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement(p)
     p.set_defaults(func=cmd_demo)
 
+    from lorafit.train.run import EXAMPLE
+
     p = sub.add_parser(
         "train", help="fine-tune a LoRA adapter from a YAML config and/or flags", allow_abbrev=False,
-        usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume] [--nproc-per-node N] [--FIELD VALUE ...]",
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=36),
-        description="Every flag is a field of the YAML file too (--lora.r 8 is `lora: {r: 8}`); flags override "
-                    "the file. Values are read as YAML: 1e-4, true, null, [q_proj, v_proj]; a bool flag alone "
-                    "means true.")
-    p.add_argument("config", nargs="?", help="YAML file (see lorafit/train/run.py); flags override it")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+        usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume | --overwrite] [--nproc-per-node N] "
+              "[--FIELD VALUE ...]",
+        formatter_class=TrainHelp,
+        description="Every flag is a field of the YAML file too (--lora.r 8 is `lora: {r: 8}`); flags override\n"
+                    "the file. Values are read as YAML: 1e-4, true, null, [q_proj, v_proj]; a bool flag alone\n"
+                    "means true. A run file, commented (the list of every key follows):\n\n"
+                    + "\n".join("    " + line for line in EXAMPLE.splitlines()))
+    p.add_argument("config", nargs="?", help="YAML run file (the example above); flags override it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in output_dir (written every save_steps and on Ctrl-C)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in output_dir (its adapter, checkpoints, metrics); without it, "
+                        "or --resume, a folder holding a run is refused")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="train with N processes on this machine (one per GPU; on the CPU they share the cores), "
                         "started through torchrun; several machines: run torchrun yourself (see the README)")
     add_train_flags(p)
     p.set_defaults(func=cmd_train, overrides=[])
 
-    p = sub.add_parser("generate", help="generate text with a model, optionally with an adapter")
-    p.add_argument("prompt", nargs="+", help="one or more prompts")
+    p = sub.add_parser("generate", help="generate text with a model, optionally with an adapter", formatter_class=Help)
+    p.add_argument("prompt", nargs="+", help="one or more prompts (several: each answer printed under its prompt)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, .gguf file or the default name")
-    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors), or a "
+                   "lorafit train output_dir (its adapter/)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (a cut answer is said so)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--input", help="an Alpaca record's input, placed after each prompt (the instruction) as "
                    "training placed it")
@@ -237,40 +265,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers checkpoint")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers checkpoint",
+                       formatter_class=Help)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base the adapter was trained on: HF folder, .gguf "
+                   "file or the default name")
+    p.add_argument("--adapter", required=True, help="adapter folder, or a lorafit train output_dir (its adapter/)")
+    p.add_argument("--out", required=True, help="folder to write the merged model and tokenizer to")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
     p.add_argument("--dense", action="store_true",
                    help="quantized base: write exact merged 16-bit weights instead of requantizing")
     p.add_argument("--quantize", help="nf4: merge into the base quantized as in QLoRA training (drift report)")
-    add_placement(p)
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="where the merge runs: auto (the first GPU, "
+                   "else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", metavar="DTYPE", help="dtype of the merged weights: auto (the base's "
+                   "own, as its config.json records it; bfloat16 for --dense), float32, bfloat16 or float16")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write the merged model (or the adapter alone) as GGUF for llama.cpp")
+    p = sub.add_parser("export", help="write the merged model (or the adapter alone) as GGUF for llama.cpp",
+                       formatter_class=Help)
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base: HF folder, .gguf file or the default name")
-    p.add_argument("--adapter", help="adapter folder to merge in (gguf) or to convert (gguf-lora); none: the base")
+    p.add_argument("--adapter", help="adapter folder (or a lorafit train output_dir) to merge in (gguf) or to convert "
+                   "(gguf-lora); none: the base")
     p.add_argument("--format", default="gguf", help="gguf (one merged model file) or gguf-lora (the adapter alone)")
     p.add_argument("--outtype", help="gguf: f32, f16 (default), bf16, q8_0, q4_0; gguf-lora: f32 (default), f16, bf16")
     p.add_argument("--out", required=True, help="the .gguf file to write (its folder must exist)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     p.set_defaults(func=cmd_export)
 
     from lorafit.train.estimate import DEVICES, METHODS
 
-    p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base")
+    p = sub.add_parser("estimate", help="memory needed for full fine-tuning, LoRA, QLoRA or a ternary base",
+                       formatter_class=Help, description="Sizes are GiB (2^30 bytes).")
     p.add_argument("--model", help="a size (1B, 7B, 40B, 350M, ...: a size that is no known model's gets a Llama "
                    "shape interpolated from the known ones), a model folder or a .gguf (its real shape is read); "
                    "omit for the table of sizes")
     p.add_argument("--sizes", metavar="S1,S2,...", help="the table's sizes, comma-separated (any number with M or B; "
                    "default 1B,3B,7B,8B,13B,34B,65B,70B)")
-    p.add_argument("--method", choices=METHODS, default="qlora",
-                   help="full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help=f"full, lora (16-bit base), qlora (NF4 base), ternary (packed ternary base); "
+                        f"default: {DEFAULT_METHOD} (on the CPU too: lorafit trains QLoRA there)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (the table's total column)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--gpu-memory", type=float, default=16.0, help="the card's size in GB, for 'fits?'")
+    p.add_argument("--batch", type=int, default=1, help="samples per micro-batch")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sample")
+    p.add_argument("--gpu-memory", type=float, default=16.0, help="the card's memory in GiB, for 'fits?'")
     p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="cuda: GPU memory of a bf16 run with gradient checkpointing; cpu: peak RSS of an fp32 run")
     p.add_argument("--group-size", type=int, help="ternary: columns per fp32 scale (default: one scale per row)")
@@ -278,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-device memory of DDP and of FSDP on N devices (--batch is then the micro-batch of all)")
     p.set_defaults(func=cmd_estimate)
 
-    p = sub.add_parser("inspect", help="what an adapter changed: norms, spectra, ranks, intruders; report + PNGs")
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p = sub.add_parser("inspect", help="what an adapter changed: norms, spectra, ranks, intruders; report + PNGs",
+                       formatter_class=Help)
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors), or a lorafit "
+                   "train output_dir (its adapter/)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base it was trained on: HF folder, .gguf or the default")
     p.add_argument("--out", required=True, help="folder for report.md, inspect.json and the PNGs")
     p.add_argument("--checkpoints", metavar="RUN_DIR",
@@ -305,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("eval", help="score the base and adapters side by side on held-out data (loss, perplexity, "
-                       "answers); lm-evaluation-harness tasks")
+                       "answers); lm-evaluation-harness tasks", formatter_class=Help)
     p.add_argument("--data", required=True, help="held-out JSONL in a training format (alpaca, chat or text records)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="an adapter to score; repeat for more (all share the loaded base and every batch)")
@@ -315,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", metavar="NAME",
                    help="exact (default), contains, regex (the reference is a pattern), or a Python scorer "
                         "module:function (prediction, reference, record) -> bool or [0, 1]; repeat for several")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated answer in tokens")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward, over all models")
     p.add_argument("--max-examples", type=int, help="score the first N records only")
     p.add_argument("--no-base", action="store_true", help="score the adapters only")
@@ -329,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments
 
-    p = sub.add_parser("serve", help="serve one base model with many adapters over an OpenAI-compatible HTTP API")
+    p = sub.add_parser("serve", help="serve one base model with many adapters over an OpenAI-compatible HTTP API",
+                       formatter_class=Help)
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
     return parser
@@ -343,18 +383,11 @@ def _flags(sub: argparse.ArgumentParser) -> list[str]:
     return [o for a in sub._actions for o in a.option_strings]
 
 
-def _unknown_options(sub: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
-    """One line for arguments the subcommand does not know, with the flag most likely meant as a hint."""
-    flag = next((u for u in unknown if u.startswith("-")), None)
-    if flag is None:
-        return f"lorafit {command}: error: unexpected argument {unknown[0]!r}; see `lorafit {command} --help`"
-    flag = flag.split("=")[0]
-    close = suggest(flag, _flags(sub))
-    hint = f"; did you mean {close}?" if close else f"; see `lorafit {command} --help`"
-    return f"lorafit {command}: error: unknown option {flag}{hint}"
-
-
 def main(argv: list[str] | None = None) -> int:
+    return pipeable(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     subcommands = _subcommands(parser)
@@ -363,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = dashed(argv, _flags(subcommands[command]))  # --learning_rate works as --learning-rate
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        print(_unknown_options(subcommands[args.command], args.command, unknown), file=sys.stderr)
+        print(unknown_options(args.command, unknown, _flags(subcommands[args.command])), file=sys.stderr)
         return 2
+    one_line_warnings(args.command)
     try:
         status = args.func(args)
     except LorafitError as e:

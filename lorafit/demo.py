@@ -98,7 +98,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
     print("      ", end="")
     print_trainable_parameters(model)
     t_phase = time.perf_counter()
-    history = trainer.train()
+    history = trainer.train(overwrite=True)  # the demo's folder is its own: a second demo replaces the first
     first, last = history[0]["loss"], sum(h["loss"] for h in history[-5:]) / min(5, len(history))
     print(f"      training loss {first:.3f} -> {last:.3f} (mean of the last 5 steps; {time.perf_counter() - t_phase:.0f} s)\n")
 

@@ -12,3 +12,7 @@ class LorafitError(ValueError):
 
 class AdapterError(LorafitError):
     """An adapter file or config does not fit the model it is loaded into."""
+
+
+class BaseMismatch(AdapterError):
+    """An adapter's weights do not fit the model's modules: it was trained on another base model."""

@@ -64,3 +64,15 @@ def suggest(flag: str, known: list[str]) -> str | None:
         return leaves[close[0]][0]
     close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
     return names[close[0]] if close else None
+
+
+def unknown_options(command: str, unknown: list[str], known: list[str]) -> str:
+    """One line for the arguments `lorafit COMMAND` does not know (`unknown`), with the flag of `known`
+    most likely meant as a hint."""
+    flag = next((u for u in unknown if u.startswith("-")), None)
+    if flag is None:
+        return f"lorafit {command}: error: unexpected argument {unknown[0]!r}; see `lorafit {command} --help`"
+    flag = flag.split("=")[0]
+    close = suggest(flag, known)
+    hint = f"; did you mean {close}?" if close else f"; see `lorafit {command} --help`"
+    return f"lorafit {command}: error: unknown option {flag}{hint}"

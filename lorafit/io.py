@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,12 @@ from torch import nn
 
 from lorafit.card import adapter_card, write_card
 from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig, IA3Config, LoraConfig
-from lorafit.errors import AdapterError, LorafitError
+from lorafit.errors import AdapterError, BaseMismatch, LorafitError
 from lorafit.lora.base import kind_of
 from lorafit.lora.inject import adapter_configs, adapter_layers, add_adapter, delete_adapter, set_adapter
 from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
 from lorafit.lora.targets import name_matches
+from lorafit.paths import temporary_file
 from lorafit.prompt import PromptFormat
 
 FORMAT_VERSION = 1
@@ -46,29 +46,16 @@ _UNSUPPORTED = {"lora_bias": False, "use_qalora": False, "layer_replication": No
 
 # -- atomic writes ----------------------------------------------------------------------------
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` under a temporary name beside `path`, then rename it (the umask's permissions)."""
+    with temporary_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with temporary_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- config <-> PEFT json ---------------------------------------------------------------------
@@ -323,9 +310,44 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     return directory
 
 
+def adapter_dir(directory: str | os.PathLike) -> Path:
+    """The adapter folder meant by `directory`: itself, or for the output_dir of a `lorafit train` run
+    (no adapter_config.json in it, one in its adapter/) that run's adapter/."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() and (directory / "adapter" / CONFIG_NAME).is_file():
+        return directory / "adapter"
+    return directory
+
+
+def adapter_name(directory: str | os.PathLike) -> str:
+    """A readable name for an adapter folder: its own, or its run's for a run's adapter/ folder."""
+    folder = adapter_dir(directory).resolve()
+    return folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
+
+
+def recorded_base(directory: str | os.PathLike) -> str | None:
+    """The base model an adapter folder records (`base_model_name_or_path`), when it records one."""
+    try:
+        base = json.loads((adapter_dir(directory) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
+
+
+def check_adapter_fits(model: nn.Module, config, state: AdapterState, directory: str | os.PathLike) -> dict[str, int]:
+    """`check_fits` for an adapter read from `directory`: when it does not fit (another base model), the
+    error names the base the adapter records, the one to load it on."""
+    try:
+        return check_fits(model, state, str(Path(directory) / WEIGHTS_NAME), getattr(config, "target_parameters", None))
+    except BaseMismatch as e:
+        base = recorded_base(directory)
+        raise BaseMismatch(f"{e} (it was trained on {base!r}: load that base, e.g. --model {base})" if base else
+                           str(e)) from None
+
+
 def read_prompt_format(directory: str | os.PathLike) -> PromptFormat | None:
     """The prompt format recorded next to an adapter (`lorafit_prompt.json`), or None when there is none."""
-    path = Path(directory) / PROMPT_NAME
+    path = adapter_dir(directory) / PROMPT_NAME
     if not path.is_file():
         return None
     try:
@@ -339,8 +361,9 @@ def read_prompt_format(directory: str | os.PathLike) -> PromptFormat | None:
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig | IA3Config | AdaLoraConfig, AdapterState]:
-    """Read and parse an adapter folder; every failure names the file and what to do."""
-    directory = Path(directory)
+    """Read and parse an adapter folder (or a run's output_dir: its adapter/, see `adapter_dir`); every
+    failure names the file and what to do."""
+    directory = adapter_dir(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not directory.is_dir():
         raise AdapterError(f"{directory}: adapter folder not found (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)")
@@ -374,7 +397,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
 
     Everything is read and checked against the model first; on any error the model is unchanged."""
     config, state = read_adapter(directory)
-    return add_adapter_state(model, config, state, adapter, activate=activate, source=str(directory))
+    return add_adapter_state(model, config, state, adapter, activate=activate, source=str(adapter_dir(directory)))
 
 
 def add_adapter_state(model: nn.Module, config: LoraConfig | IA3Config | AdaLoraConfig, state: AdapterState, adapter: str = DEFAULT_ADAPTER,
@@ -384,7 +407,7 @@ def add_adapter_state(model: nn.Module, config: LoraConfig | IA3Config | AdaLora
     first (a server refusing what it cannot batch) so reads the files once.
 
     Checked against the model first; on any error the model is unchanged."""
-    ranks = check_fits(model, state, str(Path(source) / WEIGHTS_NAME), getattr(config, "target_parameters", None))
+    ranks = check_adapter_fits(model, config, state, source)
     if isinstance(config, IA3Config):
         ranks = dict.fromkeys(state.ia3, 1)  # the paths to wrap; (IA)³ has no rank
     if not ranks and not state.saved:

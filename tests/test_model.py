@@ -1,12 +1,16 @@
 """Loading bases: the bundled GGUF becomes a trainable, savable transformers model; bad paths fail clearly."""
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import lorafit as lf
-from lorafit.model import load_model, resolve_model
+from lorafit.model import is_default_name, load_model, public_name, resolve_model
+from tests.conftest import MAKERS
+from tests.serve.tiny import make_tokenizer
 
 
 def test_default_model_is_plain_and_trainable(smollm2_dir, tmp_path):
@@ -35,3 +39,37 @@ def test_bad_model_paths(tmp_path):
         resolve_model(tmp_path / "missing")
     with pytest.raises(lf.LorafitError, match="no config.json"):
         resolve_model(tmp_path)
+
+
+def test_public_name_is_what_an_adapter_records_as_its_base(tmp_path):
+    assert public_name(None) == public_name("SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_name(tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "abc123") == "Qwen/Qwen2.5-0.5B"
+    assert public_name("models/my-llama") == "models/my-llama"
+    assert is_default_name("HuggingFaceTB/SmolLM2-135M-Instruct") and not is_default_name("other")
+
+
+def test_a_small_model_loads_without_a_progress_bar_and_records_its_name(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    folder = tmp_path / "models--org--tiny" / "snapshots" / "0123"  # as the Hugging Face hub's cache keeps it
+    MAKERS["llama"]().save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    model, _ = load_model(folder)
+    assert "Loading weights" not in capfd.readouterr().err  # seconds at most: no bar
+    assert hf_logging.is_progress_bar_enabled()  # and the setting is as it was
+    lf.apply_lora(model, lf.LoraConfig(r=2))
+    lf.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny"
+
+
+def test_a_wrong_base_error_names_the_base_the_adapter_records(tmp_path):
+    model = lf.apply_lora(MAKERS["llama"](), lf.LoraConfig(r=2))
+    model.config._name_or_path = "org/the-right-base"
+    lf.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(lf.AdapterError) as err:
+        lf.load_adapter(MAKERS["gpt2"](), tmp_path / "adapter")
+    assert str(err.value).endswith("(it was trained on 'org/the-right-base': load that base, e.g. "
+                                   "--model org/the-right-base)")

@@ -87,7 +87,7 @@ def run_point(config: RunConfig, max_eval: int | None = None) -> dict:
     trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val)
     trainable, total = trainable_parameters(model)
     t_train = time.perf_counter()
-    history = trainer.train()
+    history = trainer.train(overwrite=True)  # an unfinished point starts over (see the module docstring)
     train_s = time.perf_counter() - t_train
     result: dict = {"trainable_params": trainable, "total_params": total,
                     "trainable_pct": 100 * trainable / max(total, 1), "steps": len(history)}

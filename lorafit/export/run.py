@@ -24,16 +24,16 @@ from lorafit.export.arch import family_for
 from lorafit.export.lora_gguf import LORA_OUTTYPES, export_gguf_lora
 from lorafit.export.model_gguf import export_gguf
 from lorafit.export.writer import OUTTYPES, check_out_path, check_outtype
-from lorafit.io import WEIGHTS_NAME, load_adapter, read_adapter
+from lorafit.io import adapter_dir, adapter_name, check_adapter_fits, load_adapter, read_adapter
 from lorafit.lora.base import is_quantized
 from lorafit.lora.inject import merge_and_unload
-from lorafit.lora.state import check_fits
 from lorafit.merge import format_report, merge_quantized_report, merge_to_dense
 from lorafit.model import load_model, resolve_model
 from lorafit.paths import write_folder
 
 FORMATS = ("gguf", "gguf-lora")
 MERGE_QUANTIZE = ("nf4",)
+DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _skeleton(config):
@@ -64,17 +64,17 @@ def export_command(model: str, adapter: str | None, fmt: str, outtype: str | Non
     if fmt == "gguf-lora" and adapter is None:
         raise LorafitError("--format gguf-lora writes an adapter: give it with --adapter DIR")
     if adapter is not None:  # an adapter for another base fails here too
+        adapter = str(adapter_dir(adapter))  # a run's output_dir: its adapter/
         lora_config, state = read_adapter(adapter)
-        check_fits(_skeleton(config), state, str(Path(adapter) / WEIGHTS_NAME),
-                   getattr(lora_config, "target_parameters", None))
+        check_adapter_fits(_skeleton(config), lora_config, state, adapter)
         if fmt == "gguf-lora" and (state.ia3 or state.svd or state.experts):
             raise LorafitError(f"--format gguf-lora: {adapter} is an (IA)³, AdaLoRA or MoE-expert adapter and a GGUF "
                                "LoRA holds plain LoRA A/B pairs only; export it merged with --format gguf")
 
     if fmt == "gguf-lora":
         done = export_gguf_lora(lora_config, state, config, path, outtype, source=str(adapter),
-                                name=Path(adapter).resolve().name)
-        print(f"wrote {done.path}: GGUF LoRA ({done.n_tensors // 2} adapted matrices, {outtype}, arch {done.arch}); "
+                                name=adapter_name(adapter))
+        print(f"lorafit export: wrote {done.path}: GGUF LoRA ({done.n_tensors // 2} adapted matrices, {outtype}, arch {done.arch}); "
               f"llama.cpp applies it on a GGUF of {model} (--lora)")
         write_gguf_card(done.path, model, "LoRA adapter", outtype)
         return done.path
@@ -87,9 +87,9 @@ def export_command(model: str, adapter: str | None, fmt: str, outtype: str | Non
         print(f"lorafit export: the base {model} is quantized (NF4); it is exported by dequantizing its weights "
               "to fp32 first" + (", then merging the adapter exactly" if adapter else ""))
     merge_to_dense(base, dtype=torch.float32)  # the exact fp32 merge; dequantizes every NF4 layer
-    done = export_gguf(base, tokenizer, path, outtype, name=Path(adapter or folder).resolve().name)
+    done = export_gguf(base, tokenizer, path, outtype, name=adapter_name(adapter) if adapter else Path(folder).resolve().name)
     what = f"{model} + adapter {adapter}" if adapter else str(model)
-    print(f"wrote {done.path}: {what} as GGUF ({outtype}, arch {done.arch}, {done.n_tensors} tensors, "
+    print(f"lorafit export: wrote {done.path}: {what} as GGUF ({outtype}, arch {done.arch}, {done.n_tensors} tensors, "
           f"{done.n_bytes / 2**20:.0f} MiB of weights, tokenizer and chat template included)")
     write_gguf_card(done.path, model, "merged model" if adapter else "model", outtype)
     return done.path
@@ -107,10 +107,12 @@ def write_gguf_card(path: Path, base: str, what: str, outtype: str) -> None:
 
 def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, dense: bool = False,
                   quantize: str | None = None, device=None, dtype=None) -> Path:
-    """`lorafit merge`: see the module docstring. Prints what it did; returns the folder written."""
+    """`lorafit merge`: see the module docstring. Prints what it did; returns the folder written.
+    `dtype`: of the merged weights (None: the base's own, from its config.json; a quantized base
+    merged `dense`: bfloat16)."""
     from transformers import AutoConfig
 
-    from lorafit.quant.load import save_bnb_checkpoint
+    from lorafit.quant.load import is_bnb_4bit, save_bnb_checkpoint
 
     if quantize is not None and quantize not in MERGE_QUANTIZE:
         raise LorafitError(f"--quantize {quantize}: merging supports {', '.join(MERGE_QUANTIZE)} "
@@ -118,10 +120,14 @@ def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, d
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise LorafitError(f"{target}: exists and is not empty; choose another --out or pass --overwrite")
+    adapter = str(adapter_dir(adapter))  # a run's output_dir: its adapter/
     adapter_config, state = read_adapter(adapter)  # checked against the base's shapes before any weight is read
-    check_fits(_skeleton(AutoConfig.from_pretrained(resolve_model(model))), state, str(Path(adapter) / WEIGHTS_NAME),
-               getattr(adapter_config, "target_parameters", None))
-    base, tokenizer = load_model(model, quantize=quantize, device=device or "cpu", dtype=dtype)
+    base_config = AutoConfig.from_pretrained(resolve_model(model))
+    check_adapter_fits(_skeleton(base_config), adapter_config, state, adapter)
+    stored = str(getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)).removeprefix("torch.")
+    if dtype is None and quantize is None and not is_bnb_4bit(base_config):  # a dense base: written as it came
+        dtype = DENSE_DTYPES.get(stored)
+    base, tokenizer = load_model(model, quantize=quantize, device=device or "cpu", dtype=dtype or torch.float32)
     load_adapter(base, adapter)
     quantized = any(is_quantized(m) for m in base.modules())
     if quantized and not dense:
@@ -133,14 +139,16 @@ def merge_command(model: str, adapter: str, out: str, overwrite: bool = False, d
             save_bnb_checkpoint(merged, folder)
         kind = "a bitsandbytes 4-bit (NF4) checkpoint (transformers + bitsandbytes load it)"
     else:
-        merged = merge_to_dense(base, torch.bfloat16).to(torch.bfloat16) if quantized else merge_and_unload(base)
+        out_dtype = dtype or torch.bfloat16
+        merged = merge_to_dense(base, out_dtype).to(out_dtype) if quantized else merge_and_unload(base)
 
         def save(folder: Path) -> None:
             merged.save_pretrained(folder)
-        kind = "a plain transformers checkpoint" + (" with the exact merged weights in bf16" if quantized else "")
+        written = str(next(p.dtype for p in merged.parameters())).removeprefix("torch.")
+        kind = f"a plain transformers checkpoint in {written}" + (" (the exact merged weights)" if quantized else "")
     def write(folder: Path) -> None:
         save(folder)
         tokenizer.save_pretrained(folder)
     write_folder(target, write)
-    print(f"merged {adapter} into {model}: {kind} in {target}")
+    print(f"lorafit merge: merged {adapter} into {model}: {kind} in {target}")
     return target

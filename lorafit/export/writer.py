@@ -37,6 +37,7 @@ from gguf import quants as gguf_quants
 from tqdm.auto import tqdm
 
 from lorafit.errors import LorafitError
+from lorafit.paths import new_file_mode
 
 Q = GGMLQuantizationType
 # --outtype -> (ggml type of the matrices, general.file_type)
@@ -137,6 +138,7 @@ def write_gguf(out: str | os.PathLike, arch: str, metadata: Callable[[GGUFWriter
         writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        tmp.chmod(new_file_mode())  # the umask's permissions, not mkstemp's private 0600
         os.replace(tmp, out)
     except BaseException:
         writer.close()

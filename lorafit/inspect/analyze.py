@@ -26,7 +26,7 @@ from lorafit.inspect.spectra import (
     suggest_rank_pattern,
 )
 from lorafit.lora.base import dense_weight
-from lorafit.lora.inject import lora_layers
+from lorafit.lora.inject import adapter_configs, lora_layers
 from lorafit.lora.targets import layer_index
 
 HIST_SAMPLE = 20_000  # entries per module kept for the histogram of W against ΔW
@@ -72,7 +72,8 @@ class Analysis:
 def analyze_model(model: nn.Module, adapter: str = DEFAULT_ADAPTER, energy: float = 0.9, intruder_k: int = 10,
                   intruder_eps: float = 0.5, modules: str | None = None, progress=None) -> Analysis:
     """ModuleStats of every linear layer carrying `adapter` (whose path matches the regex `modules`, when
-    given: `re.search`), plus the suggested rank_pattern. `progress(n_done, n_total)` is called per
+    given: `re.search`), plus the suggested rank_pattern (with `modules`, for those modules only: the
+    others keep the adapter's r). `progress(n_done, n_total)` is called per
     module when given. Intruders are skipped (None) with intruder_k = 0."""
     layers = [(p, layer) for p, layer in lora_layers(model)
               if adapter in layer.lora_A and not layer.is_embedding and (modules is None or re.search(modules, p))]
@@ -110,4 +111,5 @@ def analyze_model(model: nn.Module, adapter: str = DEFAULT_ADAPTER, energy: floa
             progress(i + 1, len(layers))
     samples = {"W": torch.cat(w_parts) if w_parts else torch.zeros(0),
                "dW": torch.cat(d_parts) if d_parts else torch.zeros(0)}
-    return Analysis(stats, energy, intruder_k, intruder_eps, suggest_rank_pattern(spectra, energy), samples)
+    keep = getattr(adapter_configs(model).get(adapter), "r", None) if modules is not None else None
+    return Analysis(stats, energy, intruder_k, intruder_eps, suggest_rank_pattern(spectra, energy, keep), samples)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +35,14 @@ def lowrank_fro(B: torch.Tensor, A: torch.Tensor) -> float:
     return math.sqrt(max(float(torch.trace((B.T @ B) @ (A @ A.T))), 0.0))
 
 
-def adapter_layer_norms(directory: str | Path) -> dict[int, float]:
-    """Block index -> sqrt(Σ over the block's adapted linear layers of ‖s·B·A‖_F²) for one adapter folder."""
+def adapter_layer_norms(directory: str | Path, modules: str | None = None) -> dict[int, float]:
+    """Block index -> sqrt(Σ over the block's adapted linear layers of ‖s·B·A‖_F²) for one adapter folder
+    (only the layers whose path the regex `modules` finds, when given)."""
     config, state = read_adapter(directory)
     squares: dict[int, float] = {}
     for path, entry in state.layers.items():
         index = layer_index(path)
-        if index is None or "A" not in entry:
+        if index is None or "A" not in entry or (modules is not None and not re.search(modules, path)):
             continue
         value = config.scaling_for(path) * lowrank_fro(entry["B"], entry["A"])
         squares[index] = squares.get(index, 0.0) + value * value
@@ -58,8 +60,9 @@ def final_step(run_dir: Path) -> int | None:
     return None
 
 
-def norms_over_steps(run_dir: str | Path) -> StepNorms:
-    """StepNorms of every checkpoint of a run, and of its final adapter when there is one."""
+def norms_over_steps(run_dir: str | Path, modules: str | None = None) -> StepNorms:
+    """StepNorms of every checkpoint of a run, and of its final adapter when there is one (of the
+    modules the regex `modules` finds, when given)."""
     run_dir = Path(run_dir)
     found: dict[int, Path] = {}
     for folder in sorted((run_dir / "checkpoints").glob("step-*")):
@@ -71,7 +74,7 @@ def norms_over_steps(run_dir: str | Path) -> StepNorms:
     if not found:
         raise LorafitError(f"{run_dir}: no checkpoints/step-*/adapter or adapter/ with metrics.jsonl; "
                            "pass the output_dir of a lorafit train run (save_steps makes checkpoints)")
-    per_step = {s: adapter_layer_norms(found[s]) for s in sorted(found)}
+    per_step = {s: adapter_layer_norms(found[s], modules) for s in sorted(found)}
     layers = sorted({i for norms in per_step.values() for i in norms})
     return StepNorms(steps=sorted(found), layers=layers,
                      norms=[[per_step[s].get(i, 0.0) for i in layers] for s in sorted(found)])

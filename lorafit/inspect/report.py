@@ -44,19 +44,28 @@ def plot_delta_norms(analysis: Analysis, path: Path) -> Path:
 
 
 def plot_spectra(analysis: Analysis, path: Path) -> Path:
+    return plots.save(spectra_figure(analysis), path)
+
+
+def spectra_figure(analysis: Analysis):
+    """σ_i / σ_1 of ΔW per module type, one line per analysed layer, coloured by layer (the legend
+    gives the colours of up to 8 of them)."""
     plt = plots.pyplot()
     names = list(dict.fromkeys(m.module for m in analysis.modules))
     cols = min(4, max(1, len(names)))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
-    n_layers = max([m.layer or 0 for m in analysis.modules] + [1])
+    layers = sorted({m.layer or 0 for m in analysis.modules})  # the analysed layers only
     cmap = plt.get_cmap("viridis")
+
+    def colour(layer: int):
+        return cmap(layers.index(layer) / max(1, len(layers) - 1))
     for ax, name in zip(axes.flat, names):
         group = [m for m in analysis.modules if m.module == name]
         for m in group:
             s = [v for v in m.singular_values if v > 0]
             if s:
-                ax.semilogy(range(1, len(s) + 1), [v / s[0] for v in s], color=cmap((m.layer or 0) / n_layers), lw=0.8)
+                ax.semilogy(range(1, len(s) + 1), [v / s[0] for v in s], color=colour(m.layer or 0), lw=0.8)
         erank = sum(m.effective_rank for m in group) / len(group)
         srank = sum(m.stable_rank for m in group) / len(group)
         ax.set_title(f"{name}: erank {erank:.1f}, srank {srank:.1f}", fontsize=9)
@@ -65,8 +74,11 @@ def plot_spectra(analysis: Analysis, path: Path) -> Path:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes[0][0].set_ylabel("σ_i / σ_1 of ΔW")
-    fig.suptitle("spectra of ΔW (colour: layer, dark = first)", fontsize=10)
-    return plots.save(fig, path)
+    shown = layers if len(layers) <= 8 else [layers[round(i * (len(layers) - 1) / 7)] for i in range(8)]
+    proxies = [plt.Line2D([], [], color=colour(layer), lw=1.5) for layer in shown]  # the colour of each layer
+    axes[0][0].legend(proxies, [f"layer {layer}" for layer in shown], fontsize=6, title="colour", title_fontsize=6)
+    fig.suptitle("spectra of ΔW per module type, one line per layer", fontsize=10)
+    return fig
 
 
 def plot_histogram(analysis: Analysis, path: Path) -> Path:

@@ -38,7 +38,7 @@ def inspect_command(adapter: str, out: str, model: str | None = None, checkpoint
         except re.error as e:
             raise LorafitError(f"--modules {modules!r} is not a valid regex ({e})") from None
     read_adapter(adapter)  # the folder and its files, checked before the slow part
-    steps = norms_over_steps(checkpoints) if checkpoints else None
+    steps = norms_over_steps(checkpoints, modules) if checkpoints else None
     base, _ = load_model(model, quantize=quantize, device=device)
     load_adapter(base, adapter)
     bar = tqdm(desc="inspect", unit="module", dynamic_ncols=True)

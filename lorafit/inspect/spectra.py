@@ -99,19 +99,21 @@ def energy_rank(s: torch.Tensor, energy: float = 0.9) -> int:
     return int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1
 
 
-def suggest_rank_pattern(spectra: dict[str, torch.Tensor], energy: float = 0.9) -> dict:
+def suggest_rank_pattern(spectra: dict[str, torch.Tensor], energy: float = 0.9, r: int | None = None) -> dict:
     """A LoraConfig excerpt {"r": R, "rank_pattern": {regex: r_i}} that gives every module the rank
     holding `energy` of its update's spectrum: R is the most common of those ranks and rank_pattern
     lists the modules that differ, each key the module's escaped path (it matches that module only).
-    Ranks are at least 1 (a module whose update is zero keeps rank 1)."""
+    Ranks are at least 1 (a module whose update is zero keeps rank 1). With `r` (the adapter's rank,
+    when only some of its modules were analysed), R is `r`, so the modules not analysed keep theirs
+    and the suggestion covers the analysed ones only."""
     ranks = {path: max(1, energy_rank(s, energy)) for path, s in spectra.items()}
     if not ranks:
-        return {"r": 1, "rank_pattern": {}}
+        return {"r": r or 1, "rank_pattern": {}}
     counts: dict[int, int] = {}
-    for r in ranks.values():
-        counts[r] = counts.get(r, 0) + 1
-    common = max(sorted(counts), key=lambda r: counts[r])
-    return {"r": common, "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != common}}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    common = r or max(sorted(counts), key=lambda rank: counts[rank])
+    return {"r": common, "rank_pattern": {re.escape(p): rank for p, rank in ranks.items() if rank != common}}
 
 
 def intruder_dimensions(W: torch.Tensor, dW: torch.Tensor, k: int = 10, eps: float = 0.5) -> int:

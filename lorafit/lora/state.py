@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorafit.errors import AdapterError, LorafitError
+from lorafit.errors import AdapterError, BaseMismatch, LorafitError
 from lorafit.lora.adalora import SVDLayer
 from lorafit.lora.base import base_dims, is_adaptable
 from lorafit.lora.experts import ExpertLoraLayer, expert_targets, from_peft_layout, to_peft_layout
@@ -104,17 +104,17 @@ def check_fits(model: nn.Module, state: AdapterState, source: str,
         module = modules.get(path)
         base = getattr(module, "base_layer", module)
         if module is None or not is_adaptable(base):
-            raise AdapterError(f"{source}: (IA)³ vector for {path!r} but the model has no linear module there; "
+            raise BaseMismatch(f"{source}: (IA)³ vector for {path!r} but the model has no linear module there; "
                                "is this adapter for another base model?")
         n_in, n_out = base_dims(base)
         if tuple(tensor.shape) not in ((1, n_in), (n_out, 1)):
-            raise AdapterError(f"{source}: {path}.ia3_l has shape {tuple(tensor.shape)} but the base model needs "
+            raise BaseMismatch(f"{source}: {path}.ia3_l has shape {tuple(tensor.shape)} but the base model needs "
                                f"(1, {n_in}) or ({n_out}, 1); the adapter was trained on a different base model")
     for path, entry in state.layers.items():
         module = modules.get(path)
         base = getattr(module, "base_layer", module)
         if module is None or not is_adaptable(base):
-            raise AdapterError(f"{source}: adapter weights for {path!r} but the model has no linear/embedding "
+            raise BaseMismatch(f"{source}: adapter weights for {path!r} but the model has no linear/embedding "
                                f"module there; is this adapter for another base model?")
         n_in, n_out = base_dims(base)
         a_key, b_key = ("embedding_A", "embedding_B") if "embedding_A" in entry else ("A", "B")
@@ -124,7 +124,7 @@ def check_fits(model: nn.Module, state: AdapterState, source: str,
         expected = {a_key: (r, n_in), b_key: (n_out, r), "magnitude": (n_out,)}
         for key, tensor in entry.items():
             if tuple(tensor.shape) != expected[key]:
-                raise AdapterError(f"{source}: {path}.{key} has shape {tuple(tensor.shape)} but the base model "
+                raise BaseMismatch(f"{source}: {path}.{key} has shape {tuple(tensor.shape)} but the base model "
                                    f"needs {expected[key]}; the adapter was trained on a different base model")
         ranks[path] = r
     ranks.update(_check_experts(model, state, source, target_parameters))
@@ -132,14 +132,14 @@ def check_fits(model: nn.Module, state: AdapterState, source: str,
         module = modules.get(path)
         base = getattr(module, "base_layer", module)
         if module is None or not is_adaptable(base) or set(entry) != {"A", "E", "B"}:
-            raise AdapterError(f"{source}: AdaLoRA weights for {path!r} do not fit the model (no linear module there, "
+            raise BaseMismatch(f"{source}: AdaLoRA weights for {path!r} do not fit the model (no linear module there, "
                                "or not all of lora_A, lora_E, lora_B); is this adapter for another base model?")
         n_in, n_out = base_dims(base)
         r = entry["A"].shape[0]
         expected = {"A": (r, n_in), "E": (r, 1), "B": (n_out, r)}
         for key, tensor in entry.items():
             if tuple(tensor.shape) != expected[key]:
-                raise AdapterError(f"{source}: {path}.lora_{key} has shape {tuple(tensor.shape)} but the base model "
+                raise BaseMismatch(f"{source}: {path}.lora_{key} has shape {tuple(tensor.shape)} but the base model "
                                    f"needs {expected[key]}; the adapter was trained on a different base model")
         ranks[path] = r
     for name, tensor in state.biases.items():
@@ -147,17 +147,17 @@ def check_fits(model: nn.Module, state: AdapterState, source: str,
         target = params.get(name) if name in params else params.get(name.replace(".base_layer.bias", ".bias"))
         if target is None or target.shape != tensor.shape:
             got = None if target is None else tuple(target.shape)
-            raise AdapterError(f"{source}: bias {name} of shape {tuple(tensor.shape)} does not fit the model ({got})")
+            raise BaseMismatch(f"{source}: bias {name} of shape {tuple(tensor.shape)} does not fit the model ({got})")
     for path, sd in state.saved.items():
         module = modules.get(path)
         module = getattr(module, "original", module)
         if module is None:
-            raise AdapterError(f"{source}: modules_to_save entry {path!r} is not a module of this model")
+            raise BaseMismatch(f"{source}: modules_to_save entry {path!r} is not a module of this model")
         own = module.state_dict()
         for key, tensor in sd.items():
             if key not in own or own[key].shape != tensor.shape:
                 got = None if key not in own else tuple(own[key].shape)
-                raise AdapterError(f"{source}: {path}.{key} has shape {tuple(tensor.shape)}, the model's is {got}")
+                raise BaseMismatch(f"{source}: {path}.{key} has shape {tuple(tensor.shape)}, the model's is {got}")
     return ranks
 
 
@@ -175,7 +175,7 @@ def _check_experts(model: nn.Module, state: AdapterState, source: str,
         names = found.get(path, [])
         for depth, entry in by_depth.items():
             if depth >= len(names) or "A" not in entry or "B" not in entry:
-                raise AdapterError(f"{source}: expert LoRA weights for {path!r} (nesting {depth}) match no targeted "
+                raise BaseMismatch(f"{source}: expert LoRA weights for {path!r} (nesting {depth}) match no targeted "
                                    f"3-D parameter there (target_parameters {target_parameters}); another base model?")
             param = names[len(names) - 1 - depth]
             module = modules[path]
@@ -185,7 +185,7 @@ def _check_experts(model: nn.Module, state: AdapterState, source: str,
             A, B = entry["A"], entry["B"]
             r = A.shape[0] // E
             if r < 1 or A.shape != (r * E, n_in) or B.shape != (n_out, r * E):
-                raise AdapterError(f"{source}: {path}.{param} LoRA shapes {tuple(A.shape)}, {tuple(B.shape)} do not "
+                raise BaseMismatch(f"{source}: {path}.{param} LoRA shapes {tuple(A.shape)}, {tuple(B.shape)} do not "
                                    f"fit {E} experts of ({n_out}, {n_in}); the adapter was trained on another model")
             ranks[f"{path}.{param}"] = r
     return ranks

@@ -7,6 +7,7 @@ since adapting all linear layers is what works best in practice (QLoRA, Dettmers
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -125,6 +126,12 @@ def find_targets(
             + (f" in layers {layers_to_transform}" if layers_to_transform is not None else "")
             + f"; its linear modules are: {', '.join(linear_names(model))}"
         )
+    if isinstance(targets, list):  # one list may serve several families, but a typo must not pass unseen
+        names = [name for name, _ in model.named_modules() if name and not inside_wrapper(name)]
+        unmatched = [t for t in targets if not any(path_matches(name, [t]) for name in names)]
+        if unmatched:
+            warnings.warn(f"target_modules {unmatched} match no module of {type(model).__name__} (the others are "
+                          f"adapted); its linear modules are: {', '.join(linear_names(model))}", stacklevel=3)
     return found
 
 

@@ -16,8 +16,10 @@ token_logprobs, top_logprobs, text_offset; with echo the prompt's tokens too, th
 batched forward that generates (lorafit.serve.engine).
 
 Every error is OpenAI's shape (api.py), so clients show the message; nothing a client sends can
-take the server down. `stream: true` answers with server-sent events (responses.py). The routes
-are plain functions; what they share (engine, tokenizer, key, adapter root) is one `Server` kept
+take the server down. At log level info, `RequestLog` writes one line per request when its answer
+has been sent (a stream's too): method, path, adapter, status, prompt + completion tokens,
+milliseconds. `stream: true` answers with server-sent events (responses.py). The routes are plain
+functions; what they share (engine, tokenizer, key, adapter root) is one `Server` kept
 on the app's state.
 """
 
@@ -155,6 +157,7 @@ async def completions(body: CompletionBody, http: Request):
     job = Job(srv.engine, prompts, adapter, body.params(body.max_tokens, 16, body.logprobs, echo_logprobs), "prompt")
     job.echo = body.echo  # the prompt as sent (token ids: decoded), then the completion
     job.prompt_texts = [t if t is not None else srv.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+    http.state.lorafit_log = (body.model if adapter else None, job)
     return await respond(job, http, Answer(body.model, chat=False), body.stream, body.include_usage)
 
 
@@ -167,6 +170,7 @@ async def chat_completions(body: ChatBody, http: Request):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     job = Job(srv.engine, [ids], adapter, body.params(body.max_completion_tokens or body.max_tokens, 256, logprobs),
               "messages")
+    http.state.lorafit_log = (body.model if adapter else None, job)
     return await respond(job, http, Answer(body.model, chat=True), body.stream, body.include_usage)
 
 
@@ -280,6 +284,42 @@ async def crash(_: Request, e: Exception) -> JSONResponse:
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error").response()
 
 
+# -- the request log --------------------------------------------------------------------------
+class RequestLog:
+    """ASGI middleware: one INFO line per HTTP request once its last byte is sent (streams included),
+    `POST /v1/completions adapter=sql 200 tokens=12+30 412 ms`; the adapter and the tokens come from
+    the route (`request.state.lorafit_log`), "-" where there are none."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not log.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send)
+            return
+        start, status, done = time.perf_counter(), [500], [False]
+
+        def line() -> None:
+            done[0] = True
+            adapter, job = scope.get("state", {}).get("lorafit_log", (None, None))
+            tokens = "-" if job is None else "{prompt_tokens}+{completion_tokens}".format(**job.usage())
+            log.info("%s %s adapter=%s %d tokens=%s %.0f ms", scope["method"], scope["path"], adapter or "-",
+                     status[0], tokens, 1000 * (time.perf_counter() - start))
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                line()
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if not done[0]:  # the client went away before the answer was complete
+                line()
+
+
 # -- the app ----------------------------------------------------------------------------------
 def create_app(engine: Engine, *, api_key: str | None = None, adapter_root: str | Path | None = None) -> FastAPI:
     """The ASGI app. The engine's scheduler starts with the app and stops with it."""
@@ -304,4 +344,5 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_root: str 
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"])
+    app.add_middleware(RequestLog)
     return app

@@ -26,6 +26,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,10 @@ from lorafit.serve.router import Router
 from lorafit.serve.sampling import make_generator, sample, token_logprobs
 
 log = logging.getLogger("lorafit.serve")
+# transformers (5.x) announces it will rename the forward's `past_key_values` keyword, which the engine
+# passes its cache as, on every forward; the keyword works in every transformers lorafit supports, and a
+# server's log is no place for a message to lorafit's developers
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 __all__ = ["Engine", "Event", "Request", "SamplingParams", "rss_bytes"]
 

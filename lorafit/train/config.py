@@ -68,12 +68,13 @@ class TrainConfig:
     fused_norm: bool = True
     """On CUDA, run RMSNorms as one Triton kernel each way (lorafit.train.fusion.FusedRMSNorm)."""
     eval_steps: int | None = None
-    """Evaluate on the validation samples every N steps (and at the end)."""
+    """Evaluate on the validation samples every N steps. With validation samples the last step is
+    always evaluated (null: only that one)."""
     eval_batch_size: int | None = None
     """Validation samples per forward (None: batch_size). Larger is faster where memory allows: no
     backward, and a quantized base is dequantized once per forward."""
     save_steps: int | None = None
-    """Write a resumable checkpoint every N steps."""
+    """Write a resumable checkpoint every N steps (an interrupted run, Ctrl-C, writes one either way)."""
     save_total_limit: int = 2
     """Keep only the newest N checkpoints."""
     early_stopping_patience: int | None = None

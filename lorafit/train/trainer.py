@@ -7,8 +7,11 @@ the tokens of short samples more).
 
 A checkpoint (adapter + optimizer + RNG + data position) is written to a temporary folder and
 renamed into place, so a run killed mid-save still has its previous checkpoint, and `resume=True`
-continues with the same losses the uninterrupted run would have had. The RNG state is the CPU
-generator's and, when CUDA is in use, every CUDA device's (dropout masks on a GPU draw from those).
+continues with the same losses the uninterrupted run would have had. Ctrl-C ends the current step and
+writes one too (lorafit.train.interrupt), `save_steps` or not. What output_dir may hold when a run
+starts (no earlier run unless `resume` or `overwrite`) and checkpoint rotation: lorafit.train.outdir.
+The RNG state is the CPU generator's and, when CUDA is in use, every CUDA device's (dropout masks on a
+GPU draw from those).
 
 Devices: the model stays where the caller put it. Batches are built on the host (`collate`), their
 target tokens counted there (no device sync), then moved to the model's device (`lorafit.device.
@@ -27,8 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -55,8 +56,17 @@ from lorafit.train.distributed.strategy import choose_strategy, quantization_of
 from lorafit.train.distributed.world import init_world
 from lorafit.train.distributed.wrap import Parallel
 from lorafit.train.full import MODEL_DIR, load_model_weights, save_model_folder
+from lorafit.train.interrupt import StopRequest
 from lorafit.train.loraplus import loraplus_param_groups
 from lorafit.train.loss import evaluate, loss_sum, n_targets, token_loss_sum
+from lorafit.train.order import EpochOrder
+from lorafit.train.outdir import (
+    STATE_NAME,
+    latest_checkpoint,
+    prepare_output_dir,
+    resume_mismatch,
+    rotate_checkpoints,
+)
 from lorafit.train.prepare import prepare_model
 from lorafit.train.trackers import Trackers
 
@@ -194,13 +204,21 @@ class Trainer:
         return lr
 
     # -- the loop ---------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> list[dict]:
+    def train(self, resume: bool = False, overwrite: bool = False) -> list[dict]:
+        """Train; `resume`: continue from the newest checkpoint in output_dir (there must be one);
+        `overwrite`: delete an earlier run's files there first (without either, output_dir must hold
+        no earlier run: lorafit.train.outdir). Ctrl-C ends the current step, writes a checkpoint and
+        raises KeyboardInterrupt."""
         cfg, model, world = self.config, self.model, self.world
         main = world.is_main
         metrics_path = self.out / "metrics.jsonl"
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint = world.broadcast(latest_checkpoint(self.out) if resume and main else None)
+        try:  # rank 0 decides, every rank learns the outcome (an error on rank 0 alone would hang the others)
+            prepared = ("ok", prepare_output_dir(self.out, resume, overwrite)) if main else None
+        except LorafitError as e:
+            prepared = ("error", str(e))
+        outcome, checkpoint = world.broadcast(prepared)
+        if outcome == "error":
+            raise LorafitError(checkpoint)
         if checkpoint is not None and self.allocator is not None:
             raise LorafitError(f"{self.out}: resuming an AdaLoRA run is not supported (the rank allocator's importance "
                                "averages are not checkpointed); start it again, or load its checkpoint's adapter")
@@ -214,6 +232,25 @@ class Trainer:
         model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not main)
+        with StopRequest() as interrupt:
+            try:
+                self._loop(bar, interrupt, trackers)
+            finally:  # an interrupt too: the bar ends its line, the trackers flush what they have
+                bar.close()
+                trackers.close()
+        model.eval()
+        with self.parallel.full_params():  # every rank takes part in gathering the shards; rank 0 writes
+            if main:
+                self._save_weights(self.out, tokenizer=self.tokenizer)
+                plot_losses(self.history, self.out / "loss.png")
+        return self.history
+
+    def _loop(self, bar, interrupt: StopRequest, trackers: Trackers) -> None:
+        """Optimizer steps until the last one, an early stop or an interrupt (checkpoint, then
+        KeyboardInterrupt)."""
+        cfg, model, world, main = self.config, self.model, self.world, self.world.is_main
+        metrics_path = self.out / "metrics.jsonl"
+        saved = None  # the step of the newest checkpoint written
         while self.step < self.total_steps:
             start = time.perf_counter()
             indices = range(self.micro, self.micro + cfg.grad_accum)
@@ -227,7 +264,7 @@ class Trainer:
                       **({"grad_norm": self.grad_norm} if self.grad_norm is not None else {}),
                       "epoch": self.micro / self.batches_per_epoch}
             stop = False
-            if cfg.eval_steps and self.val_samples and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
+            if self.val_samples and ((cfg.eval_steps and self.step % cfg.eval_steps == 0) or self.step == self.total_steps):
                 record.update(evaluate(model, self.val_samples, self.pad_id, cfg.eval_batch_size or cfg.batch_size,
                                        step=self.parallel.loss,
                                        world=world))
@@ -244,19 +281,18 @@ class Trainer:
             bar.update(1)
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self._save_checkpoint()
+                saved = self.step
+            if interrupt.requested if not world.distributed else world.sum([float(interrupt.requested)])[0] > 0:
+                folder = self._save_checkpoint() if saved != self.step else latest_checkpoint(self.out)
+                if main:
+                    print(f"lorafit: interrupted after step {self.step} of {self.total_steps}; checkpoint {folder} "
+                          "written: run the same command with --resume to continue", flush=True)
+                raise KeyboardInterrupt
             if stop:
                 if main:
                     print(f"lorafit: early stop at step {self.step}: no better validation loss in "
                           f"{cfg.early_stopping_patience} evaluations (best {self.best_val:.4f})")
                 break
-        bar.close()
-        trackers.close()
-        model.eval()
-        with self.parallel.full_params():  # every rank takes part in gathering the shards; rank 0 writes
-            if main:
-                self._save_weights(self.out, tokenizer=self.tokenizer)
-                plot_losses(self.history, self.out / "loss.png")
-        return self.history
 
     def _early_stop(self, val_loss: float) -> bool:
         if val_loss < self.best_val:
@@ -297,11 +333,10 @@ class Trainer:
 
             def write(folder: Path) -> None:
                 self._save_weights(folder)
-                torch.save(state, folder / "trainer_state.pt")
+                torch.save(state, folder / STATE_NAME)
             # atomic: a checkpoint folder is either complete or absent
             final = write_folder(root / f"step-{self.step:08d}", write)
-        for old in sorted(root.glob("step-*"))[:-self.config.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(self.out, final, self.config.save_total_limit)  # never `final`, never a later step
         return final
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -311,7 +346,12 @@ class Trainer:
         do not depend on the number of processes); only ranks beyond the saved ones start new RNG streams."""
         main, world = self.world.is_main, self.world
         # on the host first: the optimizer moves its states to its parameters' devices itself
-        state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu") if main else {}
+        state = torch.load(path / STATE_NAME, weights_only=False, map_location="cpu") if main else {}
+        differ = resume_mismatch(state.get("config") or {}, asdict(self.config)) if main else None
+        differ = world.broadcast(differ)  # every rank stops, not rank 0 alone
+        if differ:
+            raise LorafitError(f"{path}: this checkpoint was written with {differ}; resume with the settings it "
+                               "was trained with, or start over with --overwrite (or another output_dir)")
         with self.parallel.full_params(write_back=True):
             if main and self.config.method == "full":
                 load_model_weights(self.model, path / MODEL_DIR)
@@ -351,42 +391,13 @@ def _set_cuda_rng_states(states: list[torch.Tensor] | None) -> None:
         torch.cuda.set_rng_state(rng, index)
 
 
-class EpochOrder:
-    """Which samples micro-batch `index` of a run holds.
-
-    Epoch e is the permutation `random.Random(seed + e).shuffle(range(n_samples))`, cut into batches of
-    `batch_size` (the last one of an epoch may be shorter), so any position can be rebuilt on resume
-    without replaying the ones before it. The permutation is computed once per epoch and kept (a
-    micro-batch costs O(batch_size), not a shuffle of the whole data set).
-    """
-
-    def __init__(self, n_samples: int, batch_size: int, seed: int) -> None:
-        self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
-        self.batches_per_epoch = math.ceil(n_samples / batch_size)
-        self._epoch, self._order = -1, []
-
-    def epoch(self, epoch: int) -> list[int]:
-        """The order of all samples in epoch `epoch` (the cached list: do not modify it)."""
-        if epoch != self._epoch:
-            order = list(range(self.n_samples))
-            random.Random(self.seed + epoch).shuffle(order)
-            self._epoch, self._order = epoch, order
-        return self._order
-
-    def indices(self, index: int) -> list[int]:
-        """Sample indices of micro-batch `index` (counted from the start of the run)."""
-        epoch, pos = divmod(index, self.batches_per_epoch)
-        return self.epoch(epoch)[pos * self.batch_size:(pos + 1) * self.batch_size]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (temporary folders of an interrupted save are ignored)."""
-    done = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file())
-    return done[-1] if done else None
-
-
 def plot_losses(history: list[dict], path: Path) -> Path:
     """Training (and validation) loss over steps as a PNG."""
+    return plots.save(loss_figure(history), path)
+
+
+def loss_figure(history: list[dict]):
+    """The figure of `plot_losses`: loss against optimizer step, whole steps on the axis."""
     plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1)
@@ -394,7 +405,8 @@ def plot_losses(history: list[dict], path: Path) -> Path:
     if val:
         ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers: no 2.5 on the axis
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return plots.save(fig, path)
+    return fig

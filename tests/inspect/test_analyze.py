@@ -38,3 +38,22 @@ def test_an_nf4_base_is_dequantized():
     assert stats.weight_fro == pytest.approx(float(W.norm()), rel=1e-6)
     assert stats.delta_fro == pytest.approx(float(layer.delta_weight("default").norm()), rel=1e-5)
     assert stats.intruders is not None and len(stats.singular_values) == 2
+
+
+def test_modules_limit_the_suggestion_and_the_plots_to_the_analysed_layers():
+    """`--modules`: the suggested rank_pattern covers the analysed modules only (r stays the adapter's, so
+    the others keep theirs), and the spectra figure shows those layers with a legend of their colours."""
+    from lorafit.inspect.report import grid, spectra_figure
+    from lorafit.plots import pyplot
+
+    model = lf.apply_lora(make_llama(), lf.LoraConfig(r=8, init="random", target_modules=["q_proj", "v_proj"]))
+    analysis = analyze_model(model, intruder_k=0, modules=r"layers\.1\.self_attn\.q_proj")
+    assert [m.path for m in analysis.modules] == ["model.layers.1.self_attn.q_proj"]
+    assert analysis.rank_pattern["r"] == 8 and set(analysis.rank_pattern["rank_pattern"]) <= {
+        r"model\.layers\.1\.self_attn\.q_proj"}
+    layers, names, _ = grid(analysis.modules, "delta_fro")
+    assert (layers, names) == ([1], ["q_proj"])
+    fig = spectra_figure(analysis)
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["layer 1"]
+    pyplot().close(fig)

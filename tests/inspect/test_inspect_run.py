@@ -3,6 +3,7 @@ PNGs that open as images; one module's numbers against a direct computation; bad
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -43,7 +44,10 @@ def test_inspect_the_demo_adapter(demo_adapter, tmp_path, capsys):
     p = s[s > 1e-12 * s[0]] / s.sum()
     assert record["effective_rank"] == pytest.approx(math.exp(-float((p * p.log()).sum())), rel=1e-6)
     assert record["stable_rank"] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-6)
-    assert data["steps"]["layers"] == [0, 29] or len(data["steps"]["layers"]) == 30  # every block's updates
+    assert data["steps"]["layers"] == [0, 29]  # --modules: the analysed blocks only
+    suggested = data["suggested_lora"]  # for the analysed modules only: the others keep the adapter's r
+    assert suggested["r"] == config.r
+    assert all(any(re.fullmatch(k, m["path"]) for m in data["modules"]) for k in suggested["rank_pattern"])
 
 
 def test_bad_input_is_one_line_before_loading(tmp_path, capsys):

@@ -274,3 +274,11 @@ def test_embedding_and_modules_to_save(ids, tmp_path):
     assert emb.lora_B["default"].grad is not None
     assert model.lm_head.copies["default"].weight.grad is not None
     assert model.lm_head.original.weight.grad is None
+
+
+def test_target_entries_that_match_nothing_are_named():
+    model = MAKERS["llama"]()
+    with pytest.warns(UserWarning, match=r"target_modules \['q_prj', 'c_attn'\] match no module of LlamaForCausalLM "
+                                         r"\(the others are adapted\); its linear modules are: q_proj, k_proj"):
+        lf.apply_lora(model, lf.LoraConfig(r=2, target_modules=["q_prj", "v_proj", "c_attn"]))
+    assert sorted({p.rsplit(".", 1)[-1] for p, _ in lora_layers(model)}) == ["v_proj"]

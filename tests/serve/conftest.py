@@ -27,7 +27,7 @@ def server(tiny, tmp_path_factory):
     model_dir, adapters = tiny
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = start_server(model_dir, {n: adapters[n] for n in ("alpha", "beta", "gamma")},
-                       adapters["alpha"].parent, log)
+                       adapters["alpha"].parent, log, "--log-level", "info")  # a request log line each
     yield srv
     srv.process.terminate()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 
 import httpx
@@ -61,6 +62,30 @@ def test_models_completions_chat_and_streams(server):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_each_request_is_one_log_line_and_no_warning_reaches_the_log(server):
+    """--log-level info: method, path, adapter, status, prompt + completion tokens, ms; a stream's line
+    once it ended. transformers' `past_key_values` FutureWarning stays out of the log."""
+    client = server.client()
+    start = len(server.log.read_text())  # this test's lines come after
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-adapter", prompt="x", max_tokens=1)
+    client.completions.create(model="beta", prompt="the quick brown fox", max_tokens=5, extra_body={"ignore_eos": True})
+    list(client.completions.create(model="model", prompt="hello world", max_tokens=3, stream=True,
+                                   extra_body={"ignore_eos": True}))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = server.log.read_text()
+        lines = log[start:].splitlines()
+        if len([line for line in lines if "POST /v1/completions" in line]) >= 3:
+            break
+        time.sleep(0.05)
+    ours = [line for line in lines if "POST /v1/completions" in line][:3]
+    assert re.fullmatch(r"INFO:     POST /v1/completions adapter=- 404 tokens=- \d+ ms", ours[0]), ours
+    assert re.fullmatch(r"INFO:     POST /v1/completions adapter=beta 200 tokens=\d+\+5 \d+ ms", ours[1]), ours
+    assert re.fullmatch(r"INFO:     POST /v1/completions adapter=- 200 tokens=\d+\+3 \d+ ms", ours[2]), ours
+    assert "FutureWarning" not in log and "past_key_values" not in log
 
 
 def test_raw_stream_ends_with_done(server):

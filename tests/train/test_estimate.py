@@ -259,7 +259,7 @@ def test_fits_and_full_table():
     e = estimate(TrainSetup(model="7B", method="qlora"))
     assert e.fits(e.total_gb + 0.01) and not e.fits(e.total_gb - 0.01)
     table = format_table("full", ranks=(8,), gpu_gb=24)
-    assert "fits 24 GB?" in table
+    assert "fits 24 GiB?" in table
     row = table_row(table, "7B", "-")
     n = SIZES["7B"].n_params
     assert row[3] == f"{n:,}"  # everything trains

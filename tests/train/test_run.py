@@ -76,9 +76,9 @@ def test_qlora_with_loftq_loads_full_precision_and_ends_all_nf4(tokenizer, tmp_p
     import lorafit.train.trainer as trainer_module
 
     class Recording(trainer_module.Trainer):
-        def train(self, resume=False):
+        def train(self, resume=False, overwrite=False):
             seen["model"] = self.model
-            return super().train(resume)
+            return super().train(resume, overwrite)
 
     monkeypatch.setattr(trainer_module, "Trainer", Recording)  # the real Trainer, which also keeps its model
     history = run(config)
@@ -89,3 +89,31 @@ def test_qlora_with_loftq_loads_full_precision_and_ends_all_nf4(tokenizer, tmp_p
     assert all(isinstance(layer.base_layer, NF4Linear) for layer in adapted.values())
     assert isinstance(model.model.layers[0].mlp.down_proj, NF4Linear)  # not adapted: plain NF4
     assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_relative_paths_of_a_yaml_file_are_read_from_its_folder(tmp_path):
+    from lorafit.train.run import load_yaml
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "run.yaml").write_text(f"model: SmolLM2-135M-Instruct\ndata: {{path: train.jsonl, val_path: {tmp_path}/v.jsonl}}\n"
+                                     "output_dir: runs/x\n")
+    raw = load_yaml(folder / "run.yaml")
+    assert raw == {"model": "SmolLM2-135M-Instruct", "output_dir": str(folder / "runs" / "x"),
+                   "data": {"path": str(folder / "train.jsonl"), "val_path": f"{tmp_path}/v.jsonl"}}
+    (folder / "run.yaml").write_text("model: ../models/llama\ndata: train.jsonl\n")  # the shorthand too
+    raw = load_yaml(folder / "run.yaml")
+    assert raw == {"model": str(folder / "../models/llama"), "data": {"path": str(folder / "train.jsonl")}}
+
+
+def test_errors_name_the_flag_as_typed_or_the_key_of_the_file():
+    raw = {"data": "x.jsonl", "lora": {"r": 0}}
+    with pytest.raises(LorafitError) as e:
+        parse_run_config(raw, "flags", {"lora.r": "0"})
+    assert str(e.value) == "--lora.r 0: must be a positive integer"
+    with pytest.raises(LorafitError) as e:
+        parse_run_config(raw, "run.yaml")
+    assert str(e.value) == "run.yaml: lora.r must be a positive integer, got 0"
+    with pytest.raises(LorafitError) as e:
+        parse_run_config({"data": "x.jsonl", "schedule": "steps"}, "flags", {"schedule": "steps"})
+    assert str(e.value).startswith("--schedule steps: must be one of ('cosine'")

@@ -340,3 +340,46 @@ def test_adalora_regularizer_in_the_loss_and_allocation_after_each_step(tokenize
     ids = torch.tensor([batch["input_ids"][0].tolist()])
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
     torch.testing.assert_close(peft_model(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_the_loss_plot_has_whole_steps_on_its_axis():
+    from lorafit.plots import pyplot
+    from lorafit.train.trainer import loss_figure
+
+    fig = loss_figure([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.2, "val_loss": 1.4}])
+    fig.canvas.draw()
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    pyplot().close(fig)
+
+
+def _checkpoint_names(out) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+
+
+def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(tokenizer, samples, tmp_path):
+    """Issue 29, bug 3: a second run (another rank) into a folder holding a run overwrote its adapter and
+    metrics, rotation deleted the new run's checkpoint, and --resume died on a tensor-size error."""
+    out = tmp_path / "run"
+    first = dict(lora=lf.LoraConfig(r=16, alpha=16, target_modules="all-linear"), max_steps=8, save_steps=2)
+    Trainer(_config(out, **first), tiny_llama(), tokenizer, samples.train).train()
+    assert _checkpoint_names(out) == ["step-00000006", "step-00000008"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    second = dict(lora=lf.LoraConfig(r=4, alpha=16, target_modules="all-linear"), max_steps=4, save_steps=2)
+    with pytest.raises(lf.LorafitError) as err:
+        Trainer(_config(out, **second), tiny_llama(), tokenizer, samples.train).train()
+    assert str(err.value) == (f"output_dir {out}: holds an earlier run (adapter, checkpoints, metrics.jsonl, "
+                              "loss.png); --resume continues it, --overwrite replaces it, or choose another output_dir")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
+
+    with pytest.raises(lf.LorafitError) as err:  # resuming it with another adapter: one line naming both
+        Trainer(_config(out, **{**second, "max_steps": 10}), tiny_llama(), tokenizer, samples.train).train(resume=True)
+    assert str(err.value) == (f"{out / 'checkpoints' / 'step-00000008'}: this checkpoint was written with "
+                              "lora.r=16, this run has lora.r=4; resume with the settings it was trained with, or "
+                              "start over with --overwrite (or another output_dir)")
+
+    history = Trainer(_config(out, **second), tiny_llama(), tokenizer, samples.train).train(overwrite=True)
+    assert _checkpoint_names(out) == ["step-00000002", "step-00000004"]  # the new run's, not 6 and 8
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4 and len(history) == 4

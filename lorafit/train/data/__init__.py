@@ -27,7 +27,7 @@ from lorafit.train.data.batches import ON_LONG, collate, fit_length, pack, pad_i
 from lorafit.train.data.config import DataConfig
 from lorafit.train.data.load import Splits, load_data
 from lorafit.train.data.preview import TRAINED_CLOSE, TRAINED_OPEN, describe_sample, n_tokens
-from lorafit.train.data.records import FORMATS, SHAPES, Record, read_records, split_records
+from lorafit.train.data.records import FORMATS, ROLES, SHAPES, Record, read_records, split_records
 from lorafit.train.data.tokenize import (
     ALPACA_PROMPT,
     IGNORE,
@@ -42,6 +42,7 @@ __all__ = [
     "FORMATS",
     "IGNORE",
     "ON_LONG",
+    "ROLES",
     "SHAPES",
     "TRAINED_CLOSE",
     "TRAINED_OPEN",

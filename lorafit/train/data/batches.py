@@ -11,13 +11,16 @@ import warnings
 
 import torch
 
+from lorafit.errors import LorafitError
 from lorafit.train.data.tokenize import IGNORE, Sample, eos_id
 
 ON_LONG = ("truncate", "skip")
 
 
-def fit_length(samples: list[Sample], max_len: int, on_long: str, path: str = "data") -> list[Sample]:
-    """Truncate (keep the start) or skip samples over `max_len`; warn once with the counts."""
+def fit_length(samples: list[Sample], max_len: int, on_long: str, path: str = "data",
+               what: str = "training") -> list[Sample]:
+    """Truncate (keep the start) or skip samples over `max_len`; warn once with the counts. When no
+    sample is left, a LorafitError says how many were dropped, why, and the limit that keeps them."""
     kept, n_long, n_empty = [], 0, 0
     for s in samples:
         if len(s) > max_len:
@@ -29,6 +32,12 @@ def fit_length(samples: list[Sample], max_len: int, on_long: str, path: str = "d
                 n_empty += 1
                 continue
         kept.append(s)
+    if samples and not kept:
+        why = ("were skipped (on_long: skip)" if on_long == "skip" else
+               "kept no trained tokens once truncated (their prompts alone fill the limit)")
+        raise LorafitError(f"{path}: no {what} samples left: all {len(samples)} are longer than "
+                           f"data.max_seq_length={max_len} tokens and {why}; the shortest has "
+                           f"{min(len(s) for s in samples)} tokens: raise data.max_seq_length to at least that")
     if n_long:
         what = "skipped" if on_long == "skip" else "truncated to their first tokens"
         extra = f"; {n_empty} of those had no trained tokens left and were dropped" if n_empty else ""

@@ -37,10 +37,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise LorafitError(f"data format {self.format!r} is unknown: use one of {', '.join(FORMATS)}")
+            raise LorafitError(f"DataConfig.format {self.format!r} is unknown: use one of {', '.join(FORMATS)}")
         if self.on_long not in ON_LONG:
-            raise LorafitError(f"on_long={self.on_long!r} is unknown: use 'truncate' or 'skip'")
-        if self.max_seq_length < 2:
-            raise LorafitError(f"max_seq_length={self.max_seq_length} is too small: use at least 2 tokens")
+            raise LorafitError(f"DataConfig.on_long {self.on_long!r} is unknown: use 'truncate' or 'skip'")
+        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 2:
+            raise LorafitError(f"DataConfig.max_seq_length must be at least 2 tokens, got {self.max_seq_length!r}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise LorafitError(f"val_fraction={self.val_fraction} must be in [0, 1): e.g. 0.05")
+            raise LorafitError(f"DataConfig.val_fraction must be in [0, 1) (e.g. 0.05), got {self.val_fraction!r}")

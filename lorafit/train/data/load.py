@@ -30,9 +30,10 @@ def load_data(tokenizer, cfg: DataConfig) -> Splits:
 
     fmt = default_format(tokenizer, records[0].shape)  # one format for the training and validation data
 
-    def prepare(recs: list[Record], path: str) -> list[Sample]:
+    def prepare(recs: list[Record], path: str, what: str) -> list[Sample]:
         samples = [tokenize_record(tokenizer, r, cfg.train_on_prompt, fmt) for r in recs]
-        samples = fit_length(samples, cfg.max_seq_length, cfg.on_long, path)
+        samples = fit_length(samples, cfg.max_seq_length, cfg.on_long, path, what)
         return pack(samples, cfg.max_seq_length) if cfg.packing else samples
 
-    return Splits(prepare(records, cfg.path), prepare(val_records, cfg.val_path or cfg.path), fmt)
+    return Splits(prepare(records, cfg.path, "training"), prepare(val_records, cfg.val_path or cfg.path, "validation"),
+                  fmt)

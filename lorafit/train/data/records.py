@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from lorafit.errors import LorafitError
 
 SHAPES = ("alpaca", "chat", "text")
 FORMATS = ("auto", *SHAPES)
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")  # chat templates' roles
+# (ipython: Llama 3.1's tool results; function: OpenAI's older name for tool)
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's names (its turns: {"from", "value"})
 
 
 @dataclass
@@ -40,6 +44,11 @@ def _detect_shape(obj: dict) -> str | None:
     if "text" in obj:
         return "text"
     return None
+
+
+_SHAREGPT_HINT = ("'conversations' of {from, value} turns is ShareGPT's format: write each record as "
+                 "{\"messages\": [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", ...}]} "
+                 "(human -> user, gpt -> assistant)")
 
 
 def _type_name(value: Any) -> str:
@@ -76,14 +85,32 @@ def _validate(obj: dict, shape: str, where: str) -> None:
                 raise LorafitError(
                     f"{where}: field 'messages[{i}]' must be an object with 'role' and 'content'"
                 )
+            if "from" in m and "value" in m and "role" not in m:
+                raise LorafitError(f"{where}: messages[{i}] has 'from'/'value': {_SHAREGPT_HINT}")
             _need_str(m, "role", f"{where}: messages[{i}]")
             _need_str(m, "content", f"{where}: messages[{i}]")
+            if m["role"] not in ROLES:
+                meant = _SHAREGPT_ROLES.get(m["role"])
+                hint = (f"; {m['role']!r} is ShareGPT's name for {meant!r}: rename the roles (human -> user, "
+                        "gpt -> assistant)") if meant else ""
+                raise LorafitError(f"{where}: messages[{i}] has the unknown role {m['role']!r}: use "
+                                   f"{', '.join(ROLES)}{hint}")
         if not any(m["role"] == "assistant" for m in messages):
             raise LorafitError(f"{where}: field 'messages' has no 'assistant' turn: add the reply to learn")
 
 
+def _empty_reply(obj: dict, shape: str) -> bool:
+    """Whether a record's reply (alpaca output, some assistant turn) is empty or blank."""
+    if shape == "alpaca":
+        return not obj["output"].strip()
+    if shape == "chat":
+        return any(m["role"] == "assistant" and not m["content"].strip() for m in obj["messages"])
+    return False
+
+
 def read_records(path: str | Path, format: str = "auto") -> list[Record]:
-    """Parse and validate a JSONL file; all records must have one shape (`format` or detected)."""
+    """Parse and validate a JSONL file; all records must have one shape (`format` or detected).
+    A UTF-8 byte-order mark is accepted; empty replies are kept, with one warning naming their lines."""
     path = Path(path)
     if format not in FORMATS:
         raise LorafitError(f"data format {format!r} is unknown: use one of {', '.join(FORMATS)}")
@@ -91,27 +118,31 @@ def read_records(path: str | Path, format: str = "auto") -> list[Record]:
         raise LorafitError(f"{path}: file not found: check the data path")
     shape = None if format == "auto" else format
     first_line = 0
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    records, empty = [], []
+    with path.open("rb") as f:  # decoded line by line, so an encoding error names its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LorafitError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line: {e.reason}): "
+                                   "save the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # without its line ending, so the column is the line's
             except json.JSONDecodeError as e:
-                raise LorafitError(
-                    f"{where}: invalid JSON ({e.msg} at column {e.colno}): fix the line"
-                ) from None
+                raise LorafitError(f"{where}: invalid JSON ({e.msg} at column {e.colno}): fix the line") from None
             if not isinstance(obj, dict):
                 raise LorafitError(f"{where}: expected a JSON object per line, got {_type_name(obj)}")
             found = _detect_shape(obj)
             if shape is None:  # first record of an auto-detected file decides
                 if found is None:
-                    raise LorafitError(
-                        f"{where}: cannot tell the record shape from fields {sorted(obj)}: use 'instruction'+"
-                        "'output' (alpaca), 'messages' (chat) or 'text'"
-                    )
+                    hint = _SHAREGPT_HINT if "conversations" in obj else (
+                        "use 'instruction'+'output' (alpaca), 'messages' (chat) or 'text'")
+                    raise LorafitError(f"{where}: cannot tell the record shape from fields {sorted(obj)}: {hint}")
                 shape, first_line = found, lineno
             elif format == "auto" and found is not None and found != shape:
                 raise LorafitError(
@@ -119,9 +150,15 @@ def read_records(path: str | Path, format: str = "auto") -> list[Record]:
                     "use one shape per file"
                 )
             _validate(obj, shape, where)
+            if _empty_reply(obj, shape):
+                empty.append(lineno)
             records.append(Record(shape, obj, where))
     if not records:
         raise LorafitError(f"{path}: file is empty: add one JSON record per line")
+    if empty:
+        lines = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        warnings.warn(f"{path}: {len(empty)} record(s) have an empty reply (line {lines}): they teach the model "
+                      "to answer with nothing; fill in or remove them", stacklevel=2)
     return records
 
 

@@ -72,5 +72,5 @@ def format_per_device(setup: TrainSetup, nproc: int, device_gb: float | None = N
     lines.append(f"{'total':<12} {results['ddp'].total_gb:9.2f} {results['fsdp'].total_gb:9.2f}")
     if device_gb is not None:
         verdict = ["fits" if results[s].fits(device_gb) else "does NOT fit" for s in STRATEGIES]
-        lines.append(f"a {device_gb:g} GB device: ddp {verdict[0]}, fsdp {verdict[1]}")
+        lines.append(f"a {device_gb:g} GiB device: ddp {verdict[0]}, fsdp {verdict[1]}")
     return "\n".join(lines)

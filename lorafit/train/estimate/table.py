@@ -70,7 +70,7 @@ def format_grid(
         parts = (_gib(e.base.codes), _gib(e.base.scales), _gib(e.base.dense)) if quantized else ()
         fits = [marks[0] if by_rank[r].fits(gpu_gb) else marks[1] for r in columns]
         rows.append((size, f"{e.n_params / 1e9:.2f}B", *parts, _gib(e.weights), *fits, _gib(e.total)))
-    title = f"{_title(first, batch, seq)} | fits {gpu_gb:g} GB? ({marks[0]}/{marks[1]})"
+    title = f"{_title(first, batch, seq)} | fits {gpu_gb:g} GiB? ({marks[0]}/{marks[1]})"
     table = _render(title, header, rows, left=1)
     return table + ("\nsizes that are no known model's, shaped by interpolation:\n" + "\n".join(notes) if notes else "")
 
@@ -93,7 +93,7 @@ def format_table(
     """
     first = TrainSetup(model=sizes[0], method=method, batch=batch, seq=seq, **setup)
     header = ("model", "rank", "params", "trainable", "weights", "grads+optim", "activations", "total",
-              f"fits {gpu_gb:g} GB?")
+              f"fits {gpu_gb:g} GiB?")
     rows = []
     for size in sizes:
         for rank in ranks if method != "full" else (None,):

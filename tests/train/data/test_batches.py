@@ -1,10 +1,12 @@
 """Samples -> rows: length limits, packing, padding and collation."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from lorafit.errors import LorafitError
 from lorafit.train.data import IGNORE, collate, fit_length, pack, pad_id_for
 from tests.train.data.shared import make_samples, sample_of
 
@@ -80,3 +82,15 @@ def test_collate_builds_host_tensors_whatever_the_default_device():
         batch = collate(make_samples([3, 5]), pad_id=0)
     assert {t.device.type for t in batch.values()} == {"cpu"}
     assert batch["labels"][0].tolist() == [10, 11, 12, IGNORE, IGNORE]
+
+
+@pytest.mark.parametrize("on_long", ["truncate", "skip"])
+def test_no_sample_left_after_the_length_limit_is_one_line_saying_why_and_what_to_raise(on_long):
+    samples = make_samples([14, 12, 20], trained_from=11)  # prompts of 11 tokens fill a window of 10
+    with pytest.raises(LorafitError) as err, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error says it all: no warning before it
+        fit_length(samples, 10, on_long, "d.jsonl", "validation")
+    message = str(err.value)
+    assert message.startswith("d.jsonl: no validation samples left: all 3 are longer than data.max_seq_length=10")
+    assert message.endswith("the shortest has 12 tokens: raise data.max_seq_length to at least that")
+    assert ("skipped" if on_long == "skip" else "kept no trained tokens once truncated") in message

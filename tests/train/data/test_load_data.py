@@ -44,7 +44,7 @@ def test_bad_config_names_the_field():
         DataConfig(path="x.jsonl", on_long="wrap")
     with pytest.raises(LorafitError, match="val_fraction"):
         DataConfig(path="x.jsonl", val_fraction=1.5)
-    with pytest.raises(LorafitError, match="data format 'csv'"):
+    with pytest.raises(LorafitError, match="DataConfig.format 'csv' is unknown"):
         DataConfig(path="x.jsonl", format="csv")
 
 

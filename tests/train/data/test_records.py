@@ -1,5 +1,8 @@
 """Reading JSONL records: shape detection, validation errors naming file:line:field, splits."""
 
+import json
+import re
+
 import pytest
 
 from lorafit.errors import LorafitError
@@ -80,3 +83,55 @@ def test_validation_fraction_is_deterministic_and_disjoint():
 def test_missing_file(tmp_path):
     with pytest.raises(LorafitError, match="nope.jsonl: file not found"):
         read_records(tmp_path / "nope.jsonl")
+
+
+def test_a_json_error_names_its_column_on_the_line(tmp_path):
+    """Parsed without its newline: an unfinished record is reported where it stops, not at "column 1"."""
+    line = '{"instruction": "Convert it", "output": '
+    path = write_lines(tmp_path / "d.jsonl", [ALPACA, line, ALPACA])
+    with pytest.raises(LorafitError) as err:
+        read_records(path)
+    assert f"{path}:2: invalid JSON (Expecting value at column {len(line) + 1})" in str(err.value)
+    path.write_text(json.dumps(ALPACA) + "\r\n" + '{"instruction": "x", "output": 5,}\r\n')  # Windows line ends
+    with pytest.raises(LorafitError, match=r":2: invalid JSON \(Expecting property name .* at column 34\)"):
+        read_records(path)
+
+
+def test_a_byte_order_mark_is_read_and_other_encodings_name_their_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode() + b"\n")  # what some editors write first
+    assert read_records(path)[0].fields == ALPACA
+    path.write_bytes(json.dumps(ALPACA).encode() + b"\n" + '{"text": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(LorafitError, match=rf"^{re.escape(str(path))}:2: not UTF-8 text .*save the file as UTF-8"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("lines,expected", [
+    ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}],
+     ":1: cannot tell the record shape from fields ['conversations']: 'conversations' of {from, value} turns is "
+     "ShareGPT's format"),
+    ([{"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}],
+     ":1: messages[0] has 'from'/'value': 'conversations' of {from, value} turns is ShareGPT's format"),
+    ([{"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]}],
+     ":1: messages[0] has the unknown role 'human': use system, user, assistant, tool, developer, ipython, "
+     "function; 'human' is ShareGPT's name for 'user'"),
+    ([CHAT, {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}],
+     ":2: messages[1] has the unknown role 'bot': use system, user, assistant, tool, developer"),
+])
+def test_unknown_roles_are_named_and_sharegpt_is_recognised(tmp_path, lines, expected):
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    with pytest.raises(LorafitError) as err:
+        read_records(path)
+    assert str(err.value).startswith(f"{path}{expected}") and "\n" not in str(err.value), err.value
+
+
+def test_empty_replies_are_kept_with_one_warning_naming_their_lines(tmp_path):
+    empty_chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    path = write_lines(tmp_path / "d.jsonl", [CHAT, empty_chat, CHAT, empty_chat])
+    with pytest.warns(UserWarning) as caught:
+        records = read_records(path)
+    assert len(records) == 4 and len(caught) == 1
+    assert str(caught[0].message).startswith(f"{path}: 2 record(s) have an empty reply (line 2, 4)")
+    path = write_lines(tmp_path / "a.jsonl", [ALPACA, {**ALPACA, "output": ""}])
+    with pytest.warns(UserWarning, match=r"1 record\(s\) have an empty reply \(line 2\)"):
+        read_records(path)
