@@ -33,9 +33,13 @@ def plot_rewards(history: list[dict], path: Path, title: str | None = None) -> P
     """rewards/accuracies (left) and rewards/chosen, rewards/rejected, rewards/margins (right) over steps,
     with their validation values as points where the run evaluated."""
     plt = plots.pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=120)
+    panels = [(names, label) for names, label in (
+        (["rewards/accuracies"], "share of pairs"),
+        (["rewards/chosen", "rewards/rejected", "rewards/margins"], "reward (beta * log-ratio)"))
+        if any(name in h for h in history for name in names)]  # (KTO has no pairs: no accuracy panel)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), dpi=120, squeeze=False)
     steps = [h["step"] for h in history]
-    for ax, names in ((left, ["rewards/accuracies"]), (right, ["rewards/chosen", "rewards/rejected", "rewards/margins"])):
+    for ax, (names, label) in zip(axes[0], panels):
         for name in names:
             if any(name in h for h in history):
                 line, = ax.plot(steps, [h.get(name, float("nan")) for h in history], lw=1, label=name)
@@ -43,12 +47,12 @@ def plot_rewards(history: list[dict], path: Path, title: str | None = None) -> P
                 if val:
                     ax.plot([h["step"] for h in val], [h[f"val_{name}"] for h in val], "o", color=line.get_color(),
                             label=f"validation {name.split('/')[1]}")
+        if names == ["rewards/accuracies"]:
+            ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    left.set_ylim(-0.02, 1.02)
-    left.set_ylabel("share of pairs")
-    right.set_ylabel("beta * log-ratio")
     if title:
         fig.suptitle(title)
     return plots.save(fig, path)

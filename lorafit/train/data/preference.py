@@ -203,6 +203,7 @@ def preference_samples(tokenizer, records: list[Record], max_length: int | None,
     if truncation_mode not in TRUNCATION_MODES:
         raise LorafitError(f"truncation_mode {truncation_mode!r} is unknown: use keep_start or keep_end")
     keep_end = truncation_mode == "keep_end"
+    given = len(records)
     same = [r for r in records if r.shape == "paired" and _same(r)]
     if same:
         records = [r for r in records if not (r.shape == "paired" and _same(r))]
@@ -232,7 +233,7 @@ def preference_samples(tokenizer, records: list[Record], max_length: int | None,
                           f"{max_length} tokens or more (first: {long[0].source}) and were dropped: truncation "
                           "(keep_start) would leave nothing of their completions", stacklevel=2)
             samples = [s for s in samples if len(s.prompt_ids) < max_length]
-    if records and not samples:
+    if given and not samples:
         raise LorafitError(f"{path}: no preference sample is left to train on (see the warnings above)")
     return samples
 
