@@ -114,8 +114,9 @@ def make_optimizer(name: str, params: list[nn.Parameter] | list[dict], lr: float
 
 
 class Trainer:
-    """Train one LoRA adapter (or, with `method: full`, every weight) on tokenized samples. Call
-    `train()`; results land in output_dir (adapter/, or model/ for a full fine-tune)."""
+    """Train one LoRA adapter (or, with `method: full`, every weight) on tokenized samples under the
+    objective of `config.method` (or `objective`). Call `train()`; results land in output_dir (adapter/,
+    or model/ for a full fine-tune)."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
                  val: list[Sample] | None = None, prompt_format: PromptFormat | None = None,
@@ -166,6 +167,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
+        self.metrics: dict[str, float] = {}  # the objective's metrics of the last step (`accumulate`)
         self.best_val, self.bad_evals = math.inf, 0
         self.grad_norm: float | None = None  # of the last optimizer step, when clipping is on
 

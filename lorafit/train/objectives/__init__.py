@@ -28,6 +28,8 @@ An objective is any object with these members (a Protocol: nothing to inherit):
     loss(model, batch)      (sum of the per-item losses, {metric: tensor([sum, weight])}): the loop adds
                             sums and weights over micro-batches and processes, then divides
     finish(values, eval)    derived values from the averaged ones (SFT: perplexity on validation)
+    reference_logps(model, batch)   (preference objectives) each sample's two reference log-probs (B, 2):
+                            what `precompute_ref_log_probs` caches and the batch then carries as "ref"
     state_dict() / load_state_dict(state)   what a checkpoint must keep of it (empty for these)
 
 The loop divides the summed loss of a step by the summed count, so k micro-batches of b items give the

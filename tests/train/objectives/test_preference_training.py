@@ -240,3 +240,44 @@ def test_the_method_must_fit_the_data(tokenizer, data, tmp_path):
         Trainer(config(tmp_path, method="lora"), tiny_llama(), tokenizer, splits.train)
     with pytest.raises(LorafitError, match="ref_adapter and precompute_ref_log_probs apply to the preference methods"):
         config(tmp_path, method="lora", precompute_ref_log_probs=True)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_no_tensor_lands_on_an_implicit_device(tokenizer, data, tmp_path, method):
+    """As for SFT (tests/train/test_trainer.py): with the default device `meta`, a step with its reference
+    forward, and an evaluation, run as on the model's device."""
+    from lorafit.train.evaluate import evaluate
+
+    path, _ = data
+    samples = load_data(tokenizer, DataConfig(path=str(path)), unpair=method == "kto").train
+    trainer = Trainer(config(tmp_path, method=method, gradient_checkpointing=True), tiny_llama(), tokenizer, samples)
+    micro = [trainer._micro_batch(0), trainer._micro_batch(1)]
+    trainer.accumulate(micro)
+    trainer._optimizer_step()
+    with torch.device("meta"):
+        loss = trainer.accumulate(micro)
+        trainer._optimizer_step()
+        metrics = evaluate(trainer.model, trainer.train_samples[:4], trainer.pad_id, 2, objective=trainer.objective)
+    assert math.isfinite(loss) and math.isfinite(metrics["val_loss"]) and "val_rewards/chosen" in metrics
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+
+
+def test_early_stopping_on_the_validation_loss(tokenizer, data, tmp_path):
+    """A learning rate far too high makes the validation DPO loss worse: training stops after `patience` evals."""
+    _, splits = data
+    history = Trainer(config(tmp_path, learning_rate=5.0, max_steps=30, eval_steps=2, early_stopping_patience=2,
+                             max_grad_norm=None), tiny_llama(), tokenizer, splits.train, splits.val).train()
+    assert len(history) < 30
+    evals = [h["val_loss"] if math.isfinite(h["val_loss"]) else math.inf for h in history if "val_loss" in h]
+    assert min(evals[-2:]) >= min(evals)
+
+
+def test_a_bf16_model_gives_fp32_log_probs_and_losses(tokenizer, data, tmp_path):
+    """Half-precision NaNs (trl#878) come from log-softmax in 16 bits: the head's logits are upcast per chunk."""
+    _, splits = data
+    trainer = Trainer(config(tmp_path), tiny_llama().to(torch.bfloat16), tokenizer, splits.train)
+    batch = trainer._micro_batch(0)
+    loss, metrics = trainer.objective.loss(trainer.model, batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert trainer.objective.reference_logps(trainer.model, batch).dtype == torch.float32
