@@ -150,8 +150,10 @@ def _render(tokenizer, fmt: PromptFormat, prompt, completions: list, where: str)
     return text_ids(tokenizer, prompt), [text_ids(tokenizer, prompt + c) for c in completions]
 
 
-def tokenize_pair(tokenizer, record: Record, fmt: PromptFormat | None = None) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, chosen_ids, rejected_ids) of a paired record (steps 1-4)."""
+def tokenize_pair(tokenizer, record: Record, fmt: PromptFormat | None = None,
+                  merged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of a paired record (steps 1-4); a prompt cut where it merges
+    with its completions is added to `merged` as (source, the ids left out)."""
     f = record.fields
     chosen, rejected = f["chosen"], f["rejected"]
     prompt = f.get("prompt")
@@ -160,30 +162,21 @@ def tokenize_pair(tokenizer, record: Record, fmt: PromptFormat | None = None) ->
     fmt = fmt or record_format(tokenizer, record)
     prompt_ids, (pc, pr) = _render(tokenizer, fmt, prompt, [chosen, rejected], f"{record.source}: field 'chosen'")
     n = min(common_prefix_length(prompt_ids, pc), common_prefix_length(prompt_ids, pr))
-    _warn_merged(tokenizer, prompt_ids, n, record.source)
+    if n < len(prompt_ids) and merged is not None:
+        merged.append((record.source, prompt_ids[n:]))
     return prompt_ids[:n], pc[n:], pr[n:]
 
 
-def tokenize_unpaired(tokenizer, record: Record, fmt: PromptFormat | None = None) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids) of an unpaired record (steps 2-4)."""
+def tokenize_unpaired(tokenizer, record: Record, fmt: PromptFormat | None = None,
+                      merged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) of an unpaired record (steps 2-4); see `tokenize_pair` for `merged`."""
     fmt = fmt or record_format(tokenizer, record)
     f = record.fields
     prompt_ids, (pc,) = _render(tokenizer, fmt, f["prompt"], [f["completion"]], f"{record.source}: field 'completion'")
     n = common_prefix_length(prompt_ids, pc)
-    _warn_merged(tokenizer, prompt_ids, n, record.source)
+    if n < len(prompt_ids) and merged is not None:
+        merged.append((record.source, prompt_ids[n:]))
     return prompt_ids[:n], pc[n:]
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_merged(tokenizer, prompt_ids: list[int], n: int, source: str) -> None:
-    if n < len(prompt_ids) and "merged" not in _WARNED:
-        _WARNED.add("merged")
-        warnings.warn(f"{source}: the tokenized prompt is not a token prefix of prompt + completion (the "
-                      f"template renders it differently, or tokens merge across the boundary); the completion "
-                      f"starts where they diverge, leaving {tokenizer.decode(prompt_ids[n:])!r} out of the prompt. "
-                      "Shown once; it likely applies to other records too", stacklevel=3)
 
 
 def _same(record: Record) -> bool:
@@ -211,14 +204,15 @@ def preference_samples(tokenizer, records: list[Record], max_length: int | None,
                       f"(first: {same[0].source}) and were dropped: a pair of equal completions teaches nothing",
                       stacklevel=2)
     samples: list = []
+    merged: list[tuple[str, list[int]]] = []
     for start in range(0, len(records), UNPAIR_CHUNK):
         desirable, undesirable = [], []  # unpaired: each chunk's chosen, then its rejected (TRL's order)
         for r in records[start:start + UNPAIR_CHUNK]:
             if r.shape == "unpaired":
-                prompt, completion = tokenize_unpaired(tokenizer, r, fmt)
+                prompt, completion = tokenize_unpaired(tokenizer, r, fmt, merged)
                 samples.append(UnpairedSample(prompt, completion, r.fields["label"], r.source, max_length, keep_end))
                 continue
-            prompt, chosen, rejected = tokenize_pair(tokenizer, r, fmt)
+            prompt, chosen, rejected = tokenize_pair(tokenizer, r, fmt, merged)
             if unpair:
                 desirable.append(UnpairedSample(prompt, chosen, True, r.source, max_length, keep_end))
                 undesirable.append(UnpairedSample(prompt, rejected, False, r.source, max_length, keep_end))
@@ -226,6 +220,11 @@ def preference_samples(tokenizer, records: list[Record], max_length: int | None,
                 samples.append(PairSample(prompt, chosen, rejected, r.source, max_length, keep_end,
                                           train_on_prompt=train_on_prompt))
         samples += desirable + undesirable
+    if merged:
+        warnings.warn(f"{path}: in {len(merged)} of {len(records)} records the tokenized prompt is not a token prefix "
+                      "of prompt + completion (the template renders it differently, or tokens merge across the "
+                      f"boundary); their completions start where the two diverge (first: {merged[0][0]}, leaving "
+                      f"{tokenizer.decode(merged[0][1])!r} out of its prompt)", stacklevel=2)
     if max_length is not None and not keep_end:
         long = [s for s in samples if len(s.prompt_ids) >= max_length]
         if long:

@@ -21,8 +21,10 @@ An objective is any object with these members (a Protocol: nothing to inherit):
     collate(samples, pad)   host tensors of one micro-batch
     batches(model, micro, pad)   the micro-batches of one optimizer step from its samples (one list per
                             micro-batch): collated, here; an objective that produces its training batch
-                            with the model (GRPO: rollouts, rewards, advantages, buffered over steps)
-                            does it here, and keeps what it buffers in its state_dict
+                            with the model does it here (GRPO: rollouts of the step's prompts, rewards,
+                            advantages; reusing them for num_iterations steps, it queues the prompts the
+                            loop hands it meanwhile), and keeps what it buffers and its sampling RNG in
+                            its state_dict, which checkpoints save
     count(batch)            what normalises the loss of an accumulated batch: its target tokens (SFT) or
                             its pairs / examples (preference, as TRL does), counted on the host
     loss(model, batch)      (sum of the per-item losses, {metric: tensor([sum, weight])}): the loop adds
