@@ -13,11 +13,13 @@
    accuracy over steps of both.
 
     HF_HUB_OFFLINE=1 python bench/dpo_demo.py --out runs/dpo-demo [--pairs 256 --steps 32]
+    python bench/dpo_demo.py --smoke --out /tmp/x   # a toy model of the same family, a few records and steps
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,7 +67,8 @@ def make_pairs(records: list[dict], model, tokenizer, tries: int, seed: int) -> 
         prompts = [render_prompt(tokenizer, r["instruction"], input=r["input"]) for r in records]
         rejected = answers(engine, tokenizer, prompts, 0.0, 24, seed)
         right = [i for i, a in enumerate(rejected) if exact_match(a, records[i]["output"]) or not a]
-        greedy_right = len(right)
+        greedy = {"greedy_right": sum(bool(a) and exact_match(a, r["output"]) for a, r in zip(rejected, records)),
+                  "greedy_empty": sum(not a for a in rejected)}
         for attempt in range(tries):
             if not right:
                 break
@@ -81,7 +84,7 @@ def make_pairs(records: list[dict], model, tokenizer, tries: int, seed: int) -> 
               "chosen": [{"role": "assistant", "content": r["output"]}],
               "rejected": [{"role": "assistant", "content": a}]}
              for i, (r, a) in enumerate(zip(records, rejected)) if i not in left_out]
-    return pairs, {"records": len(records), "greedy_right": greedy_right, "no_wrong_answer": len(right)}
+    return pairs, {"records": len(records), **greedy, "no_wrong_answer": len(right)}
 
 
 def exact(model, tokenizer, records: list[dict], fmt) -> float:
@@ -103,13 +106,15 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 def dpo_config(args, out: Path, name: str, adapter: str | None) -> Path:
     import yaml
 
-    config = {"model": "SmolLM2-135M-Instruct", "quantize": "nf4", "device": args.device,
+    config = {"model": args.model, "quantize": "nf4", "device": args.device,
               "data": {"path": str(out / "data" / "pairs_train.jsonl"), "val_path": str(out / "data" / "pairs_val.jsonl"),
-                       "max_seq_length": 256},
+                       "max_seq_length": args.max_seq_length},
               "method": "dpo", "lora": {"r": 16, "alpha": 16, "target_modules": "all-linear"},
               "preference": {"beta": args.beta}, "output_dir": str(out / name), "max_steps": args.steps,
               "batch_size": args.batch_size, "learning_rate": args.lr, "warmup_ratio": 0.1,
               "eval_steps": args.eval_steps, "eval_batch_size": 50, "seed": 0}
+    if args.smoke:
+        config["lora"]["r"] = config["lora"]["alpha"] = 4
     if adapter:
         config["adapter"] = adapter
     path = out / f"{name}.yaml"
@@ -126,7 +131,7 @@ def run_one(args, out: Path, name: str, adapter: str | None, eval_records: list[
     from lorafit.model import load_model
 
     config = dpo_config(args, out, name, adapter)
-    model, tokenizer = load_model(None, quantize="nf4", dtype=torch.float32, device=args.device)
+    model, tokenizer = load_model(args.model, quantize="nf4", dtype=torch.float32, device=args.device)
     if adapter:
         load_adapter(model, adapter)
     t0 = time.perf_counter()
@@ -137,7 +142,7 @@ def run_one(args, out: Path, name: str, adapter: str | None, eval_records: list[
     if lorafit(["train", str(config)]) != 0:
         raise SystemExit(f"lorafit train {config} failed")
     train_s = time.perf_counter() - t0
-    model, tokenizer = load_model(None, quantize="nf4", dtype=torch.float32, device=args.device)
+    model, tokenizer = load_model(args.model, quantize="nf4", dtype=torch.float32, device=args.device)
     load_adapter(model, out / name / "adapter")
     after = exact(model, tokenizer, eval_records, read_prompt_format(out / name / "adapter"))
     print(f"[{name}] held-out exact match after: {100 * after:.0f}%", flush=True)
@@ -154,7 +159,8 @@ def plot(results: dict, path: Path) -> None:
         if name not in results:
             continue
         h = results[name]["history"]
-        ax.plot([r["step"] for r in h], [r["rewards/accuracies"] for r in h], lw=1, label="train (batch of 8 pairs)")
+        ax.plot([r["step"] for r in h], [r["rewards/accuracies"] for r in h], lw=1,
+                label=f"train (batches of {results['batch_size']} pairs)")
         val = [r for r in h if "val_rewards/accuracies" in r]
         ax.plot([r["step"] for r in val], [r["val_rewards/accuracies"] for r in val], "o-", label="held-out pairs")
         ax.set_ylim(-0.02, 1.02)
@@ -167,32 +173,53 @@ def plot(results: dict, path: Path) -> None:
     plots.save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/dpo-demo")
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--pairs", type=int, default=256, help="training records turned into pairs")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--eval-steps", type=int, default=8)
+    p.add_argument("--eval-records", type=int, default=100, help="held-out records: pairs and exact match")
+    p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--tries", type=int, default=4, help="sampling rounds for prompts the base answers right")
     p.add_argument("--sft-adapter", help="the SFT demo adapter (default: train it with lorafit demo)")
     p.add_argument("--runs", default="dpo-base,dpo-sft")
     p.add_argument("--device", default="cpu")
     p.add_argument("--plot", default=None, help="also write the PNG here (docs/preference/rewards.png)")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script in seconds: a random toy model of SmolLM2's family (unless --model), and "
+                        "unless given, 4 pairs, 4 held-out records, 2 steps of 2 pairs, 1 sampling round, a 2-step "
+                        "SFT demo; the numbers mean nothing")
     args = p.parse_args(argv)
+    if args.smoke:  # toy sizes as defaults: flags given explicitly still win
+        p.set_defaults(pairs=4, eval_records=4, steps=2, batch_size=2, eval_steps=1, tries=1, max_seq_length=64)
+        args = p.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     import torch
 
-    from lorafit.model import load_model
+    from lorafit.model import DEFAULT_MODEL, load_model
     from lorafit.train.demo_task import make_splits
 
+    if args.smoke and args.model is None:
+        from bench.common import toy_model_folder
+
+        args.model = toy_model_folder()
+    args.model = args.model or DEFAULT_MODEL
     out = Path(args.out)
     torch.manual_seed(0)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     train_records, eval_records = make_splits(600, 100, seed=0)  # the demo's data
+    eval_records = eval_records[:args.eval_records]
     if not (out / "data" / "pairs_val.jsonl").is_file():
-        model, tokenizer = load_model(None, quantize="nf4", dtype=torch.float32, device=args.device)
+        model, tokenizer = load_model(args.model, quantize="nf4", dtype=torch.float32, device=args.device)
         t0 = time.perf_counter()
         train_pairs, train_counts = make_pairs(train_records[:args.pairs], model, tokenizer, args.tries, seed=0)
         val_pairs, val_counts = make_pairs(eval_records, model, tokenizer, args.tries, seed=10**6)
@@ -203,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pairs: {len(train_pairs)} training, {len(val_pairs)} held-out; {train_counts}, {val_counts} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         del model
-    results = {"counts": json.loads((out / "data" / "counts.json").read_text())}
+    results = {"counts": json.loads((out / "data" / "counts.json").read_text()), "batch_size": args.batch_size}
     runs = args.runs.split(",")
     if "dpo-base" in runs:
         results["dpo-base"] = run_one(args, out, "dpo-base", None, eval_records)
@@ -214,10 +241,13 @@ def main(argv: list[str] | None = None) -> None:
             if not Path(sft).is_dir():
                 from lorafit.demo import DemoConfig, run_demo
 
-                run_demo(DemoConfig(output_dir=str(out / "sft-demo"), device=args.device))
+                demo = DemoConfig(output_dir=str(out / "sft-demo"), model=args.model, device=args.device)
+                if args.smoke:
+                    demo = dataclasses.replace(demo, n_train=8, n_eval=4, steps=2, batch_size=2, rank=4)
+                results["sft-demo"] = run_demo(demo)
         results["dpo-sft"] = run_one(args, out, "dpo-sft", sft, eval_records)
     results["wall_s"] = time.perf_counter() - start
-    results["load_average"] = os.getloadavg()
+    results["load_average"] = {"start": load_start, "end": os.getloadavg()}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "rewards.png")
     if args.plot:

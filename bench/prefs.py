@@ -26,6 +26,7 @@ Why it is fair:
   (--trl-bf16-adapter keeps TRL's default).
 
     HF_HUB_OFFLINE=1 python bench/prefs.py [--quant nf4 --max-steps 8 --batch-size 8 --json out.json]
+    python bench/prefs.py --smoke      # a toy model of the same family, 2 steps of 2 pairs: checks the script
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import tempfile
 import time
 
 SIDES = ("lorafit", "trl")
+CHILD_FLAGS = ("model", "data", "adapter", "quant", "max_steps", "batch_size", "lr", "max_seq_length", "threads",
+               "seed", "trl_bf16_adapter")  # what each side's process is told (`--rank` shaped the start adapter)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -231,14 +234,12 @@ def launch(side: str, args: argparse.Namespace) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    flags = {f: getattr(args, f) for f in ("model", "data", "adapter", "quant", "max_steps", "batch_size", "lr",
-                                           "max_seq_length", "threads", "seed")}
-    if args.trl_bf16_adapter:
-        flags["trl_bf16_adapter"] = 1
-    return run_side_in_child(__file__, side, flags, env)
+    return run_side_in_child(__file__, side, {f: getattr(args, f) for f in CHILD_FLAGS}, env)
 
 
 def report(results: dict[str, dict], machine: dict, args: argparse.Namespace) -> str:
+    from importlib.metadata import version
+
     import trl
 
     lf, tr = results["lorafit"], results["trl"]
@@ -253,12 +254,15 @@ def report(results: dict[str, dict], machine: dict, args: argparse.Namespace) ->
     losses = "\n".join(f"| {i + 1} | {a:.5f} | {b:.5f} | {ra:.2f} | {rb:.2f} |" for i, (a, b, ra, rb) in enumerate(
         zip(lf["losses"], tr["losses"], lf["accuracies"], tr["accuracies"])))
     load = ", ".join(f"{s} {results[s]['other_load']:.0%}" for s in SIDES)
+    busy = any(results[s]["other_load"] > 0.05 for s in SIDES)
+    model = "a toy model (--smoke: the numbers mean nothing)" if args.smoke else args.model
     steps = "; ".join(f"{s}: " + ", ".join(f"{t:.1f}" for t in results[s]["step_s_all"]) for s in SIDES)
     return "\n".join([
         f"Machine: {machine['cpu']}, {machine['cores']} cores; python {machine['python']}, torch {machine['torch']}, "
-        f"transformers {machine['transformers']}, peft {machine['peft']}, trl {trl.__version__}; {machine['date']}; "
-        f"load average {os.getloadavg()[0]:.2f}",
-        f"Settings: model {args.model or 'bundled SmolLM2-135M-Instruct'}, quant={args.quant} (TRL side: {stack}), "
+        f"transformers {machine['transformers']}, peft {machine['peft']}, bitsandbytes {version('bitsandbytes')}, "
+        f"trl {trl.__version__}; {machine['date']}; load average (1 min) {machine['load_start']:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end",
+        f"Settings: model {model or 'bundled SmolLM2-135M-Instruct'}, quant={args.quant} (TRL side: {stack}), "
         f"fp32 compute on CPU, {args.max_steps} steps of {args.batch_size} pairs (tokens/s over steps 2..N), "
         f"max_length {args.max_seq_length}, LoRA r={args.rank} all-linear from the same start adapter, DPO sigmoid "
         f"beta 0.1, AdamW lr {args.lr} constant, clip 1.0, {args.threads} threads, seed {args.seed}", "", *rows, "",
@@ -267,7 +271,8 @@ def report(results: dict[str, dict], machine: dict, args: argparse.Namespace) ->
         f"Tokens per step: {'identical on both sides' if same else 'MISMATCH'} ({lf['tokens_per_step']}"
         + ("" if same else f" vs {tr['tokens_per_step']}") + ")",
         f"Step times (s): {steps}",
-        f"Other load on the machine during each side (share of all cores): {load}"])
+        f"Other load on the machine during each side (share of all cores): {load}"
+        + ("  WARNING: busy machine, compare the two sides of this run only" if busy else "")])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,14 +288,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trl-bf16-adapter", type=int, default=0, help="1: keep TRL's bf16 cast of a QLoRA adapter")
-    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--trl-bf16-adapter", action="store_true", help="keep TRL's bf16 cast of a QLoRA adapter")
+    p.add_argument("--json", metavar="PATH", help="also write all results (both sides, machine) here")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script in seconds: a random toy model of SmolLM2's family (unless --model), "
+                        "and unless given, --max-steps 2 --batch-size 2 --max-seq-length 64 --rank 4; the numbers "
+                        "mean nothing")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("model", "data", "adapter"):
-        if getattr(args, name) == "None":
-            setattr(args, name, None)
+    if args.smoke:  # toy sizes as defaults: flags given explicitly still win
+        p.set_defaults(max_steps=2, batch_size=2, max_seq_length=64, rank=4)
+        args = p.parse_args(argv)
     return args
 
 
@@ -301,12 +310,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.side:
         write_json(args.child_out, run_side(args))
         return
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke and args.model is None:
+            from bench.common import toy_model_folder
+
+            args.model = toy_model_folder()
         if args.data is None:
             args.data = write_pairs(os.path.join(tmp, "pairs.jsonl"), args.max_steps * args.batch_size, args.seed)
         if args.adapter is None:
             args.adapter = write_start_adapter(os.path.join(tmp, "start"), args.model, args.rank, args.seed)
-        machine = machine_info()
+        machine = {**machine_info(), "load_start": load_start}
         results = {side: launch(side, args) for side in SIDES}
     print(report(results, machine, args))
     if args.json:
