@@ -12,7 +12,7 @@
 4. Held-out exact match (greedy, the demo's scorer) before and after each run, and a PNG of the reward
    accuracy over steps of both.
 
-    HF_HUB_OFFLINE=1 python bench/dpo_demo.py --out runs/dpo-demo [--pairs 256 --steps 32]
+    HF_HUB_OFFLINE=1 python bench/dpo_demo.py --out runs/dpo-demo [--pairs 256 --steps 32 --sft-steps 80]
     python bench/dpo_demo.py --smoke --out /tmp/x   # a toy model of the same family, a few records and steps
 """
 
@@ -187,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--tries", type=int, default=4, help="sampling rounds for prompts the base answers right")
     p.add_argument("--sft-adapter", help="the SFT demo adapter (default: train it with lorafit demo)")
+    p.add_argument("--sft-steps", type=int, default=80, help="steps of that SFT demo (80: lorafit demo's)")
     p.add_argument("--runs", default="dpo-base,dpo-sft")
     p.add_argument("--device", default="cpu")
     p.add_argument("--plot", default=None, help="also write the PNG here (docs/preference/rewards.png)")
@@ -196,7 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "SFT demo; the numbers mean nothing")
     args = p.parse_args(argv)
     if args.smoke:  # toy sizes as defaults: flags given explicitly still win
-        p.set_defaults(pairs=4, eval_records=4, steps=2, batch_size=2, eval_steps=1, tries=1, max_seq_length=64)
+        p.set_defaults(pairs=4, eval_records=4, steps=2, batch_size=2, eval_steps=1, tries=1, max_seq_length=64,
+                       sft_steps=2)
         args = p.parse_args(argv)
     return args
 
@@ -241,9 +243,10 @@ def main(argv: list[str] | None = None) -> None:
             if not Path(sft).is_dir():
                 from lorafit.demo import DemoConfig, run_demo
 
-                demo = DemoConfig(output_dir=str(out / "sft-demo"), model=args.model, device=args.device)
+                demo = DemoConfig(output_dir=str(out / "sft-demo"), model=args.model, device=args.device,
+                                  n_eval=args.eval_records, steps=args.sft_steps)
                 if args.smoke:
-                    demo = dataclasses.replace(demo, n_train=8, n_eval=4, steps=2, batch_size=2, rank=4)
+                    demo = dataclasses.replace(demo, n_train=8, batch_size=2, rank=4)
                 results["sft-demo"] = run_demo(demo)
         results["dpo-sft"] = run_one(args, out, "dpo-sft", sft, eval_records)
     results["wall_s"] = time.perf_counter() - start

@@ -240,13 +240,11 @@ def launch(side: str, args: argparse.Namespace) -> dict:
 def report(results: dict[str, dict], machine: dict, args: argparse.Namespace) -> str:
     from importlib.metadata import version
 
-    import trl
-
     lf, tr = results["lorafit"], results["trl"]
     rows = ["| side | train tokens/s | train loop (s) | peak RSS (MiB) |", "|---|---:|---:|---:|"]
     for side in SIDES:
         r = results[side]
-        rows.append(f"| {side} | {r['tokens_per_s']:.0f} | {r['loop_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+        rows.append(f"| {side} | {r['tokens_per_s']:.1f} | {r['loop_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     rows.append(f"| lorafit / TRL | {lf['tokens_per_s'] / tr['tokens_per_s']:.3f} | {lf['loop_s'] / tr['loop_s']:.3f} | "
                 f"{lf['peak_rss_mib'] / tr['peak_rss_mib']:.3f} |")
     stack = "DPOTrainer + PEFT" + (" + bitsandbytes" if args.quant == "nf4" else "")
@@ -260,7 +258,7 @@ def report(results: dict[str, dict], machine: dict, args: argparse.Namespace) ->
     return "\n".join([
         f"Machine: {machine['cpu']}, {machine['cores']} cores; python {machine['python']}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}, peft {machine['peft']}, bitsandbytes {version('bitsandbytes')}, "
-        f"trl {trl.__version__}; {machine['date']}; load average (1 min) {machine['load_start']:.2f} at the start, "
+        f"trl {version('trl')}; {machine['date']}; load average (1 min) {machine['load_start']:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end",
         f"Settings: model {model or 'bundled SmolLM2-135M-Instruct'}, quant={args.quant} (TRL side: {stack}), "
         f"fp32 compute on CPU, {args.max_steps} steps of {args.batch_size} pairs (tokens/s over steps 2..N), "

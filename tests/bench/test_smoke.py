@@ -323,7 +323,8 @@ def test_prefs_smoke(smollm2_dir, tmp_path):
 def test_dpo_demo_defaults():
     dpo_demo = bench("dpo_demo")
     args = dpo_demo.parse_args([])
-    assert (args.pairs, args.steps, args.eval_records) == (256, 32, 100) and args.runs.split(",") == ["dpo-base", "dpo-sft"]
+    assert (args.pairs, args.steps, args.eval_records, args.sft_steps) == (256, 32, 100, 80)
+    assert args.runs.split(",") == ["dpo-base", "dpo-sft"]
     assert args.model is None and args.sft_adapter is None and not args.smoke
 
 
