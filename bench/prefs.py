@@ -107,10 +107,10 @@ def run_lorafit(args: argparse.Namespace, output_dir: str) -> dict:
     base = trainer_module.Trainer
 
     class TimedTrainer(base):
-        def train(self, resume: bool = False):
+        def train(self, *args, **kwargs):
             marks["rss_before_loop"] = rss_mib()
             marks["start"] = time.perf_counter()
-            return super().train(resume)
+            return super().train(*args, **kwargs)
 
         def accumulate(self, micro):
             marks["tokens"].append(sum(int(b["attention_mask"].sum()) for b in micro))
