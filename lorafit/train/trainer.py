@@ -1,9 +1,12 @@
-"""The training loop: adapter parameters only, token-normalised accumulation, exact resume.
+"""The training loop: adapter parameters only, exact accumulation, exact resume, one loop for every objective.
 
-The loss of an optimizer step is the sum of per-token losses over *all* its micro-batches divided
-by the number of target tokens of the whole accumulated batch, so k micro-batches of b samples give
-exactly the gradient of one batch of k*b (averaging per micro-batch, as many trainers do, weights
-the tokens of short samples more).
+What a batch is and what its loss is belong to the objective (lorafit.train.objectives: SFT, DPO and its
+family, ORPO, SimPO, KTO); the loop asks it for the step's batches, each batch's loss sum and metric
+sums, and the count that normalises them. The loss of an optimizer step is the sum of the losses over
+*all* its micro-batches divided by the count of the whole accumulated batch (its target tokens for SFT,
+its pairs or examples for the preference objectives), so k micro-batches of b samples give exactly the
+gradient of one batch of k*b (averaging per micro-batch, as many trainers do, weights the tokens of
+short samples more). Metrics are averaged the same way, each over its own weight.
 
 A checkpoint (adapter + optimizer + RNG + data position) is written to a temporary folder and
 renamed into place, so a run killed mid-save still has its previous checkpoint, and `resume=True`
@@ -38,7 +41,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit import plots
 from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig
 from lorafit.device import model_device, to_device
 from lorafit.errors import LorafitError
@@ -50,15 +52,19 @@ from lorafit.lora.state import set_adapter_state
 from lorafit.paths import write_folder
 from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.config import TrainConfig
-from lorafit.train.data import Sample, collate, pad_id_for
+from lorafit.train.curves import plot_losses, plot_rewards
+from lorafit.train.data import Sample, pad_id_for
 from lorafit.train.distributed.share import check_batch, local_samples
 from lorafit.train.distributed.strategy import choose_strategy, quantization_of
 from lorafit.train.distributed.world import init_world
 from lorafit.train.distributed.wrap import Parallel
+from lorafit.train.evaluate import add_metrics, averages, evaluate
 from lorafit.train.full import MODEL_DIR, load_model_weights, save_model_folder
 from lorafit.train.interrupt import StopRequest
 from lorafit.train.loraplus import loraplus_param_groups
-from lorafit.train.loss import evaluate, loss_sum, n_targets, token_loss_sum
+from lorafit.train.loss import loss_sum, n_targets, token_loss_sum
+from lorafit.train.objectives import Objective, check_samples, make_objective
+from lorafit.train.objectives.precompute import model_fingerprint, precompute_reference
 from lorafit.train.order import EpochOrder
 from lorafit.train.outdir import (
     STATE_NAME,
@@ -67,7 +73,7 @@ from lorafit.train.outdir import (
     resume_mismatch,
     rotate_checkpoints,
 )
-from lorafit.train.prepare import prepare_model
+from lorafit.train.prepare import prepare_model, reference_slot
 from lorafit.train.trackers import Trackers
 
 __all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "loss_sum", "lr_factor",
@@ -108,13 +114,16 @@ def make_optimizer(name: str, params: list[nn.Parameter] | list[dict], lr: float
 
 
 class Trainer:
-    """Train one LoRA adapter (or, with `method: full`, every weight) on tokenized samples. Call
-    `train()`; results land in output_dir (adapter/, or model/ for a full fine-tune)."""
+    """Train one LoRA adapter (or, with `method: full`, every weight) on tokenized samples under the
+    objective of `config.method` (or `objective`). Call `train()`; results land in output_dir (adapter/,
+    or model/ for a full fine-tune)."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
-                 val: list[Sample] | None = None, prompt_format: PromptFormat | None = None) -> None:
+                 val: list[Sample] | None = None, prompt_format: PromptFormat | None = None,
+                 objective: Objective | None = None) -> None:
         if not train:
             raise LorafitError("no training samples: the data file yielded nothing to train on")
+        check_samples(config.method, train)
         self.world = world = init_world(model_device(model), config.collective_timeout)
         check_batch(config.batch_size, world.size)
         if world.distributed and any(isinstance(c, AdaLoraConfig)
@@ -122,7 +131,6 @@ class Trainer:
             raise LorafitError("lora: AdaLoRA trains in one process (its rank allocator reads every layer's whole "
                                "gradients); run it without torchrun / --nproc-per-node, or train LoRA")
         self.config, self.model, self.tokenizer = config, model, tokenizer
-        self.train_samples, self.val_samples = train, val or []
         # how the samples' prompts were rendered (`Splits.prompt_format`), saved next to the adapter
         self.prompt_format = prompt_format or default_format(tokenizer)
         self.pad_id = pad_id_for(tokenizer)
@@ -137,7 +145,10 @@ class Trainer:
             if world.is_main and config.distributed == "auto":  # (lorafit train decides and says so itself)
                 print(f"lorafit: {world.size} processes ({world.device.type}), distributed: {strategy} ({why})")
         prepare_model(model, config, device=world.device if strategy == "fsdp" else None)
-        self.parallel = Parallel(model, loss_sum, world, strategy)
+        self.objective = objective or make_objective(config, reference_slot(model), world)
+        self.train_samples, self.val_samples = self.objective.prepare(train), self.objective.prepare(val or [])
+        self.fingerprint = model_fingerprint(model) if config.precompute_ref_log_probs else ""  # before sharding
+        self.parallel = Parallel(model, self.objective.loss, world, strategy)
         if world.rank:  # each rank its own random stream (dropout masks); rank 0 keeps the seed's
             torch.manual_seed(config.seed + world.rank)
         self.params = adapter_parameters(model)  # after wrapping: FSDP replaced them by their shards
@@ -156,38 +167,49 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
+        self.metrics: dict[str, float] = {}  # the objective's metrics of the last step (`accumulate`)
         self.best_val, self.bad_evals = math.inf, 0
         self.grad_norm: float | None = None  # of the last optimizer step, when clipping is on
 
     # -- data order -------------------------------------------------------------------------
-    def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """This rank's share of micro-batch number `index` of the run, collated on the host (see
-        `EpochOrder`; one process: the whole micro-batch)."""
+    def _micro_samples(self, index: int) -> list:
+        """This rank's share of the samples of micro-batch number `index` of the run (see `EpochOrder`;
+        one process: the whole micro-batch)."""
         samples = [self.train_samples[j] for j in self.order.indices(index)]
-        return collate(local_samples(samples, self.world.rank, self.world.size), self.pad_id)
+        return local_samples(samples, self.world.rank, self.world.size, self.objective.empty)
+
+    def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """This rank's share of micro-batch number `index`, collated on the host."""
+        return self.objective.collate(self._micro_samples(index), self.pad_id)
 
     # -- one optimizer step -----------------------------------------------------------------
     def accumulate(self, micro: list[dict[str, torch.Tensor]]) -> float:
-        """Backward over micro-batches with the loss normalised by the target tokens of all of
-        them; returns that mean loss. Gradients are left in .grad (no optimizer step).
+        """Backward over micro-batches with the loss normalised by the objective's count of all of them
+        (target tokens, pairs, examples); returns that mean loss, and leaves the step's averaged metrics
+        in `self.metrics`. Gradients are left in .grad (no optimizer step).
 
-        The batches may be on the host: targets are counted there, then all of them are sent to the
+        The batches may be on the host: they are counted there, then all of them are sent to the
         model's device at once (non-blocking on CUDA, so later copies overlap the first backward).
-        With several processes `micro` is this rank's share, the count and the loss are summed over
-        all ranks, and each rank's loss is divided by n_target / N (lorafit.train.distributed.share)."""
+        With several processes `micro` is this rank's share, the count, the loss and the metric sums
+        are summed over all ranks, and each rank's loss is divided by count / N
+        (lorafit.train.distributed.share)."""
         world = self.world
-        n_target = max(int(world.sum([sum(n_targets(b) for b in micro)])[0]), 1)
+        n_target = max(int(world.sum([sum(self.objective.count(b) for b in micro)])[0]), 1)
         share = n_target / world.size  # DDP / FSDP average the ranks' gradients: N / n_target each
         device = model_device(self.model)
-        total = None  # fp32 scalar on the device: one sync per step, at the end
+        total, sums = None, {}  # fp32 sums on the device: one sync per step, at the end
         for i, batch in enumerate([to_device(b, device) for b in micro]):
             with self.parallel.accumulating(last=i == len(micro) - 1):
-                loss = self.parallel.loss(batch)
+                loss, metrics = self.parallel.loss(batch)
                 (loss / share).backward()
             total = loss.detach() if total is None else total + loss.detach()
+            sums = add_metrics(sums, metrics)
         if self.allocator is not None and self.allocator.config.orth_reg_weight > 0:  # AdaLoRA: once per step
             (self.allocator.config.orth_reg_weight * orthogonality_regularizer(self.model, DEFAULT_ADAPTER)).backward()
-        return world.sum([total.item()])[0] / n_target
+        names = sorted(sums)
+        values = world.sum(torch.cat([total.reshape(1), *(sums[n] for n in names)]).tolist())
+        self.metrics = averages(names, values[1:])
+        return values[0] / n_target
 
     def _optimizer_step(self) -> float:
         cfg = self.config
@@ -228,6 +250,8 @@ class Trainer:
                 print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")
         elif main:
             metrics_path.write_text("")  # a fresh run starts a fresh log
+        if cfg.precompute_ref_log_probs:
+            self._precompute_reference()
         trackers = Trackers(cfg.report_to if main else [], self.out, self.run_info())  # rank 0's dashboards
         model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
@@ -243,6 +267,8 @@ class Trainer:
             if main:
                 self._save_weights(self.out, tokenizer=self.tokenizer)
                 plot_losses(self.history, self.out / "loss.png")
+                if self.history and any(k.startswith("rewards/") for k in self.history[-1]):
+                    plot_rewards(self.history, self.out / "rewards.png")
         return self.history
 
     def _loop(self, bar, interrupt: StopRequest, trackers: Trackers) -> None:
@@ -254,20 +280,19 @@ class Trainer:
         while self.step < self.total_steps:
             start = time.perf_counter()
             indices = range(self.micro, self.micro + cfg.grad_accum)
-            micro = [self._micro_batch(i) for i in indices]
+            micro = self.objective.batches(model, [self._micro_samples(i) for i in indices], self.pad_id)
             loss = self.accumulate(micro)
             lr = self._optimizer_step()
             tokens = sum(len(self.train_samples[j]) for i in indices for j in self.order.indices(i))  # all ranks'
             self.step, self.micro = self.step + 1, self.micro + cfg.grad_accum
-            record = {"step": self.step, "loss": loss, "lr": lr,
-                      "tokens_per_s": tokens / (time.perf_counter() - start),
+            record = {"step": self.step, **self.objective.finish({"loss": loss, **self.metrics}, eval=False),
+                      "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - start),
                       **({"grad_norm": self.grad_norm} if self.grad_norm is not None else {}),
                       "epoch": self.micro / self.batches_per_epoch}
             stop = False
             if self.val_samples and ((cfg.eval_steps and self.step % cfg.eval_steps == 0) or self.step == self.total_steps):
                 record.update(evaluate(model, self.val_samples, self.pad_id, cfg.eval_batch_size or cfg.batch_size,
-                                       step=self.parallel.loss,
-                                       world=world))
+                                       step=self.parallel.loss, world=world, objective=self.objective))
                 self.parallel.after_eval()
                 stop = self._early_stop(record["val_loss"])  # the same all-reduced loss on every rank
             self.history.append(record)
@@ -276,7 +301,9 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
                 trackers.log(record)
             if self.step % cfg.logging_steps == 0:
+                shown = self.objective.progress
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                **({shown[1]: f"{record[shown[0]]:.2f}"} if shown and shown[0] in record else {}),
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
             bar.update(1)
             if cfg.save_steps and self.step % cfg.save_steps == 0:
@@ -294,6 +321,23 @@ class Trainer:
                           f"{cfg.early_stopping_patience} evaluations (best {self.best_val:.4f})")
                 break
 
+    def _precompute_reference(self) -> None:
+        """Reference log-probs of every training and validation sample, once (objectives.precompute)."""
+        cfg = self.config
+        key = f"{self.objective.name}:{reference_slot(self.model)}:{self.fingerprint}"
+        size = cfg.eval_batch_size or cfg.batch_size
+
+        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = self.parallel.call(self.objective.reference_logps, batch)
+            self.parallel.after_eval()
+            return out
+
+        for name in ("train", "val"):
+            samples = getattr(self, f"{name}_samples")
+            setattr(self, f"{name}_samples", precompute_reference(
+                samples, run, self.objective, self.model, self.pad_id, size, self.out / "reference", key,
+                self.world, name))
+
     def _early_stop(self, val_loss: float) -> bool:
         if val_loss < self.best_val:
             self.best_val, self.bad_evals = val_loss, 0
@@ -304,8 +348,10 @@ class Trainer:
 
     def run_info(self) -> dict:
         """The run's resolved configuration (the trackers' hyperparameters, the model card's): this
-        TrainConfig, the base and its quantization, the data's size and the steps."""
-        return {**asdict(self.config), "model": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+        TrainConfig, the objective (the card's method tag), the base and its quantization, the data's size and
+        the steps."""
+        return {**asdict(self.config), "objective": self.objective.name,
+                "model": getattr(getattr(self.model, "config", None), "_name_or_path", None),
                 "quantize": quantization_of(self.model), "train_samples": len(self.train_samples),
                 "val_samples": len(self.val_samples), "total_steps": self.total_steps}
 
@@ -329,7 +375,7 @@ class Trainer:
             state = {"step": self.step, "micro": self.micro, "optimizer": optimizer, "torch_rng": rngs[0][0],
                      "cuda_rng": rngs[0][1], "rank_rng": rngs, "world_size": self.world.size,
                      "history": self.history, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                     "config": asdict(self.config)}
+                     "config": asdict(self.config), "objective": self.objective.state_dict()}
 
             def write(folder: Path) -> None:
                 self._save_weights(folder)
@@ -364,6 +410,7 @@ class Trainer:
         if mine is not None:
             torch.set_rng_state(mine[0])
             _set_cuda_rng_states(mine[1])
+        self.objective.load_state_dict(world.broadcast(state.get("objective", {}) if main else None))
         keys = ("step", "micro", "history", "best_val", "bad_evals")
         meta = world.broadcast({**{k: state[k] for k in keys}, "world_size": state.get("world_size", 1)} if main else None)
         self.step, self.micro, self.history = meta["step"], meta["micro"], meta["history"]
@@ -391,22 +438,3 @@ def _set_cuda_rng_states(states: list[torch.Tensor] | None) -> None:
         torch.cuda.set_rng_state(rng, index)
 
 
-def plot_losses(history: list[dict], path: Path) -> Path:
-    """Training (and validation) loss over steps as a PNG."""
-    return plots.save(loss_figure(history), path)
-
-
-def loss_figure(history: list[dict]):
-    """The figure of `plot_losses`: loss against optimizer step, whole steps on the axis."""
-    plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1)
-    val = [h for h in history if "val_loss" in h]
-    if val:
-        ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers: no 2.5 on the axis
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig

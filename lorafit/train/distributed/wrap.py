@@ -44,11 +44,11 @@ from lorafit.errors import LorafitError
 from lorafit.quant.linear import PackedLinear
 from lorafit.train.distributed.world import World
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], object]
 
 
 class StepModule(nn.Module):
-    """forward(batch) = loss_fn(model, batch): the module DDP and FSDP wrap (the model is its child
+    """forward(batch) = loss_fn(model, batch) (the objective's loss): the module DDP and FSDP wrap (the model is its child
     `model`, so its own parameters keep their names under it)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
@@ -104,9 +104,18 @@ class Parallel:
         elif strategy == "fsdp":
             self.runner = _shard(self.step, model, world)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of the token losses of this rank's batch, through the wrapper (fp32 scalar)."""
+    def loss(self, batch: dict[str, torch.Tensor]):
+        """The loss function of this rank's batch, through the wrapper (the objective's (loss sum, metrics))."""
         return self.runner(batch)
+
+    def call(self, fn: LossFn, batch: dict[str, torch.Tensor]):
+        """`fn(model, batch)` through the wrapper instead of the loss (a reference pass before training:
+        FSDP gathers the parameters as for the loss); every rank must call it."""
+        saved, self.step.loss_fn = self.step.loss_fn, fn
+        try:
+            return self.runner(batch)
+        finally:
+            self.step.loss_fn = saved
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Around the forward and backward of one micro-batch: DDP all-reduces the gradients only in
