@@ -1,4 +1,4 @@
-"""The `lorafit` command: one function per subcommand.
+"""The `lorafit` command: one function per subcommand (a function may return the exit status).
 
 A user's mistake (a missing file, a bad field) is a `LorafitError`: printed as one line, exit
 status 2, no traceback. Anything else is a bug and keeps its traceback. Warnings are one line too
@@ -55,12 +55,14 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) of --model on --device in --dtype (both checked before anything loads)."""
+    """(model, tokenizer) of --model on --device in --dtype (both checked before anything loads), quantized
+    with --quantize when the command has it."""
     from lorafit.device import resolve_device, resolve_dtype
     from lorafit.model import load_model
 
     device = resolve_device(args.device)
-    return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    return load_model(args.model, quantize=getattr(args, "quantize", None), dtype=resolve_dtype(args.dtype, device),
+                      device=device)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -88,6 +90,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(("" if i == 0 else "---\n") + f"### prompt {i + 1}: {prompt}")
         if not text:
             print(f"lorafit generate: prompt {i + 1}: {why_empty(tokenizer, ids)}", file=sys.stderr)
+        elif len(ids) >= args.max_new_tokens:  # no end-of-turn / EOS token within the limit
+            print(f"lorafit generate: prompt {i + 1}: cut at --max-new-tokens {args.max_new_tokens} before the "
+                  "model ended its turn", file=sys.stderr)
         print(text, flush=True)
         if len(ids) >= args.max_new_tokens:
             print(f"lorafit generate: prompt {i + 1}: the answer was cut at --max-new-tokens {args.max_new_tokens} "
@@ -177,6 +182,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
                  limit=args.limit)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lorafit.verify.run import Options, verify_command
+
+    return verify_command(Options(
+        adapter=args.adapter, model=args.model, quantize=args.quantize, data=args.data, gguf=args.gguf,
+        serve=args.serve, serve_model=args.serve_model, api_key=args.api_key, target=args.target,
+        max_lora_rank=args.max_lora_rank, out=args.out, report=args.report, quick=args.quick, device=args.device,
+        dtype=args.dtype))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from lorafit.serve.__main__ import run
 
@@ -216,7 +231,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lorafit import __version__
 
-    parser = Parser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate, serve.",
+    parser = Parser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, verify, estimate, serve.",
                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "training placed it")
     p.add_argument("--no-chat", action="store_true",
                    help="send the prompt as raw text (BOS only), without the chat template or instruction format")
+    p.add_argument("--quantize", choices=["nf4", "ternary"],
+                   help="load the base quantized, as in QLoRA training (an NF4-trained adapter on its NF4 base)")
     add_placement(p)
     p.set_defaults(func=cmd_generate)
 
@@ -365,6 +382,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="lm-eval: at most N documents per task")
     add_placement(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("verify", help="prove an adapter is what users will run: fingerprint vs adapter, PEFT, merges, "
+                       "GGUF, a server; engine checks; an Ollama Modelfile")
+    p.add_argument("adapter", help="adapter folder (its lorafit_fingerprint.json is the reference)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base it was trained on: HF folder, .gguf or the default")
+    p.add_argument("--quantize", default="auto",
+                   help="how the base is loaded: auto (as in training, from the fingerprint), none, nf4, ternary")
+    p.add_argument("--data", metavar="FILE", help="compare on this JSONL's first samples (the adapter on its base "
+                   "is then the reference)")
+    p.add_argument("--gguf", nargs="?", const="", metavar="FILE",
+                   help="also run the merged model in llama.cpp: exported as f32 GGUF, or the GGUF FILE given")
+    p.add_argument("--serve", metavar="URL", help="also ask a running server (lorafit serve, vLLM) for its log-probs")
+    p.add_argument("--serve-model", metavar="NAME", help="the adapter's name on that server (default: its folder name)")
+    p.add_argument("--api-key", default=os.environ.get("LORAFIT_API_KEY"), help="the server's key ($LORAFIT_API_KEY)")
+    from lorafit.verify.targets import TARGETS
+
+    p.add_argument("--target", choices=TARGETS, help="check what this engine accepts (ollama: also write a Modelfile)")
+    p.add_argument("--max-lora-rank", type=int, metavar="N", help="the engine's --max-lora-rank (vLLM's default: 16)")
+    p.add_argument("--out", help="--target ollama: the folder for Modelfile and adapter.gguf (default: ADAPTER/ollama)")
+    p.add_argument("--report", metavar="FILE", help="write every number (rows, per-layer survival) as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="only the adapter on its base (and --serve, --gguf FILE): is this the file that was trained?")
+    p.add_argument("--device", default="cpu", help="where the models load (cpu keeps the fp32 comparison exact)")
+    p.add_argument("--dtype", default="float32", help="compute dtype (16-bit widens the tolerances)")
+    p.set_defaults(func=cmd_verify)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments
 

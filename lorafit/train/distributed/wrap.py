@@ -49,15 +49,16 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 class StepModule(nn.Module):
     """forward(batch) = loss_fn(model, batch): the module DDP and FSDP wrap (the model is its child
-    `model`, so its own parameters keep their names under it)."""
+    `model`, so its own parameters keep their names under it). forward(batch, fn) runs another
+    function of the model the same way (an evaluation that needs more than the loss)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: dict[str, torch.Tensor], fn: Callable | None = None):
+        return (fn or self.loss_fn)(self.model, batch)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -107,6 +108,11 @@ class Parallel:
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of the token losses of this rank's batch, through the wrapper (fp32 scalar)."""
         return self.runner(batch)
+
+    def call(self, fn: Callable[[nn.Module, dict[str, torch.Tensor]], object], batch: dict[str, torch.Tensor]):
+        """fn(model, batch) through the wrapper, on every rank (FSDP gathers what the forward needs);
+        for forwards without backward (call `after_eval` afterwards)."""
+        return self.runner(batch, fn)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Around the forward and backward of one micro-batch: DDP all-reduces the gradients only in
