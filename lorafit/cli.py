@@ -17,6 +17,8 @@ from lorafit.errors import LorafitError
 from lorafit.flags import dashed, unknown_options
 from lorafit.model import DEFAULT_MODEL
 from lorafit.terminal import Help, Parser, TrainHelp, one_line_warnings, pipeable
+from lorafit.verify.args import OPTIONS
+from lorafit.verify.args import add_arguments as add_verify_arguments
 
 DEFAULT_METHOD = "qlora"  # lorafit estimate's, when --method is not given
 
@@ -185,11 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from lorafit.verify.run import Options, verify_command
 
-    return verify_command(Options(
-        adapter=args.adapter, model=args.model, quantize=args.quantize, data=args.data, gguf=args.gguf,
-        serve=args.serve, serve_model=args.serve_model, api_key=args.api_key, target=args.target,
-        max_lora_rank=args.max_lora_rank, out=args.out, report=args.report, quick=args.quick, device=args.device,
-        dtype=args.dtype))
+    return verify_command(Options(**{name: getattr(args, name) for name in OPTIONS}))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -385,27 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="prove an adapter is what users will run: fingerprint vs adapter, PEFT, merges, "
                        "GGUF, a server; engine checks; an Ollama Modelfile")
-    p.add_argument("adapter", help="adapter folder (its lorafit_fingerprint.json is the reference)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the base it was trained on: HF folder, .gguf or the default")
-    p.add_argument("--quantize", default="auto",
-                   help="how the base is loaded: auto (as in training, from the fingerprint), none, nf4, ternary")
-    p.add_argument("--data", metavar="FILE", help="compare on this JSONL's first samples (the adapter on its base "
-                   "is then the reference)")
-    p.add_argument("--gguf", nargs="?", const="", metavar="FILE",
-                   help="also run the merged model in llama.cpp: exported as f32 GGUF, or the GGUF FILE given")
-    p.add_argument("--serve", metavar="URL", help="also ask a running server (lorafit serve, vLLM) for its log-probs")
-    p.add_argument("--serve-model", metavar="NAME", help="the adapter's name on that server (default: its folder name)")
-    p.add_argument("--api-key", default=os.environ.get("LORAFIT_API_KEY"), help="the server's key ($LORAFIT_API_KEY)")
-    from lorafit.verify.targets import TARGETS
-
-    p.add_argument("--target", choices=TARGETS, help="check what this engine accepts (ollama: also write a Modelfile)")
-    p.add_argument("--max-lora-rank", type=int, metavar="N", help="the engine's --max-lora-rank (vLLM's default: 16)")
-    p.add_argument("--out", help="--target ollama: the folder for Modelfile and adapter.gguf (default: ADAPTER/ollama)")
-    p.add_argument("--report", metavar="FILE", help="write every number (rows, per-layer survival) as JSON")
-    p.add_argument("--quick", action="store_true",
-                   help="only the adapter on its base (and --serve, --gguf FILE): is this the file that was trained?")
-    p.add_argument("--device", default="cpu", help="where the models load (cpu keeps the fp32 comparison exact)")
-    p.add_argument("--dtype", default="float32", help="compute dtype (16-bit widens the tolerances)")
+    add_verify_arguments(p)
     p.set_defaults(func=cmd_verify)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments

@@ -6,4 +6,5 @@
     targets    what vLLM, SGLang, llama.cpp and Ollama accept
     modelfile  an Ollama Modelfile from the adapter's prompt format
     run        the command: the table, the verdicts, the exit status
+    args       its command line (the CLI's parser imports no more than this)
 """
