@@ -206,15 +206,17 @@ def add_placement(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per field of RunConfig, TrainConfig, DataConfig (--data.X) and LoraConfig (--lora.X),
-    each with the field's docstring, type and default as its help."""
+    """One flag per field of RunConfig, TrainConfig, DataConfig (--data.X), LoraConfig (--lora.X) and
+    PreferenceConfig (--preference.X), each with the field's docstring, type and default as its help."""
     from lorafit.fieldinfo import get_field, help_text, is_bool, metavar
     from lorafit.train.data import DataConfig
     from lorafit.train.run import override_flags
 
     groups = {"": p.add_argument_group("run and training (top-level keys of the YAML file)"),
               "data": p.add_argument_group("data (the data: section)"),
-              "lora": p.add_argument_group("adapter (the lora: section)")}
+              "lora": p.add_argument_group("adapter (the lora: section)"),
+              "preference": p.add_argument_group("preference losses (the preference: section; method dpo, orpo, "
+                                                 "simpo, kto)")}
     groups["data"].add_argument("--data", dest="overrides", action="append", metavar="FILE",
                                 type=lambda v: ("data.path", v),
                                 help="Shorthand for --data.path. " + help_text(DataConfig, "path"))
@@ -244,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.train.run import EXAMPLE
 
     p = sub.add_parser(
-        "train", help="fine-tune a LoRA adapter from a YAML config and/or flags", allow_abbrev=False,
+        "train", help="fine-tune a LoRA adapter (SFT, DPO, ORPO, SimPO, KTO) from a YAML config and/or flags",
+        allow_abbrev=False,
         usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume | --overwrite] [--nproc-per-node N] "
               "[--FIELD VALUE ...]",
         formatter_class=TrainHelp,

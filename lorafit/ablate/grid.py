@@ -6,7 +6,8 @@
 
 A method is a set of config changes: lora (16/32-bit base), qlora (NF4 base), dora (use_dora), full
 (`method: full`, every weight; lora.* keys do not apply to it, so full points differing only there are
-one point). Short target names (`lorafit.lora.targets.SHORT_TARGETS`) become the family's module names.
+one point), and the preference objectives dpo, orpo, simpo, kto (on the base config's base and adapter,
+with preference data). Short target names (`lorafit.lora.targets.SHORT_TARGETS`) become the family's module names.
 
 Every point is built and validated (`parse_run_config`) before anything trains: an unknown key, an
 empty list, an unknown method or a bad value is a LorafitError naming it.
@@ -32,6 +33,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "qlora": {"method": "lora", "quantize": "nf4", "lora.use_dora": False},
     "dora": {"method": "lora", "quantize": None, "lora.use_dora": True},
     "full": {"method": "full", "quantize": None, "save_steps": None},
+    # the preference objectives on the base config's base and adapter (its data must be preference pairs)
+    **{m: {"method": m} for m in ("dpo", "orpo", "simpo", "kto")},
 }  # a full point keeps no intermediate checkpoints: each would hold the whole model and its AdamW states
 POINTS_DIR = "points"
 

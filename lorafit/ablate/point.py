@@ -3,10 +3,11 @@
 Measured, in the point's own folder (result.json, written last and atomically: its presence means
 "finished"):
 
-* val_loss, perplexity: mean next-token loss over the held-out samples' target tokens, exp of it;
+* val_loss, perplexity: mean next-token loss over the held-out samples' target tokens, exp of it (a
+  preference method: its validation loss and metrics, val_rewards/accuracies...);
 * exact_match: greedy generation from each held-out prompt, first line compared with the target's
-  (`lorafit.train.demo_task.exact_match`); for classification given as label generation this is the
-  accuracy;
+  (`lorafit.train.demo_task.exact_match`; of a preference pair, its chosen completion); for
+  classification given as label generation this is the accuracy;
 * trainable / total parameters and their ratio (`lorafit.lora.inject.trainable_parameters`);
 * peak memory: CUDA: torch's peak allocated bytes; CPU: the process's peak resident set size (VmHWM),
   reset before the point where Linux allows it (/proc/self/clear_refs), else the process's peak so far;
@@ -29,7 +30,7 @@ from lorafit.generate import generate
 from lorafit.io import atomic_write_bytes
 from lorafit.lora.inject import trainable_parameters
 from lorafit.model import load_model
-from lorafit.train.data import IGNORE, Sample, load_data
+from lorafit.train.data import IGNORE, PairSample, Sample, UnpairedSample, load_data
 from lorafit.train.demo_task import accuracy
 from lorafit.train.run import RunConfig
 from lorafit.train.trainer import Trainer, evaluate
@@ -61,8 +62,13 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def prompt_and_target(sample: Sample, tokenizer) -> tuple[str, str]:
-    """The prompt text (everything before the first trained token) and the target text of a sample."""
+def prompt_and_target(sample: Sample | PairSample | UnpairedSample, tokenizer) -> tuple[str, str]:
+    """The prompt text (everything before the first trained token) and the target text of a sample; of a
+    preference sample, its prompt and its chosen (desirable) completion."""
+    if isinstance(sample, (PairSample, UnpairedSample)):
+        target = sample.chosen_ids if isinstance(sample, PairSample) else sample.completion_ids
+        return (tokenizer.decode(sample.prompt_ids, skip_special_tokens=False),
+                tokenizer.decode(target, skip_special_tokens=True))
     first = next((i for i, label in enumerate(sample.labels) if label != IGNORE), len(sample.labels))
     target_ids = [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
     return (tokenizer.decode(sample.input_ids[:first], skip_special_tokens=False),
@@ -82,7 +88,7 @@ def run_point(config: RunConfig, max_eval: int | None = None) -> dict:
     exact_peak = reset_peak_memory(device)
     model, tokenizer = load_model(config.model, quantize=config.quantize, dtype=resolve_dtype(config.dtype, device),
                                   device=device)
-    splits = load_data(tokenizer, config.data)
+    splits = load_data(tokenizer, config.data, unpair=config.train.method == "kto")
     held_out = splits.val[:max_eval] if max_eval else splits.val
     trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val)
     trainable, total = trainable_parameters(model)
@@ -92,12 +98,13 @@ def run_point(config: RunConfig, max_eval: int | None = None) -> dict:
     result: dict = {"trainable_params": trainable, "total_params": total,
                     "trainable_pct": 100 * trainable / max(total, 1), "steps": len(history)}
     if held_out:
-        result.update(evaluate(model, held_out, trainer.pad_id, config.train.batch_size))
-        pairs = [prompt_and_target(s, tokenizer) for s in held_out]
+        result.update(evaluate(model, held_out, trainer.pad_id, config.train.batch_size, objective=trainer.objective))
+        answered = [s for s in held_out if getattr(s, "label", True)]  # KTO: the desirable completions only
+        pairs = [prompt_and_target(s, tokenizer) for s in answered]
         longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in pairs)
         answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=longest + 4)
         result["exact_match"] = accuracy(answers, [t for _, t in pairs])
-        result["n_eval"] = len(held_out)
+        result["n_eval"] = len(answered)
         result["examples"] = [{"target": t, "answer": a} for (_, t), a in list(zip(pairs, answers))[:3]]
     tokens = trained_tokens(trainer, len(history))
     result.update({"peak_memory_mib": peak_memory_mib(device), "peak_memory_since_point": exact_peak,

@@ -36,8 +36,8 @@ import torch
 
 from lorafit.ops.loss_chunk import CHUNK_BYTES, default_chunk_size  # tokens per chunk: a ~64 MiB block
 
-__all__ = ["CHUNK_BYTES", "IGNORE_INDEX", "ChunkedCrossEntropyFunction", "causal_lm_loss", "chunked_cross_entropy",
-           "default_chunk_size"]
+__all__ = ["CHUNK_BYTES", "IGNORE_INDEX", "ChunkedCrossEntropyFunction", "causal_lm_loss", "chunk_logits",
+           "chunked_cross_entropy", "default_chunk_size"]
 
 IGNORE_INDEX = -100
 
@@ -67,7 +67,7 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
             h, t = hidden[sl], targets[sl]
             valid = (t != ignore_index).to(torch.float32)  # (C,)
             rows = torch.arange(t.shape[0], device=t.device)
-            z = _logits(h, w, b, buffer[: h.shape[0]])  # (C, V) fp32
+            z = chunk_logits(h, w, b, buffer[: h.shape[0]])  # (C, V) fp32
             target_logit = z[rows, t.clamp(min=0)]  # (C,)
             zmax = z.amax(dim=1)  # (C,)
             zmax.masked_fill_(zmax.isinf(), 0.0)  # as torch.logsumexp: an infinite logit gives an infinite lse
@@ -96,7 +96,7 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """fp32 logits of one chunk, written into `out` (computed in h's dtype, then upcast)."""
     if h.dtype == torch.float32:
         torch.mm(h, w.t(), out=out)

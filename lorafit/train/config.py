@@ -1,10 +1,13 @@
-"""`TrainConfig`: the knobs of one fine-tuning run, each field with its docstring (the CLI's help).
+"""`TrainConfig`: the knobs of one fine-tuning run, each field with its docstring (the CLI's help);
+`PreferenceConfig`: the losses of the preference methods (the `preference:` section), with TRL 1.16's
+field names and defaults.
 
 Data handling lives in `lorafit.train.data.DataConfig`, the adapter in `lorafit.config.LoraConfig`.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 from lorafit.config import LoraConfig
@@ -13,9 +16,79 @@ from lorafit.train.trackers import check_report_to
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-METHODS = ("lora", "full")
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
+METHODS = ("lora", "full", *PREFERENCE_METHODS)
 NONFINITE = ("skip", "stop")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "kto": ("kto", "apo_zero_unpaired"), "simpo": ("simpo",), "orpo": ("orpo",)}
+
+
+@dataclass
+class PreferenceConfig:
+    """The losses of `method: dpo | orpo | simpo | kto`, with TRL 1.16's names and defaults (the formulas
+    are in lorafit.train.objectives.losses)."""
+
+    beta: float = 0.1
+    """DPO / KTO: how far the policy may move from the reference (larger: closer); the rewards are
+    beta * (log pi - log pi_ref). IPO: the regularization tau. ORPO: the weight lambda of the odds-ratio
+    term. SimPO: the reward scale."""
+    loss_type: list[str] | str | None = None
+    """dpo: one or more of sigmoid (default), hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard,
+    aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, summed with `loss_weights`
+    (e.g. [sigmoid, bco_pair, sft] for MPO). kto: kto (default) or apo_zero_unpaired. simpo: simpo."""
+    loss_weights: list[float] | None = None
+    """One weight per loss_type (default 1.0 each)."""
+    label_smoothing: float = 0.0
+    """robust: the probability that a preference label is flipped, in [0, 0.5); exo_pair: its epsilon
+    (must be > 0, e.g. 1e-3); aot, aot_unpaired and simpo: conservative label smoothing."""
+    discopop_tau: float = 0.05
+    """discopop: the temperature of the log-ratio modulation."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma."""
+    cpo_alpha: float = 1.0
+    """simpo: the weight of the NLL of the chosen completion (the CPO form); 0 gives pure SimPO."""
+    desirable_weight: float = 1.0
+    """kto: the weight of desirable (label true) examples' losses."""
+    undesirable_weight: float = 1.0
+    """kto: the weight of undesirable (label false) examples' losses."""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreferenceConfig:
+        return cls(**data)
+
+    def check(self, method: str) -> None:
+        """Resolve the method's default loss_type and refuse what that method cannot compute."""
+        allowed = LOSS_TYPES[method]
+        if self.loss_type is None:
+            self.loss_type = [allowed[0]]
+        elif isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        if not self.loss_type:
+            raise LorafitError(f"preference.loss_type: empty; use one of {', '.join(allowed)}")
+        for name in self.loss_type:
+            if name not in allowed:
+                close = difflib.get_close_matches(str(name), allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise LorafitError(f"preference.loss_type: {name!r} is not a loss of method {method}; {hint}"
+                                   f"use {', '.join(allowed)}")
+        if method != "dpo" and len(self.loss_type) > 1:
+            raise LorafitError(f"preference.loss_type: method {method} takes one loss type, got {self.loss_type}")
+        if self.loss_weights is not None and not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.loss_weights):
+            raise LorafitError(f"preference.loss_weights must be a list of numbers, got {self.loss_weights!r}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise LorafitError(f"preference.loss_weights has {len(self.loss_weights)} weight(s) for "
+                               f"{len(self.loss_type)} loss type(s) {self.loss_type}: give one weight per loss type")
+        if not self.beta > 0:
+            raise LorafitError(f"preference.beta must be positive, got {self.beta!r}")
+        if "exo_pair" in self.loss_type and not self.label_smoothing > 0:
+            raise LorafitError("preference.label_smoothing must be > 0 for loss_type exo_pair (its epsilon; "
+                               "the EXO paper suggests 1e-3)")
+        if "robust" in self.loss_type and not 0 <= self.label_smoothing < 0.5:
+            raise LorafitError(f"preference.label_smoothing must be in [0, 0.5) for loss_type robust, "
+                               f"got {self.label_smoothing!r}")
 
 
 @dataclass
@@ -25,12 +98,25 @@ class TrainConfig:
     output_dir: str = "runs/lorafit"
     """Where the adapter, checkpoints, metrics.jsonl and loss.png are written."""
     method: str = "lora"
-    """What trains: "lora" (the adapter below on a frozen, optionally quantized base; written to adapter/)
-    or "full" (every weight: full fine-tuning, the baseline adapters are compared against; needs an
-    unquantized base and ~4x the model's fp32 size for weights, gradients and AdamW states; written to
-    model/ as a full model folder). The lora section is ignored with "full"."""
+    """What trains, and on what objective: "lora" (supervised fine-tuning of the adapter below on a
+    frozen, optionally quantized base; written to adapter/), "full" (supervised, every weight: the
+    baseline adapters are compared against; needs an unquantized base and ~4x the model's fp32 size;
+    written to model/), or a preference method training the adapter on paired or unpaired preference
+    data: "dpo" (and its loss family), "orpo", "simpo" or "kto" (the preference section). The lora
+    section is ignored with "full"."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    """The adapter to train."""
+    """The adapter to train (ignored when `adapter` starts from an existing one)."""
+    adapter: str | None = None
+    """Start from this PEFT-format adapter folder (ours or PEFT's) instead of a new adapter: continued
+    training for lora, or preference training on top of an SFT adapter. Its files say its rank and targets."""
+    ref_adapter: str | None = None
+    """Preference methods: the reference policy is this adapter on the same base (held as a second,
+    frozen adapter slot). Default: the start `adapter` when there is one, else the base with adapters disabled."""
+    precompute_ref_log_probs: bool = False
+    """Preference methods: compute the reference log-probs of every sample once, before training, and cache
+    them in output_dir (keyed by the data, the base and the reference, so a change recomputes them)."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """The preference losses (method dpo, orpo, simpo or kto)."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -112,8 +198,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraConfig.from_dict(self.lora)
+        if isinstance(self.preference, dict):
+            self.preference = PreferenceConfig.from_dict(self.preference)
         if self.method not in METHODS:
             raise LorafitError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.method in PREFERENCE_METHODS:
+            self.preference.check(self.method)
+        elif self.ref_adapter or self.precompute_ref_log_probs:
+            raise LorafitError(f"ref_adapter and precompute_ref_log_probs apply to the preference methods "
+                               f"({', '.join(PREFERENCE_METHODS)}), not to method {self.method}")
+        if self.method == "full" and self.adapter:
+            raise LorafitError("adapter: method full trains every weight of the base; an adapter to start from "
+                               "applies to the adapter methods")
         if self.schedule not in SCHEDULES:
             raise LorafitError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.distributed not in DISTRIBUTED:

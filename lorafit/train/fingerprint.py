@@ -8,7 +8,7 @@ from torch import nn
 
 from lorafit.device import model_device
 from lorafit.fingerprint import Fingerprint, choose_probes, make_fingerprint, probe_batch, probe_logprobs
-from lorafit.train.data import Sample
+from lorafit.train.data import IGNORE, Sample
 from lorafit.train.distributed.strategy import quantization_of
 from lorafit.train.distributed.wrap import Parallel
 
@@ -22,12 +22,21 @@ def first_sample(sample: Sample, field: str = "input_ids") -> list[int]:
     return values[:end]
 
 
+def probe_row(sample) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a sample's first row: an SFT sample's first packed sample; a preference sample's
+    first row (the chosen completion, or KTO's completion) with IGNORE on its prompt."""
+    if isinstance(sample, Sample):
+        return first_sample(sample), first_sample(sample, "labels")
+    ids, mask = sample.rows()[0]
+    return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
+
+
 @torch.no_grad()
-def training_fingerprint(parallel: Parallel, samples: list[Sample], pad_id: int, step: int,
+def training_fingerprint(parallel: Parallel, samples: list, pad_id: int, step: int,
                          validation: bool) -> Fingerprint | None:
     """Top-k next-token log-probs of the model on probes from the first `samples` (the validation ones
     when `validation`), in eval mode; None when no sample has a trained reply."""
-    probes = choose_probes((first_sample(s), first_sample(s, "labels")) for s in samples)
+    probes = choose_probes(probe_row(s) for s in samples)
     if not probes:
         return None
     model = parallel.model

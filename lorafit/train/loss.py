@@ -1,4 +1,4 @@
-"""The training loss of a batch, and the validation loss of a set of samples.
+"""The supervised training loss of a batch (lorafit.train.objectives.sft; validation: lorafit.train.evaluate).
 
 Position t predicts token t+1; a target is a label that is not IGNORE. Losses are *sums* over
 target tokens in fp32, so that the trainer can divide by the target tokens of a whole accumulated
@@ -8,18 +8,13 @@ it is cut into micro-batches or processes.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorafit.device import model_device, to_device
 from lorafit.ops.chunked_loss import causal_lm_loss
-from lorafit.train.data import IGNORE, Sample, collate
-from lorafit.train.distributed.share import local_samples
-from lorafit.train.distributed.world import SINGLE, World
+from lorafit.train.data import IGNORE
 from lorafit.train.packing import model_inputs
 
 
@@ -71,30 +66,3 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     targets = batch["labels"][:, 1:]  # (B, T-1)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, samples: list[Sample], pad_id: int, batch_size: int = 8, *,
-             step: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
-             world: World = SINGLE) -> dict[str, float]:
-    """Mean per-token validation loss and perplexity.
-
-    With several processes (`world`), each batch of `batch_size` samples is shared among them as the
-    training batches are (lorafit.train.distributed.share) and the sums are all-reduced: every rank returns
-    the same numbers. `step(batch)` computes a batch's loss sum (the trainer passes its DDP / FSDP
-    wrapper's); by default `loss_sum(model, batch)`.
-    """
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    total, count = None, 0  # total: an fp32 scalar on the model's device, read back once
-    for i in range(0, len(samples), batch_size):
-        batch = collate(local_samples(samples[i:i + batch_size], world.rank, world.size), pad_id)
-        count += n_targets(batch)
-        batch = to_device(batch, device)
-        loss = step(batch) if step is not None else loss_sum(model, batch)
-        total = loss if total is None else total + loss
-    model.train(was_training)
-    total_sum, count = world.sum([0.0 if total is None else total.item(), count])
-    mean = total_sum / max(count, 1)
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}

@@ -31,10 +31,10 @@ from lorafit.device import parse_device, parse_dtype
 from lorafit.errors import LorafitError
 from lorafit.fieldinfo import check_value
 from lorafit.model import DEFAULT_MODEL
-from lorafit.train.config import TrainConfig
+from lorafit.train.config import PreferenceConfig, TrainConfig
 from lorafit.train.data import DataConfig
 
-SECTIONS = {"data": DataConfig, "lora": LoraConfig}
+SECTIONS = {"data": DataConfig, "lora": LoraConfig, "preference": PreferenceConfig}
 QUANTIZE = ("nf4", "ternary")
 PATH_KEYS = ("model", "output_dir", "data.path", "data.val_path")  # read from a YAML file's folder
 
@@ -92,7 +92,11 @@ def _names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-def _unknown(key: str, known: list[str], where: str) -> LorafitError:
+def _unknown(key: str, known: list[str], where: str, top: bool = False) -> LorafitError:
+    section = next((name for name, cls in SECTIONS.items() if key in _names(cls)), None) if top else None
+    if section:  # a section's field written at the top level (as TRL's flat configs have it)
+        return LorafitError(f"{where}: unknown key {key!r}; it is a field of the {section} section: "
+                            f"write {section}: {{{key}: ...}} (or --{section}.{key})")
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
     return LorafitError(f"{where}: unknown key {key!r}{hint}")
@@ -142,15 +146,18 @@ def parse_run_config(raw: dict[str, Any], source: str = "config", flags: dict[st
     known_top = sorted(set(TOP) | set(_names(TrainConfig)))
     for key in raw:
         if key not in known_top:
-            raise _unknown(key, known_top, source)
+            raise _unknown(key, known_top, source, top=True)
     data = _data_mapping(raw.pop("data", None))
     if data is None:
         raise LorafitError(f"{source}: missing 'data' (e.g. data: {{path: train.jsonl}}, or --data train.jsonl)")
     top = {k: raw.pop(k) for k in TOP if k in raw}
     lora = raw.pop("lora", None) or {}
+    preference = raw.pop("preference", None) or {}
     config = _build(RunConfig, top, source, flags=flags)  # model, quantize, device, dtype
-    config.train = _build(TrainConfig, {**raw, "lora": _build(LoraConfig, lora, source, "lora", flags)}, source,
-                          flags=flags)
+    config.train = _build(TrainConfig, {**raw, "lora": _build(LoraConfig, lora, source, "lora", flags),
+                                        "preference": _build(PreferenceConfig, preference, source, "preference",
+                                                             flags)},
+                          source, flags=flags)
     config.data = _build(DataConfig, data, source, "data", flags)
     return config
 
@@ -215,9 +222,9 @@ def apply_override(raw: dict[str, Any], dotted: str, value: str) -> None:
 
 def override_flags() -> list[tuple[str, type, str]]:
     """(dotted key, dataclass, field name) for every settable field, in the order --help shows them:
-    the run's own fields, TrainConfig's (top-level keys), then the data and lora sections."""
+    the run's own fields, TrainConfig's (top-level keys), then the data, lora and preference sections."""
     flags = [(f.name, RunConfig, f.name) for f in fields(RunConfig) if f.name not in ("data", "train")]
-    flags += [(f.name, TrainConfig, f.name) for f in fields(TrainConfig) if f.name != "lora"]
+    flags += [(f.name, TrainConfig, f.name) for f in fields(TrainConfig) if f.name not in SECTIONS]
     flags += [(f"{section}.{f.name}", cls, f.name) for section, cls in SECTIONS.items() for f in fields(cls)]
     return flags
 
@@ -280,12 +287,12 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False) -> lis
         raise LorafitError("lora.init: loftq quantizes the base in one process: run it without torchrun "
                            "(or --nproc-per-node 1), then train on several with lora.init: kaiming")
     tokenizer = load_tokenizer(config.model)  # the data is read and checked before the slow part
-    splits = load_data(tokenizer, config.data)
+    splits = load_data(tokenizer, config.data, unpair=config.train.method == "kto")
     model, _ = load_model(config.model, quantize=None if loftq else config.quantize, dtype=dtype, device=load_on)
     if world.is_main:
         total, trained = n_tokens(splits.train)
         print(f"lorafit train: {len(splits.train)} training samples ({total:,} tokens, {trained:,} trained), "
-              f"{len(splits.val)} validation samples")
+              f"{len(splits.val)} validation samples, method {config.train.method}")
         print("one sample as the model sees it («marked» = trained, the rest is masked):")
         print("    " + describe_sample(tokenizer, splits.train[0]).replace("\n", "\n    "))
     trainer = Trainer(config.train, model, tokenizer, splits.train, splits.val, splits.prompt_format)

@@ -308,3 +308,48 @@ def test_packing_smoke(smollm2_dir, tmp_path):
     after = report["after"]["packed"]
     assert after["samples"] == 4 and after["steps"] >= 1 and finite(after["val_loss_each_alone"])
     assert after["val_loss_packed_rows"] == pytest.approx(after["val_loss_each_alone"], rel=1e-5)
+
+
+# -- bench/prefs.py: DPO, lorafit train vs TRL's DPOTrainer + PEFT + bitsandbytes, one subprocess per side ------
+def test_prefs_defaults(smollm2_dir, tmp_path):
+    prefs = bench("prefs")
+    args = prefs.parse_args([])
+    assert args.quant == "nf4" and args.max_steps >= 2 and args.model is None and not args.smoke
+    for side in prefs.SIDES:
+        assert round_trip(prefs, args, prefs.CHILD_FLAGS, side) == {f: getattr(args, f) for f in prefs.CHILD_FLAGS}
+    pairs = [json.loads(line) for line in Path(prefs.write_pairs(str(tmp_path / "p.jsonl"), 4, 0)).read_text().splitlines()]
+    assert all(p["chosen"] != p["rejected"] and p["prompt"][0]["role"] == "user" for p in pairs)
+
+
+def test_prefs_smoke(smollm2_dir, tmp_path):
+    out = run_script("prefs", "--smoke", "--json", str(tmp_path / "r.json"), cwd=tmp_path)
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    lf, tr = results["lorafit"], results["trl"]
+    for r in (lf, tr):
+        assert r["steps"] == 2 and finite(r["tokens_per_s"], r["loop_s"], r["peak_rss_mib"], *r["losses"])
+    assert lf["tokens_per_step"] == tr["tokens_per_step"] and sum(lf["tokens_per_step"]) > 0
+    assert lf["losses"][0] == pytest.approx(math.log(2), abs=1e-5) and tr["losses"][0] == pytest.approx(math.log(2), abs=1e-5)  # B = 0
+    assert "| lorafit / TRL |" in out and "identical on both sides" in out and "MISMATCH" not in out
+
+
+# -- bench/dpo_demo.py: DPO on the demo's date task from the base and from the SFT demo adapter -----------------
+def test_dpo_demo_defaults():
+    dpo_demo = bench("dpo_demo")
+    args = dpo_demo.parse_args([])
+    assert (args.pairs, args.steps, args.eval_records, args.sft_steps) == (256, 32, 100, 80)
+    assert args.runs.split(",") == ["dpo-base", "dpo-sft"]
+    assert args.model is None and args.sft_adapter is None and not args.smoke
+
+
+def test_dpo_demo_smoke(smollm2_dir, tmp_path):
+    out = tmp_path / "out"
+    run_script("dpo_demo", "--smoke", "--out", str(out), cwd=tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert results["counts"]["train"]["records"] == 4 and (out / "rewards.png").stat().st_size > 0
+    for name in ("dpo-base", "dpo-sft"):
+        r, config = results[name], (out / f"{name}.yaml").read_text()
+        assert 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1 and len(r["history"]) == 2
+        assert r["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the reference is the start
+        assert finite(*(h["rewards/accuracies"] for h in r["history"]), r["history"][-1]["val_rewards/accuracies"])
+        assert ("adapter:" in config) == (name == "dpo-sft") and (out / name / "adapter").is_dir()
+    assert not (set(tmp_path.iterdir()) - {out})  # nothing written where it ran

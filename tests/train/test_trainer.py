@@ -347,7 +347,7 @@ def test_adalora_regularizer_in_the_loss_and_allocation_after_each_step(tokenize
 
 def test_the_loss_plot_has_whole_steps_on_its_axis():
     from lorafit.plots import pyplot
-    from lorafit.train.metrics import loss_figure
+    from lorafit.train.curves import loss_figure
 
     fig = loss_figure([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.2, "val_loss": 1.4}])
     fig.canvas.draw()

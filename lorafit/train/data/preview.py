@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from lorafit.train.data.preference import PairSample, UnpairedSample, describe_pair
 from lorafit.train.data.tokenize import IGNORE, Sample
 
 TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
 
 
-def describe_sample(tokenizer, sample: Sample) -> str:
+def describe_sample(tokenizer, sample: Sample | PairSample | UnpairedSample) -> str:
     """Render a sample for a pre-flight look: text the model learns to produce is «in guillemets»,
-    masked (prompt) text is plain. Packed rows show a divider between samples."""
+    masked (prompt) text is plain. Packed rows show a divider between samples; a preference sample
+    shows its prompt once and each completion marked."""
+    if isinstance(sample, (PairSample, UnpairedSample)):
+        return describe_pair(tokenizer, sample)
     n = len(sample)
     header = (
         f"{sample.source}: {n} tokens, {sample.n_trained} trained "
@@ -32,6 +36,6 @@ def describe_sample(tokenizer, sample: Sample) -> str:
     return header + "\n" + "".join(parts)
 
 
-def n_tokens(samples: list[Sample]) -> tuple[int, int]:
+def n_tokens(samples: list[Sample] | list[PairSample] | list[UnpairedSample]) -> tuple[int, int]:
     """(total tokens, trained tokens) over samples, e.g. for a pre-flight summary."""
     return sum(len(s) for s in samples), sum(s.n_trained for s in samples)

@@ -1,10 +1,14 @@
 """JSONL records: reading, validating and splitting a training file (before any tokenizer runs).
 
-Three record shapes, one per file (detected from the first record, or forced with `format=`):
+Five record shapes, one per file (detected from the first record, or forced with `format=`):
 
-    alpaca  {"instruction": str, "input": str (optional), "output": str}
-    chat    {"messages": [{"role": str, "content": str}, ...]}
-    text    {"text": str}
+    alpaca    {"instruction": str, "input": str (optional), "output": str}
+    chat      {"messages": [{"role": str, "content": str}, ...]}
+    text      {"text": str}
+    paired    {"prompt": P, "chosen": C, "rejected": C}   preference pairs (TRL's format): P and C both
+              strings, or both lists of chat messages; without "prompt" (implicit prompt) "chosen" and
+              "rejected" are whole texts or conversations whose common start is the prompt
+    unpaired  {"prompt": P, "completion": C, "label": true | false}   KTO's format
 
 Every mistake is a one-line `LorafitError` naming the file, the line and the field.
 """
@@ -20,7 +24,8 @@ from typing import Any
 
 from lorafit.errors import LorafitError
 
-SHAPES = ("alpaca", "chat", "text")
+SHAPES = ("alpaca", "chat", "text", "paired", "unpaired")
+PREFERENCE_SHAPES = ("paired", "unpaired")
 FORMATS = ("auto", *SHAPES)
 ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")  # chat templates' roles
 # (ipython: Llama 3.1's tool results; function: OpenAI's older name for tool)
@@ -39,6 +44,10 @@ class Record:
 def _detect_shape(obj: dict) -> str | None:
     if "messages" in obj:
         return "chat"
+    if "chosen" in obj or "rejected" in obj:
+        return "paired"
+    if "label" in obj and ("completion" in obj or "prompt" in obj):
+        return "unpaired"
     if "instruction" in obj or "output" in obj:
         return "alpaca"
     if "text" in obj:
@@ -66,9 +75,62 @@ def _need_str(obj: dict, key: str, where: str, optional: bool = False) -> None:
         )
 
 
+def _messages(value: Any, key: str, where: str) -> None:
+    """A non-empty list of {role, content} strings (chat messages)."""
+    if not value:
+        raise LorafitError(f"{where}: field '{key}' is empty: give a list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise LorafitError(f"{where}: field '{key}[{i}]' must be an object with 'role' and 'content'")
+        _need_str(m, "role", f"{where}: {key}[{i}]")
+        _need_str(m, "content", f"{where}: {key}[{i}]")
+
+
+def _completion(obj: dict, key: str, where: str, what: str) -> None:
+    """A preference completion: a non-empty string or a non-empty list of messages."""
+    if key not in obj or obj[key] is None:
+        raise LorafitError(f"{where}: field '{key}' is missing: add {what}")
+    value = obj[key]
+    if isinstance(value, list):
+        _messages(value, key, where)
+    elif not isinstance(value, str):
+        raise LorafitError(f"{where}: field '{key}' must be a string or a list of chat messages, "
+                           f"got {_type_name(value)}")
+    elif not value.strip():
+        raise LorafitError(f"{where}: field '{key}' is empty: give {what}")
+
+
+def _validate_preference(obj: dict, shape: str, where: str) -> None:
+    keys = ("chosen", "rejected") if shape == "paired" else ("completion",)
+    for key in keys:
+        _completion(obj, key, where, "the preferred completion" if key == "chosen" else
+                    "the dispreferred completion" if key == "rejected" else "the completion")
+    if shape == "unpaired":
+        if "label" not in obj:
+            raise LorafitError(f"{where}: field 'label' is missing: add true (desirable) or false (undesirable)")
+        if not isinstance(obj["label"], bool):
+            raise LorafitError(f"{where}: field 'label' must be true or false, got {json.dumps(obj['label'])}")
+        if "prompt" not in obj:
+            raise LorafitError(f"{where}: field 'prompt' is missing: add the prompt the completion answers")
+    prompt = obj.get("prompt")
+    if prompt is not None:
+        if isinstance(prompt, list):
+            _messages(prompt, "prompt", where)
+        elif not isinstance(prompt, str):
+            raise LorafitError(f"{where}: field 'prompt' must be a string or a list of chat messages, "
+                               f"got {_type_name(prompt)}")
+    kinds = {k: isinstance(obj[k], list) for k in ("prompt", *keys) if obj.get(k) is not None}
+    if len(set(kinds.values())) > 1:
+        texts = [k for k, chat in kinds.items() if not chat]
+        raise LorafitError(f"{where}: field '{texts[0]}' is a string but {', '.join(k for k in kinds if kinds[k])} "
+                           "are chat messages: use strings everywhere or messages everywhere")
+
+
 def _validate(obj: dict, shape: str, where: str) -> None:
     """Raise a one-line LorafitError if `obj` lacks the fields of `shape` or has wrong types."""
-    if shape == "alpaca":
+    if shape in PREFERENCE_SHAPES:
+        _validate_preference(obj, shape, where)
+    elif shape == "alpaca":
         _need_str(obj, "instruction", where)
         _need_str(obj, "input", where, optional=True)
         _need_str(obj, "output", where)

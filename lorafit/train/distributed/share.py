@@ -19,6 +19,8 @@ exactly zero, but it joins the collectives of the forward and backward passes as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lorafit.errors import LorafitError
 from lorafit.train.data import IGNORE, Sample
 
@@ -51,7 +53,8 @@ def masked(sample: Sample) -> Sample:
                   None if sample.position_ids is None else list(sample.position_ids))
 
 
-def local_samples(samples: list[Sample], rank: int, size: int) -> list[Sample]:
-    """This rank's samples of a global micro-batch; a masked stand-in when its part is empty."""
+def local_samples(samples: list, rank: int, size: int, empty: Callable = masked) -> list:
+    """This rank's samples of a global micro-batch; a stand-in that contributes nothing when its part is
+    empty (`empty(sample)`: `masked` for supervised samples, a zero-weight copy for preference ones)."""
     mine = rank_share(samples, rank, size)
-    return mine if mine else [masked(samples[0])]
+    return mine if mine else [empty(samples[0])]

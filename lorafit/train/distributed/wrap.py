@@ -44,13 +44,13 @@ from lorafit.errors import LorafitError
 from lorafit.quant.linear import PackedLinear
 from lorafit.train.distributed.world import World
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], object]
 
 
 class StepModule(nn.Module):
-    """forward(batch) = loss_fn(model, batch): the module DDP and FSDP wrap (the model is its child
-    `model`, so its own parameters keep their names under it). forward(batch, fn) runs another
-    function of the model the same way (an evaluation that needs more than the loss)."""
+    """forward(batch) = loss_fn(model, batch) (the objective's loss): the module DDP and FSDP wrap (the
+    model is its child `model`, so its own parameters keep their names under it). forward(batch, fn)
+    runs another function of the model the same way (an evaluation or a reference pass)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
@@ -105,13 +105,14 @@ class Parallel:
         elif strategy == "fsdp":
             self.runner = _shard(self.step, model, world)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of the token losses of this rank's batch, through the wrapper (fp32 scalar)."""
+    def loss(self, batch: dict[str, torch.Tensor]):
+        """The loss function of this rank's batch, through the wrapper (the objective's (loss sum, metrics))."""
         return self.runner(batch)
 
-    def call(self, fn: Callable[[nn.Module, dict[str, torch.Tensor]], object], batch: dict[str, torch.Tensor]):
-        """fn(model, batch) through the wrapper, on every rank (FSDP gathers what the forward needs);
-        for forwards without backward (call `after_eval` afterwards)."""
+    def call(self, fn: LossFn, batch: dict[str, torch.Tensor]):
+        """fn(model, batch) through the wrapper, on every rank (FSDP gathers what the forward needs):
+        forwards without backward (an evaluation, a reference pass before training); call `after_eval`
+        afterwards."""
         return self.runner(batch, fn)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:

@@ -17,7 +17,7 @@ import pytest
 from lorafit.train.trainer import Trainer
 from tests.train.distributed import kit
 
-PHASES = ["ddp", "fsdp", "ternary", "resume", "refuse", "raise"]
+PHASES = ["ddp", "fsdp", "dpo", "kto", "ternary", "resume", "refuse", "raise"]
 
 
 @dataclass
@@ -54,7 +54,7 @@ def dist_samples(tokenizer, dist_data):
 
 
 @pytest.fixture(scope="session")
-def one_rank(tokenizer, dist_samples, tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
+def one_rank(tokenizer, dist_samples, dist_data, tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
     """The same trainings in one process with the whole batch: {"ddp": (out, history), "fsdp": ..., "ternary": ...}."""
     root = tmp_path_factory.mktemp("one-rank")
     ddp = Trainer(kit.config(root / "ddp", save_steps=2, save_total_limit=5, eval_steps=5, grad_accum=2),
@@ -63,4 +63,11 @@ def one_rank(tokenizer, dist_samples, tmp_path_factory) -> dict[str, tuple[Path,
                    dist_samples.val).train()
     ternary = Trainer(kit.config(root / "ternary", max_steps=3), kit.tiny_llama(quant="ternary"), tokenizer,
                       dist_samples.train).train()
-    return {"ddp": (root / "ddp", ddp), "fsdp": (root / "fsdp", fsdp), "ternary": (root / "ternary", ternary)}
+    pairs = kit.pair_samples(tokenizer, dist_data)
+    dpo = Trainer(kit.config(root / "dpo", method="dpo", grad_accum=2, eval_steps=5, precompute_ref_log_probs=True),
+                  kit.tiny_llama(), tokenizer, pairs.train, pairs.val).train()
+    unpaired = kit.pair_samples(tokenizer, dist_data, unpair=True)
+    kto = Trainer(kit.config(root / "kto", method="kto", adapter=str(kit.adapter_path(dist_data)), eval_steps=5),
+                  kit.tiny_llama(quant="nf4"), tokenizer, unpaired.train, unpaired.val).train()
+    return {"ddp": (root / "ddp", ddp), "fsdp": (root / "fsdp", fsdp), "ternary": (root / "ternary", ternary),
+            "dpo": (root / "dpo", dpo), "kto": (root / "kto", kto)}

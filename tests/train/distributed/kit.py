@@ -42,7 +42,29 @@ def tokenizer():
 
 
 def write_data(path: Path) -> Path:
-    return write_jsonl(path, make_dataset(38, seed=3))
+    """The dates as SFT records, and beside them the same dates as preference pairs (`pairs_path`) and a
+    start adapter for the tiny Llama (`adapter_path`)."""
+    records = make_dataset(38, seed=3)
+    pairs = [{"prompt": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
+              "chosen": [{"role": "assistant", "content": r["output"]}],
+              "rejected": [{"role": "assistant", "content": r["output"][:8] + "99"}]} for r in records]
+    write_jsonl(pairs_path(path), pairs)
+    model = lf.apply_lora(tiny_llama(seed=1), lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"))
+    lf.save_adapter(model, adapter_path(path))
+    return write_jsonl(path, records)
+
+
+def pairs_path(data: Path) -> Path:
+    return Path(data).with_name("pairs.jsonl")
+
+
+def adapter_path(data: Path) -> Path:
+    return Path(data).with_name("start-adapter")
+
+
+def pair_samples(tok, data: Path, unpair: bool = False) -> Splits:
+    """The pairs split as `samples` splits the records (KTO: unpaired, two examples per pair)."""
+    return load_data(tok, DataConfig(path=str(pairs_path(data)), val_fraction=0.24, seed=0), unpair=unpair)
 
 
 def samples(tok, path: Path) -> Splits:

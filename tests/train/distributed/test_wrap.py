@@ -48,6 +48,28 @@ def test_fsdp_on_an_nf4_base_equals_one_rank_and_holds_half_the_base(two_ranks, 
     assert_same_adapter(two_ranks.out / "fsdp" / "adapter", out / "adapter")
 
 
+def test_dpo_on_two_ranks_equals_one_rank(two_ranks, one_rank):
+    """DDP, reference log-probs precomputed by both ranks through the wrapper, a stand-in pair on the rank
+    left without one at the end of the epoch: the losses, margins and validation of one process."""
+    out, reference = one_rank["dpo"]
+    for rank in two_ranks.ranks:
+        assert rank["dpo"] == pytest.approx([h["loss"] for h in reference], abs=TOL)
+        assert rank["dpo_margins"] == pytest.approx([h["rewards/margins"] for h in reference], abs=TOL)
+        assert rank["dpo_val"] == pytest.approx(reference[-1]["val_loss"], abs=TOL)
+        assert rank["dpo_val_accuracy"] == pytest.approx(reference[-1]["val_rewards/accuracies"], abs=TOL)
+    assert_same_adapter(two_ranks.out / "dpo" / "adapter", out / "adapter")
+
+
+def test_kto_fsdp_from_an_adapter_equals_one_rank(two_ranks, one_rank):
+    """FSDP on an NF4 base with the start adapter as the reference slot; the KL estimate spans both ranks."""
+    out, reference = one_rank["kto"]
+    for rank in two_ranks.ranks:
+        assert rank["kto"] == pytest.approx([h["loss"] for h in reference], abs=TOL)
+        assert rank["kto_kl"] == pytest.approx([h["kl"] for h in reference], abs=TOL)
+        assert rank["kto_val"] == pytest.approx(reference[-1]["val_loss"], abs=TOL)
+    assert_same_adapter(two_ranks.out / "kto" / "adapter", out / "adapter")
+
+
 def test_fsdp_shards_a_ternary_base_too(two_ranks, one_rank):
     """The packed ternary codes and their scales are sharded by rows like NF4's storage."""
     out, reference = one_rank["ternary"]

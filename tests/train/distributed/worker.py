@@ -8,6 +8,10 @@ compare in OUT/rank<r>.json (rewritten after every phase):
              validation at the end: losses, validation loss
     fsdp     distributed: fsdp on an NF4 base, 5 steps, validation at the end: losses, validation
              loss, and the frozen bytes this rank holds, before (whole) and after sharding
+    dpo      method dpo, ddp, 5 steps of 2 micro-batches, reference log-probs precomputed: losses, margins,
+             validation loss and reward accuracy
+    kto      method kto, fsdp on an NF4 base, from a start adapter (the reference slot): losses, KL estimates,
+             validation loss
     ternary  distributed: fsdp on a ternary base, 3 steps: losses, and the ternary storage this rank
              holds, before (whole) and after sharding
     resume   fsdp + NF4 with LoRA dropout: 6 steps checkpointing at 3, then a second run resumed from
@@ -70,6 +74,19 @@ def main(data: str, out: str, phases: list[str]) -> None:
                    frozen_whole=whole, frozen_rank=local_bytes(model), nf4_whole=whole_nf4, nf4_rank=packed_bytes(model),
                    adapter_whole=sum(p.numel() for p in trainer.params),
                    adapter_rank=sum(p.to_local().numel() for p in trainer.params))
+        elif phase == "dpo":  # DDP, the base as reference, its log-probs precomputed through the wrapper
+            pairs = kit.pair_samples(tok, Path(data))
+            cfg = kit.config(out_dir / "dpo", method="dpo", distributed="ddp", grad_accum=2, eval_steps=5,
+                             precompute_ref_log_probs=True)
+            history = Trainer(cfg, kit.tiny_llama(), tok, pairs.train, pairs.val).train()
+            record(dpo=[h["loss"] for h in history], dpo_margins=[h["rewards/margins"] for h in history],
+                   dpo_val=history[-1]["val_loss"], dpo_val_accuracy=history[-1]["val_rewards/accuracies"])
+        elif phase == "kto":  # FSDP on an NF4 base, from an adapter (the reference slot), the KL over both ranks
+            unpaired = kit.pair_samples(tok, Path(data), unpair=True)
+            cfg = kit.config(out_dir / "kto", method="kto", distributed="fsdp", adapter=str(kit.adapter_path(data)),
+                             eval_steps=5)
+            history = Trainer(cfg, kit.tiny_llama(quant="nf4"), tok, unpaired.train, unpaired.val).train()
+            record(kto=[h["loss"] for h in history], kto_kl=[h["kl"] for h in history], kto_val=history[-1]["val_loss"])
         elif phase == "ternary":
             model = kit.tiny_llama(quant="ternary")
             whole = packed_bytes(model)
