@@ -67,7 +67,7 @@ def test_nf4_merge_report_matches_a_direct_comparison(files, tmp_path, capsys):
 def test_dense_merge_of_an_nf4_base_is_exact_in_bf16(files, tmp_path, capsys):
     code, out, _ = merge(capsys, "--model", files / "llama-nf4", "--adapter", files / "adapter", "--out", tmp_path / "m",
                          "--dense")
-    assert code == 0 and "bf16" in out and "quantized layers" not in out
+    assert code == 0 and "in bfloat16 (the exact merged weights)" in out and "quantized layers" not in out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert merged.dtype == torch.bfloat16 and "quantization_config" not in merged.config.to_dict()
     exact, _ = load_model(files / "llama-nf4")
