@@ -36,6 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         apply_override(raw, dotted, value)
     flags = {dotted.replace("-", "_"): value for dotted, value in args.overrides}
     config = parse_run_config(raw, args.config or "flags", flags)
+    if config.train.method == "grpo":  # reward functions checked before any process starts or model loads
+        from lorafit.train.run import check_grpo_rewards
+
+        check_grpo_rewards(config)
     if args.nproc_per_node is not None and args.nproc_per_node != 1:
         from lorafit.train.distributed.launch import check_launch, launch
 
@@ -194,7 +198,8 @@ def add_placement(p: argparse.ArgumentParser) -> None:
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per field of RunConfig, TrainConfig, DataConfig (--data.X), LoraConfig (--lora.X) and
-    PreferenceConfig (--preference.X), each with the field's docstring, type and default as its help."""
+    PreferenceConfig (--preference.X) and GRPOConfig (--grpo.X), each with the field's docstring, type and
+    default as its help."""
     from lorafit.fieldinfo import get_field, help_text, is_bool, metavar
     from lorafit.train.data import DataConfig
     from lorafit.train.run import override_flags
@@ -203,7 +208,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
               "data": p.add_argument_group("data (the data: section)"),
               "lora": p.add_argument_group("adapter (the lora: section)"),
               "preference": p.add_argument_group("preference losses (the preference: section; method dpo, orpo, "
-                                                 "simpo, kto)")}
+                                                 "simpo, kto)"),
+              "grpo": p.add_argument_group("reinforcement learning (the grpo: section; method grpo)")}
     groups["data"].add_argument("--data", dest="overrides", action="append", metavar="FILE",
                                 type=lambda v: ("data.path", v),
                                 help="Shorthand for --data.path. " + help_text(DataConfig, "path"))
@@ -233,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.train.run import EXAMPLE
 
     p = sub.add_parser(
-        "train", help="fine-tune a LoRA adapter (SFT, DPO, ORPO, SimPO, KTO) from a YAML config and/or flags",
+        "train", help="fine-tune a LoRA adapter (SFT, DPO, ORPO, SimPO, KTO, GRPO) from a YAML config and/or flags",
         allow_abbrev=False,
         usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume | --overwrite] [--nproc-per-node N] "
               "[--FIELD VALUE ...]",
