@@ -64,6 +64,9 @@ class GRPOConfig:
     beta: float = 0.0
     """Weight of the KL penalty to the reference, added per token: beta * (exp(ref - logp) - (ref - logp) - 1)
     (Schulman's k3 estimator); 0: no reference forward at all."""
+    use_bias_correction_kl: bool = True
+    """With beta > 0, multiply the k3 term by the importance ratio rho (DeepSeek-V3.2): its gradient is then
+    the unbiased reverse-KL gradient (rho is differentiable, so this changes the gradient even where rho = 1)."""
     scale_rewards: str | bool = "group"
     """Advantages A_i = (r_i - mean of its group) / (std + 1e-4), the std over: "group" (its G completions),
     "batch" (the whole generation batch: Dr. GRPO / PPO Lite), or "none" (A_i = r_i - mean, no division).

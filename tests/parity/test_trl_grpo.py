@@ -9,6 +9,11 @@ scaling, with None rewards), `mask_truncated_completions`, and for every loss ty
 gradients (1e-4 relative) and the metrics, with token and sequence importance sampling, epsilon_high 0.28,
 delta, beta > 0, temperature 0.7, num_iterations 2 and an accumulation window of 2 micro-batches.
 
+TRL lets the model count positions from the start of each left-padded row; lorafit counts them from each
+row's first token, as its serving engine does. RoPE is relative, so the two agree in exact arithmetic, but
+in fp32 they differ by up to ~1e-5 in log-prob on the larger adapter below; TRL's forward is given lorafit's
+positions (a pre-hook) so that what is compared is the objective's math, not that rounding.
+
 For num_iterations 2 both trainers move to a second adapter after sampling (what the optimizer step between
 the two passes does), so pi_theta differs from pi_old and the clipping is exercised.
 """
@@ -138,7 +143,15 @@ def trl_trainer(tok, adapters, rewards, tmp_path, batch=16, **kw):
         model = PeftModel.from_pretrained(tiny_base(), adapters[0], is_trainable=True)
         trainer = trl.GRPOTrainer(model=model, reward_funcs=rewards[1], args=trl.GRPOConfig(**args),
                                   train_dataset=data, processing_class=tok)
+    trainer.model.register_forward_pre_hook(positions_from_first_token, with_kwargs=True)
     return trainer
+
+
+def positions_from_first_token(module, args, kwargs):
+    """Position ids counted from each row's first real token (lorafit's convention; see the docstring)."""
+    if "attention_mask" in kwargs and kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return args, kwargs
 
 
 def trl_generation(trainer, tok, completions) -> dict:
@@ -275,10 +288,13 @@ def test_the_batches_hold_trls_ids_and_masks(mask_truncated, tok, adapters, comp
 # -- the loss -------------------------------------------------------------------------------------------
 VARIATIONS = {  # name: (TRL trainer kwargs, attribute overrides, lorafit grpo kwargs, adapter switch after sampling)
     "token": ({}, {}, {}, False),
-    "sequence": ({}, {"importance_sampling_level": "sequence"}, {"importance_sampling_level": "sequence"}, True),
-    "epsilon_high": ({}, {"epsilon_high": 0.28}, {"epsilon_high": 0.28}, True),
-    "delta": ({}, {"delta": 1.05}, {"delta": 1.05}, True),
+    "sequence": ({}, {"importance_sampling_level": "sequence", "num_iterations": 2},
+                 {"importance_sampling_level": "sequence", "num_iterations": 2}, True),
+    "epsilon_high": ({}, {"epsilon_high": 0.28, "num_iterations": 2}, {"epsilon_high": 0.28, "num_iterations": 2}, True),
+    "delta": ({}, {"delta": 1.05, "num_iterations": 2}, {"delta": 1.05, "num_iterations": 2}, True),
     "beta": ({"beta": 0.04}, {"num_iterations": 2}, {"beta": 0.04, "num_iterations": 2}, True),
+    "beta_uncorrected": ({"beta": 0.04, "use_bias_correction_kl": False}, {},
+                         {"beta": 0.04, "use_bias_correction_kl": False}, False),
     "temperature": ({"temperature": 0.7}, {}, {"temperature": 0.7}, False),
     "num_iterations": ({}, {"num_iterations": 2}, {"num_iterations": 2}, True),
     "accumulation": ({"gradient_accumulation_steps": 2}, {}, {}, False),

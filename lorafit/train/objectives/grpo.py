@@ -257,7 +257,7 @@ class GRPO:
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
         pl = policy_loss(logp, old, batch["advantages"], mask, eps_low=cfg.epsilon, eps_high=cfg.clip_high,
                          delta=cfg.delta, level=cfg.importance_sampling_level, beta=cfg.beta,
-                         ref_logp=batch.get("ref_logps"))
+                         ref_logp=batch.get("ref_logps"), kl_correction=cfg.use_bias_correction_kl)
         loss = aggregate(pl.per_token, mask, cfg.loss_type, batch["norm"])
         tokens, rows = mask.sum(), batch["row_weight"]
         metrics = {"entropy": metric((out.entropy * mask).sum(), tokens)}

@@ -22,7 +22,9 @@ d_{i,t} = log pi_theta - log pi_old:
     rho_i     = exp(sum_t m d / max(sum_t m, 1))             importance_sampling_level sequence (GSPO)
     l_{i,t}   = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i)      rho capped at delta first
                                                                               (two-sided), when set
-    l_{i,t}  += beta (exp(ref - logp) - (ref - logp) - 1)    the k3 KL to the reference, when beta > 0
+    l_{i,t}  += beta rho k3_{i,t}                            k3 = exp(ref - logp) - (ref - logp) - 1, the KL
+                                                              to the reference, when beta > 0; rho (uncapped)
+                                                              only with use_bias_correction_kl (DeepSeek-V3.2)
 
 and `aggregate` turns l into the micro-batch's loss by loss_type (lorafit.train.grpo_config.GRPOConfig).
 """
@@ -79,7 +81,7 @@ class PolicyLoss(NamedTuple):
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 eps_low: float, eps_high: float, delta: float | None, level: str, beta: float,
-                ref_logp: torch.Tensor | None = None) -> PolicyLoss:
+                ref_logp: torch.Tensor | None = None, kl_correction: bool = True) -> PolicyLoss:
     """l_{i,t} (see the module docstring) from per-token log-probs (B, T) under the policy (with its graph),
     pi_old and (beta > 0) the reference, advantages (B,) and the loss mask (B, T)."""
     adv = advantages[:, None]  # (B, 1)
@@ -94,6 +96,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if beta != 0.0:
         diff = ref_logp - logp
         kl = torch.exp(diff) - diff - 1
+        if kl_correction:  # the unbiased reverse-KL gradient off-policy; changes the gradient even at rho = 1
+            kl = kl * ratio
         per_token = per_token + beta * kl
     return PolicyLoss(per_token.expand_as(logp), capped, kl)
 
