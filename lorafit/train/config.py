@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.train.trackers import check_report_to
 from lorafit.train.grpo_config import GRPOConfig
+from lorafit.train.trackers import check_report_to
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")

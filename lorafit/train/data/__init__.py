@@ -41,6 +41,7 @@ from lorafit.train.data.preference import (
     truncate,
 )
 from lorafit.train.data.preview import TRAINED_CLOSE, TRAINED_OPEN, describe_sample, n_tokens
+from lorafit.train.data.prompts import PromptSample, prompt_samples
 from lorafit.train.data.records import (
     FORMATS,
     PREFERENCE_SHAPES,
@@ -50,7 +51,6 @@ from lorafit.train.data.records import (
     read_records,
     split_records,
 )
-from lorafit.train.data.prompts import PromptSample, prompt_samples
 from lorafit.train.data.tokenize import (
     ALPACA_PROMPT,
     IGNORE,
