@@ -22,10 +22,18 @@ DEFAULT_METHOD = "qlora"  # lorafit estimate's, when --method is not given
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.method == "grpo":
+        from lorafit.demo_grpo import GRPODemoConfig, run_grpo_demo
+
+        cfg = GRPODemoConfig(output_dir=args.output_dir or "runs/demo-grpo", device=args.device, dtype=args.dtype,
+                             quantize=None if args.quantize in (None, "none") else args.quantize)
+        cfg.steps = args.steps or cfg.steps
+        run_grpo_demo(cfg)
+        return
     from lorafit.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps, device=args.device, dtype=args.dtype,
-                        quantize=None if args.quantize == "none" else args.quantize))
+    run_demo(DemoConfig(output_dir=args.output_dir or "runs/demo", steps=args.steps or 80, device=args.device,
+                        dtype=args.dtype, quantize=None if args.quantize == "none" else args.quantize or "nf4"))
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
@@ -230,9 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on a generated task and show the effect")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--quantize", choices=["nf4", "ternary", "none"], default="nf4", help="base format (QLoRA: nf4)")
+    p.add_argument("--method", choices=["lora", "grpo"], default="lora",
+                   help="lora: supervised QLoRA on the answers; grpo: reinforcement learning from the exact-match "
+                        "reward alone (the base writes, the reward scores)")
+    p.add_argument("--output-dir", default=None, help="default: runs/demo (runs/demo-grpo with --method grpo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 80; 60 with --method grpo)")
+    p.add_argument("--quantize", choices=["nf4", "ternary", "none"], default=None,
+                   help="base format (default: nf4, QLoRA; none with --method grpo)")
     add_placement(p)
     p.set_defaults(func=cmd_demo)
 

@@ -90,3 +90,18 @@ def test_a_grpo_run_logs_trls_metrics_rewards_png_and_samples(model_dir, tmp_pat
     assert (out / "rewards.png").stat().st_size > 1000
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"step", "prompt", "completion", "rewards", "reward"} <= set(samples[0])
+
+
+def test_the_grpo_demo_runs_its_whole_path(model_dir, tmp_path, capsys):  # noqa: F811
+    """`lorafit demo --method grpo` at toy size (the tiny model, 2 steps): held-out exact match before and
+    after, the reward curve and the time split are written (what it learns on SmolLM2: docs/grpo.md)."""
+    from lorafit.demo_grpo import GRPODemoConfig, run_grpo_demo
+
+    result = run_grpo_demo(GRPODemoConfig(output_dir=str(tmp_path / "demo"), model=str(model_dir), n_train=8,
+                                          n_eval=4, steps=2, prompts_per_step=2, num_generations=2,
+                                          max_completion_length=4, rank=2, device="cpu"))
+    assert 0 <= result["acc_before"] <= 1 and 0 <= result["acc_after"] <= 1
+    assert result["generation_s"] > 0 and result["training_s"] > 0
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == result
+    assert (tmp_path / "demo" / "rewards.png").stat().st_size > 1000
+    assert "held-out exact match" in capsys.readouterr().out
