@@ -171,8 +171,9 @@ class GRPO:
             start += len(part)
         self.old_and_ref(model, batches)
         t2 = time.perf_counter()
-        if self.rank == 0:
-            batches[0]["gen_metrics"] = self.generation_metrics(rewards, adv, lengths, truncated, t1 - t0, t2 - t1)
+        # every rank carries the rows (the loop reduces the same metric names on every rank); rank 0's count
+        gen = self.generation_metrics(rewards, adv, lengths, truncated, t1 - t0, t2 - t1)
+        batches[0]["gen_metrics"] = gen if self.rank == 0 else torch.zeros_like(gen)
         return batches
 
     def micro_batch(self, part, done, advantages, m, offsets, slots, loss_tokens, pad_id) -> dict[str, torch.Tensor]:
@@ -273,7 +274,7 @@ class GRPO:
         real = (rows > 0) & ~torch.isnan(per_seq(low))
         metrics["clip_ratio/low_min"] = extreme(per_seq(low)[real], torch.amin)
         metrics["clip_ratio/high_max"] = extreme(per_seq(high)[real], torch.amax)
-        if float(batch["fresh"]) > 0 and tokens > 0:
+        if float(batch["fresh"]) > 0:  # (on every rank alike: a rank without loss tokens adds (0, 0))
             gap = (logp.detach() - batch["sampled_logps"]).abs() * mask
             metrics["sampling/sampling_logp_difference/mean"] = metric(gap.sum(), tokens)
             metrics["sampling/sampling_logp_difference/max"] = extreme(gap[mask > 0], torch.amax)
