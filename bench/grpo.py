@@ -68,24 +68,6 @@ def write_prompts(path: str, n: int) -> str:
     return path
 
 
-def toy_model(folder: str) -> str:
-    """The bundled model's tokenizer and config at toy size, random weights (--smoke)."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    from lorafit.model import resolve_model
-
-    bundled = resolve_model(None)
-    config = AutoConfig.from_pretrained(bundled)
-    for name, value in (("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 2),
-                        ("num_attention_heads", 4), ("num_key_value_heads", 2), ("head_dim", 16)):
-        setattr(config, name, value)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(bundled).save_pretrained(folder)
-    return folder
-
-
 def write_start_adapter(path: str, model: str, rank: int) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -194,11 +176,11 @@ def main(argv=None) -> dict:
     if args.side:
         child(args)
         return {}
-    from bench.common import machine_info, run_side_in_child, write_json
+    from bench.common import machine_info, run_side_in_child, toy_model_folder, write_json
 
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
-        model = args.model or (toy_model(os.path.join(work, "toy")) if args.smoke else None)
+        model = args.model or (toy_model_folder() if args.smoke else None)
         if model is None:
             from lorafit.model import resolve_model
 
@@ -209,7 +191,6 @@ def main(argv=None) -> dict:
         flags = {"model": model, "prompts": args.prompts, "generations": args.generations,
                  "new_tokens": args.new_tokens, "steps": args.steps, "rank": args.rank, "lr": args.lr,
                  "threads": args.threads, "workdir": work}
-        flags = {k: v for k, v in flags.items() if v is not None}
         results = {side: run_side_in_child(__file__, side, flags, env) for side in SIDES}
     ours, theirs = results["lorafit"], results["trl"]
     report = {"machine": machine_info(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
