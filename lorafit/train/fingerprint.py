@@ -24,9 +24,13 @@ def first_sample(sample: Sample, field: str = "input_ids") -> list[int]:
 
 def probe_row(sample) -> tuple[list[int], list[int]]:
     """(ids, labels) of a sample's first row: an SFT sample's first packed sample; a preference sample's
-    first row (the chosen completion, or KTO's completion) with IGNORE on its prompt."""
+    first row (the chosen completion, or KTO's completion) with IGNORE on its prompt; a prompt-only sample
+    (GRPO's) probes the distribution of the first completion token (a placeholder reply token after the prompt)."""
     if isinstance(sample, Sample):
         return first_sample(sample), first_sample(sample, "labels")
+    if hasattr(sample, "prompt_ids"):
+        ids = list(sample.prompt_ids)
+        return ids + [ids[-1]], [IGNORE] * len(ids) + [ids[-1]]
     ids, mask = sample.rows()[0]
     return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
 

@@ -88,6 +88,9 @@ def test_a_grpo_run_logs_trls_metrics_rewards_png_and_samples(model_dir, tmp_pat
     assert records[0]["sampling/sampling_logp_difference/max"] <= 1e-4
     assert "val_reward" in records[-1]
     assert (out / "rewards.png").stat().st_size > 1000
+    # the adapter's fingerprint probes the first completion token's distribution after each prompt
+    fingerprint = json.loads((out / "adapter" / "lorafit_fingerprint.json").read_text())
+    assert fingerprint["probes"], fingerprint
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"step", "prompt", "completion", "rewards", "reward"} <= set(samples[0])
 
