@@ -76,6 +76,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list
     else:
         alts = [[] for _ in chosen]
     return [(t, lp, a) for t, lp, a in zip(tokens.tolist(), chosen, alts)]
+
+
 def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """(B,) fp32: log softmax(logits / T)[token] of each row (T = 1 for a greedy row), from logits (B, vocab)."""
     temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
