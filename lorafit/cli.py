@@ -24,10 +24,18 @@ DEFAULT_METHOD = "qlora"  # lorafit estimate's, when --method is not given
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.method == "grpo":
+        from lorafit.demo_grpo import GRPODemoConfig, run_grpo_demo
+
+        cfg = GRPODemoConfig(output_dir=args.output_dir or "runs/demo-grpo", device=args.device, dtype=args.dtype,
+                             quantize=None if args.quantize in (None, "none") else args.quantize)
+        cfg.steps = args.steps or cfg.steps
+        run_grpo_demo(cfg)
+        return
     from lorafit.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output_dir=args.output_dir, steps=args.steps, device=args.device, dtype=args.dtype,
-                        quantize=None if args.quantize == "none" else args.quantize))
+    run_demo(DemoConfig(output_dir=args.output_dir or "runs/demo", steps=args.steps or 80, device=args.device,
+                        dtype=args.dtype, quantize=None if args.quantize == "none" else args.quantize or "nf4"))
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
@@ -38,6 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         apply_override(raw, dotted, value)
     flags = {dotted.replace("-", "_"): value for dotted, value in args.overrides}
     config = parse_run_config(raw, args.config or "flags", flags)
+    if config.train.method == "grpo":  # reward functions checked before any process starts or model loads
+        from lorafit.train.run import check_grpo_rewards
+
+        check_grpo_rewards(config)
     if args.nproc_per_node is not None and args.nproc_per_node != 1:
         from lorafit.train.distributed.launch import check_launch, launch
 
@@ -207,7 +219,8 @@ def add_placement(p: argparse.ArgumentParser) -> None:
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per field of RunConfig, TrainConfig, DataConfig (--data.X), LoraConfig (--lora.X) and
-    PreferenceConfig (--preference.X), each with the field's docstring, type and default as its help."""
+    PreferenceConfig (--preference.X) and GRPOConfig (--grpo.X), each with the field's docstring, type and
+    default as its help."""
     from lorafit.fieldinfo import get_field, help_text, is_bool, metavar
     from lorafit.train.data import DataConfig
     from lorafit.train.run import override_flags
@@ -216,7 +229,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
               "data": p.add_argument_group("data (the data: section)"),
               "lora": p.add_argument_group("adapter (the lora: section)"),
               "preference": p.add_argument_group("preference losses (the preference: section; method dpo, orpo, "
-                                                 "simpo, kto)")}
+                                                 "simpo, kto)"),
+              "grpo": p.add_argument_group("reinforcement learning (the grpo: section; method grpo)")}
     groups["data"].add_argument("--data", dest="overrides", action="append", metavar="FILE",
                                 type=lambda v: ("data.path", v),
                                 help="Shorthand for --data.path. " + help_text(DataConfig, "path"))
@@ -237,16 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on a generated task and show the effect")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--quantize", choices=["nf4", "ternary", "none"], default="nf4", help="base format (QLoRA: nf4)")
+    p.add_argument("--method", choices=["lora", "grpo"], default="lora",
+                   help="lora: supervised QLoRA on the answers; grpo: reinforcement learning from the exact-match "
+                        "reward alone (the base writes, the reward scores)")
+    p.add_argument("--output-dir", default=None, help="default: runs/demo (runs/demo-grpo with --method grpo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 80; 60 with --method grpo)")
+    p.add_argument("--quantize", choices=["nf4", "ternary", "none"], default=None,
+                   help="base format (default: nf4, QLoRA; none with --method grpo)")
     add_placement(p)
     p.set_defaults(func=cmd_demo)
 
     from lorafit.train.run import EXAMPLE
 
     p = sub.add_parser(
-        "train", help="fine-tune a LoRA adapter (SFT, DPO, ORPO, SimPO, KTO) from a YAML config and/or flags",
+        "train", help="fine-tune a LoRA adapter (SFT, DPO, ORPO, SimPO, KTO, GRPO) from a YAML config and/or flags",
         allow_abbrev=False,
         usage="lorafit train [CONFIG.yaml] [--data FILE] [--resume | --overwrite] [--nproc-per-node N] "
               "[--FIELD VALUE ...]",

@@ -110,6 +110,11 @@ def test_no_private_name_imported_from_another_module():
     assert not crossings, "\n".join(crossings)
 
 
+# the one module allowed to cross a line, and why: GRPO samples its rollouts with the serving engine, in process,
+# on the model being trained (docs/architecture.md, "train -> serve")
+CROSSINGS = {("lorafit.train.objectives.rollout", "lorafit.serve")}
+
+
 @pytest.mark.parametrize("lower, upper", [
     ("lorafit.ops", "lorafit.quant"),  # kernels take plain tensors; quant may use ops, not the reverse
     ("lorafit.ops", "lorafit.lora"),
@@ -140,5 +145,5 @@ def test_no_private_name_imported_from_another_module():
 ])
 def test_lower_rooms_do_not_import_upper_ones(lower, upper):
     bad = [f"{m} imports {t}" for m, targets in graph().items() if m == lower or m.startswith(lower + ".")
-           for t in targets if t == upper or t.startswith(upper + ".")]
+           for t in targets if (t == upper or t.startswith(upper + ".")) and (m, upper) not in CROSSINGS]
     assert not bad, "\n".join(bad)

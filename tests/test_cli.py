@@ -19,6 +19,7 @@ from lorafit.model import default_gguf
 from lorafit.train.config import PreferenceConfig, TrainConfig
 from lorafit.train.data import DataConfig
 from lorafit.train.demo_task import make_dataset, write_jsonl
+from lorafit.train.grpo_config import GRPOConfig
 from lorafit.train.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def test_merge_writes_a_plain_checkpoint_with_the_adapted_outputs(tiny_model_dir
 
 # -- flags: help from the dataclasses, --data FILE, near misses, device and dtype ---------------------------
 
-SECTIONS = {"data": DataConfig, "lora": LoraConfig, "preference": PreferenceConfig}
+SECTIONS = {"data": DataConfig, "lora": LoraConfig, "preference": PreferenceConfig, "grpo": GRPOConfig}
 NOT_FIELDS = {"--help", "--resume", "--overwrite", "--nproc-per-node"}  # how to run, not what
 
 
@@ -271,9 +272,10 @@ def test_train_help_shows_docstring_type_and_default_of_every_field():
         else:
             expected = f.default if f.default is not MISSING else f.default_factory()
             assert yaml.safe_load(shown.group(3)) == expected, (flag, entry)
-    every_field = {(cls, f.name) for cls in (RunConfig, TrainConfig, DataConfig, LoraConfig, PreferenceConfig)
+    every_field = {(cls, f.name) for cls in (RunConfig, TrainConfig, DataConfig, LoraConfig, PreferenceConfig, GRPOConfig)
                    for f in fields(cls) if (cls, f.name) not in {(RunConfig, "data"), (RunConfig, "train"),
-                                                                  (TrainConfig, "lora"), (TrainConfig, "preference")}}
+                                                                  (TrainConfig, "lora"), (TrainConfig, "preference"),
+                                                                  (TrainConfig, "grpo")}}
     assert documented == every_field
     assert "--data FILE" in result.stdout and "--learning-rate FLOAT" in result.stdout
 

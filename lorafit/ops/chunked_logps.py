@@ -8,6 +8,7 @@ target t_n:
     y_n = W h_n + c                        raw logits (computed in h's dtype, upcast to fp32)
     z_n = s * y_n                          logit scale s (1 for most models)
     z_n = k * tanh(s * y_n / k)            with final-logit soft-capping k (Gemma 2)
+    z_n = z_n / T                          sampling temperature T (GRPO scores tokens as they were sampled)
     lse_n = log sum_v exp(z_nv),   p_n = softmax(z_n)
     logp_n = z_n[t_n] - lse_n
 
@@ -19,7 +20,7 @@ and three statistics for logging (no gradient), as TRL 1.16 computes them:
 
 Gradients, with g_n = dL/dlogp_n the upstream gradient of token n:
 
-    dL/dy_n = g_n (onehot(t_n) - p_n) * dz/dy,     dz/dy = s (1 - tanh^2)   (= s without soft-capping)
+    dL/dy_n = g_n (onehot(t_n) - p_n) * dz/dy,     dz/dy = s (1 - tanh^2) / T   (= s / T without soft-capping)
     dL/dh_n = W^T dL/dy_n = g_n d_n,               d_n = W^T [(onehot(t_n) - p_n) * dz/dy]
     dL/dW   = sum_n dL/dy_n h_n^T,                 dL/dc = sum_n dL/dy_n
 
@@ -39,16 +40,18 @@ from lorafit.ops.loss_chunk import default_chunk_size
 __all__ = ["ChunkedLogProbFunction", "chunked_logps"]
 
 
-def _transform(z: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor | None:
-    """Apply the logit scale and soft-capping to fp32 logits in place; returns dz/dy / s (1 - tanh^2)
-    when soft-capping (None otherwise: dz/dy is the constant s)."""
+def _transform(z: torch.Tensor, scale: float, softcap: float | None, inv_t: float = 1.0) -> torch.Tensor | None:
+    """Apply the logit scale, soft-capping and 1 / temperature to fp32 logits in place; returns the
+    soft-capping's slope (1 - tanh^2) when soft-capping (None otherwise: dz/dy is the constant s / T)."""
     if scale != 1.0:
         z.mul_(scale)
-    if softcap is None:
-        return None
-    t = z.div_(softcap).tanh_()  # (C, V), in place: z is now tanh
-    slope = 1 - t * t  # (C, V)
-    t.mul_(softcap)
+    slope = None
+    if softcap is not None:
+        t = z.div_(softcap).tanh_()  # (C, V), in place: z is now tanh
+        slope = 1 - t * t  # (C, V)
+        t.mul_(softcap)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
     return slope
 
 
@@ -60,7 +63,7 @@ class ChunkedLogProbFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, chunk_size: int, scale: float, softcap: float | None,
-                need: tuple[bool, bool, bool], stats: bool):
+                need: tuple[bool, bool, bool], stats: bool, inv_t: float = 1.0):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) long, all targets valid
         need_h, need_w, need_b = need
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -79,7 +82,7 @@ class ChunkedLogProbFunction(torch.autograd.Function):
             h, t = hidden[sl], targets[sl]
             rows = torch.arange(t.shape[0], device=t.device)
             z = chunk_logits(h, w, b, buffer[: h.shape[0]])  # (C, V) fp32
-            slope = _transform(z, scale, softcap)
+            slope = _transform(z, scale, softcap, inv_t)
             if stats:
                 mean[sl] = z.sum(dim=1) / vocab
                 top1[sl] = z.argmax(dim=1) == t
@@ -98,10 +101,11 @@ class ChunkedLogProbFunction(torch.autograd.Function):
             dz[rows, t] += 1.0  # onehot - p
             if slope is not None:
                 dz.mul_(slope)
-            if scale != 1.0:
-                dz.mul_(scale)
+            if scale * inv_t != 1.0:
+                dz.mul_(scale * inv_t)
             direction[sl] = (dz.to(w.dtype) @ w).to(hidden.dtype)  # (C, H)
         ctx.chunk, ctx.scale, ctx.softcap, ctx.need, ctx.recompute = chunk_size, scale, softcap, need, recompute
+        ctx.inv_t = inv_t
         ctx.direction = direction
         if recompute:
             ctx.save_for_backward(hidden, weight, bias, targets)
@@ -112,13 +116,13 @@ class ChunkedLogProbFunction(torch.autograd.Function):
     def backward(ctx, grad_logp: torch.Tensor, *_):
         need_h, need_w, need_b = ctx.need
         if grad_logp is None:
-            return (None,) * 9
+            return (None,) * 10
         if not ctx.recompute:
             grad_h = None
             if ctx.direction is not None:
                 grad_h = ctx.direction * grad_logp[:, None].to(ctx.direction.dtype)  # (N, H)
             ctx.direction = None
-            return (grad_h, None, None, None, None, None, None, None, None)
+            return (grad_h, None, None, None, None, None, None, None, None, None)
         hidden, weight, bias, targets = ctx.saved_tensors
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
@@ -132,7 +136,7 @@ class ChunkedLogProbFunction(torch.autograd.Function):
             h, t, g = hidden[sl], targets[sl], grad_logp[sl].float()
             rows = torch.arange(t.shape[0], device=t.device)
             z = chunk_logits(h, w, b, buffer[: h.shape[0]])
-            slope = _transform(z, ctx.scale, ctx.softcap)
+            slope = _transform(z, ctx.scale, ctx.softcap, ctx.inv_t)
             zmax = z.amax(dim=1, keepdim=True)
             zmax.masked_fill_(zmax.isinf(), 0.0)
             e = z.sub_(zmax).exp_()
@@ -140,7 +144,7 @@ class ChunkedLogProbFunction(torch.autograd.Function):
             dz[rows, t] += 1.0
             if slope is not None:
                 dz.mul_(slope)
-            dz.mul_((g * ctx.scale)[:, None])  # dL/dy (C, V)
+            dz.mul_((g * (ctx.scale * ctx.inv_t))[:, None])  # dL/dy (C, V)
             if need_h:
                 grad_h[sl] = (dz.to(w.dtype) @ w).to(hidden.dtype)
             if need_w:
@@ -149,16 +153,16 @@ class ChunkedLogProbFunction(torch.autograd.Function):
                 grad_b += dz.sum(0)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return (grad_h, grad_w, grad_b, None, None, None, None, None, None)
+        return (grad_h, grad_w, grad_b, None, None, None, None, None, None, None)
 
 
 def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                   bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
-                  stats: bool = False, chunk_size: int | None = None):
+                  stats: bool = False, chunk_size: int | None = None, temperature: float = 1.0):
     """Per-token log-probabilities of `targets` (N,) under `hidden (N, H) @ weight^T (+ bias)`, every
     target a real token id (drop ignored positions before calling). Returns (logp, mean_logit, entropy,
     top1), each (N,); the last three None unless `stats`. Equals
-    `F.log_softmax(transform(F.linear(hidden, weight, bias).float()), -1).gather(-1, targets[:, None])`."""
+    `F.log_softmax(transform(F.linear(hidden, weight, bias).float()) / temperature, -1).gather(-1, targets[:, None])`."""
     chunk = int(chunk_size) if chunk_size else default_chunk_size(weight.shape[0])
     grad_on = torch.is_grad_enabled()
     need = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
@@ -166,4 +170,5 @@ def chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         empty = hidden.sum(dim=-1).float()
         none = torch.empty(0, device=hidden.device)
         return empty, *((none, none, none.bool()) if stats else (None, None, None))
-    return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, chunk, float(scale), softcap, need, stats)
+    return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, chunk, float(scale), softcap, need, stats,
+                                        1.0 / float(temperature))

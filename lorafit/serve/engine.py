@@ -11,6 +11,12 @@ cache (kvcache.py) appends each step's column in place, and keeps the recurrent 
 Mamba and convolution layers per row (Qwen3.5, Qwen3-Next, Granite 4, LFM2); batches merge and shrink
 in batch.py.
 
+`generate` runs the same prefill, decode and sampling steps to completion in the caller's thread, without
+the scheduler: in-process generation, e.g. GRPO's rollouts. A `live` engine generates with the model as it
+is (its active adapters, read at every forward; nothing copied, stacked or loaded), so training code
+samples from the very tensors it trains, and each sampled token's log-prob comes back with it
+(`SamplingParams.sample_logprobs`).
+
 The parts around the loop: adapters.py (names, references, safe unload), sampling.py (the next
 token), detok.py (ids to text and stop strings, a few tokens of work per token), requests.py
 (what a request is). `model_lock` guards the model: adapter load, delete and forward never overlap.
@@ -46,7 +52,7 @@ from lorafit.serve.kvcache import AppendCache
 from lorafit.serve.prefix import shared_prefixes, sliding_window
 from lorafit.serve.requests import Event, PromptTooLong, Request, SamplingParams, ServerBusy, UnknownAdapter
 from lorafit.serve.router import Router
-from lorafit.serve.sampling import make_generator, sample, token_logprobs
+from lorafit.serve.sampling import make_generator, sample, sampled_logprobs, token_logprobs
 
 log = logging.getLogger("lorafit.serve")
 # transformers (5.x) announces it will rename the forward's `past_key_values` keyword, which the engine
@@ -81,6 +87,10 @@ def state_outside_cache(model: nn.Module) -> str | None:
     return f"keeps its state in its own {own[0]}" if own else None
 
 
+def _discard(event: Event) -> None:
+    """The sink of a request made by `Engine.generate`: its caller reads the finished request instead."""
+
+
 class Engine:
     """Serve `model` (a plain transformers causal LM) with any number of adapters.
 
@@ -89,13 +99,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
                  max_wait_ms: float = 5.0, context_length: int | None = None, max_waiting: int = 1024,
-                 share_prefixes: bool = True) -> None:
+                 share_prefixes: bool = True, live: bool = False) -> None:
         outside = state_outside_cache(model)
         if outside:
             raise LorafitError(f"{type(model).__name__}: serving keeps each row's state in transformers' cache, and "
                                f"{model.config.model_type!r} {outside}, which the batching engine cannot split by row; "
                                "serve a model whose forward takes a transformers Cache")
-        self.model = model.eval()
+        self.live = live  # generate with the model's own active adapters: no routing, no adapters of our own
+        self.model = model if live else model.eval()
         # prefill a prompt prefix common to rows on one adapter once; not where a layer keeps a recurrent state
         # (the padding between a shared prefix and a row's rest would run through that state)
         self.recurrent = keeps_recurrent_state(model.config)
@@ -128,11 +139,15 @@ class Engine:
         self.completed = 0
         self.tokens_generated = 0
         self._logprobs: dict[int, tuple | None] = {}  # the last step's log-probs per row (`_sample` -> `_emit`)
+        self._sampled: torch.Tensor | None = None  # the last step's sampled log-probs (`_sample` -> `_emit`)
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a PEFT-format adapter folder under a public `name` (LorafitError on any problem), with
         the prompt format it was trained with (`lorafit_prompt.json`; none: the tokenizer's default)."""
+        if self.live:
+            raise LorafitError("a live engine generates with the model's own active adapters; load adapters "
+                               "into the model itself, or serve them from an engine that is not live")
         fmt = read_prompt_format(path) if Path(path).is_dir() else None
         if fmt is not None and fmt.kind == CHAT and not self.tokenizer.chat_template:
             raise AdapterError(f"{path}: the adapter was trained through a chat template, and this base "
@@ -214,6 +229,40 @@ class Engine:
             return {"running": self._running, "waiting": len(self._waiting), "adapters": adapters,
                     "completed": self.completed, "tokens_generated": self.tokens_generated,
                     "rss_bytes": rss_bytes()}
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Request]:
+        """Generate every prompt to its end in the calling thread (the scheduler thread must not be running),
+        with the scheduler's own steps: admission up to `max_batch_size` rows, shared-prefix prefill, decode,
+        per-row sampling. Returns the finished requests (`output_ids`, `finish_reason`, `stop_token`, and
+        `sampled_logprobs` where asked for), in the order of `prompts`. The model is in eval mode meanwhile
+        and back in its own mode afterwards."""
+        if self._thread is not None:
+            raise LorafitError("Engine.generate runs in the caller's thread: stop() the scheduler first")
+        for ids in prompts:
+            self.check_prompt(len(ids))
+        requests = [Request(list(ids), None, p, _discard, stream=TextStream(self._decode, p.stop),
+                            generator=make_generator(p, self.device)) for ids, p in zip(prompts, params)]
+        waiting = deque(requests)
+        was_training = self.model.training
+        self.model.eval()
+        batch: Batch | None = None
+        try:
+            while waiting or batch is not None:
+                if batch is not None:
+                    self._decode_step(batch)
+                    batch = self._without_finished(batch)
+                free = self.max_batch_size - (len(batch.rows) if batch else 0)
+                new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                if new:
+                    with self._state:
+                        self._running += len(new)
+                    fresh = self._prefill(new)
+                    batch = fresh if batch is None else merge_batches(batch, fresh)
+                if batch is not None:
+                    batch = self._without_finished(batch)  # rows finished by their first token
+        finally:
+            self.model.train(was_training)
+        return requests
 
     # -- scheduler --------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -304,7 +353,8 @@ class Engine:
         """The logits of the last position (B, vocab) in fp32, or with `every_position` all of them
         (B, T, vocab) in the model's dtype (prompt log-probs)."""
         with self.model_lock:
-            self.router.use([r.internal for r in rows])
+            if not self.live:
+                self.router.use([r.internal for r in rows])
             out = self.model(**inputs, use_cache=True, logits_to_keep=0 if every_position else self._last_position)
         return out.logits if every_position else out.logits[:, -1].float()
 
@@ -376,7 +426,9 @@ class Engine:
         self._emit(batch.rows, batch.last)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
-        tokens = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        params = [r.params for r in rows]
+        tokens = sample(logits, params, [r.generator for r in rows])
+        self._sampled = sampled_logprobs(logits, tokens, params) if any(p.sample_logprobs for p in params) else None
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         self._logprobs = dict.fromkeys(range(len(rows)))  # row -> TokenLogprob of this step, for `_emit`
         if wanted:
@@ -389,13 +441,17 @@ class Engine:
     def _emit(self, rows: list[Request], tokens: torch.Tensor) -> None:
         """Append each row's new token, decide whether it is finished, send the new text."""
         now = time.perf_counter()
+        logps = self._sampled.tolist() if self._sampled is not None else None
         for i, (r, token) in enumerate(zip(rows, tokens.tolist())):
             if r.done or r.cancelled:
                 continue
             r.t_first = r.t_first or now
             logprob = self._logprobs.get(i)
+            if logps is not None and r.params.sample_logprobs:
+                r.sampled_logprobs.append(logps[i])
             if token in self.eos_ids and not r.params.ignore_eos:
                 r.finish_reason = "stop"  # a stop token is not part of the text; its log-prob is (OpenAI's too)
+                r.stop_token = token
                 self._send(r, r.stream.flush(r.output_ids)[0], [], now, logprob)
                 continue
             r.output_ids.append(token)

@@ -39,21 +39,37 @@ def shared_prefixes(rows: list[Request], window: int | None = None
                     ) -> tuple[list[tuple[list[Request], int]], list[Request]]:
     """([(rows, prefix length)], other rows): rows on the same adapter whose prompts start alike.
 
-    Each row keeps at least one token of its own to prefill (its logits give the first token). With a
-    sliding `window`, a group whose padding could fall inside some row's window is not formed."""
+    Rows on one adapter with the very same prompt (n samples of one prompt, GRPO's group of completions)
+    form a group each, sharing all of it but the last token; the other rows of an adapter form one group
+    over their common start. Each row keeps at least one token of its own to prefill (its logits give the
+    first token). With a sliding `window`, a group whose padding could fall inside some row's window is
+    not formed."""
     by_adapter: dict[str | None, list[Request]] = {}
     for r in rows:
         by_adapter.setdefault(r.internal, []).append(r)
     groups, plain = [], []
-    for members in by_adapter.values():
-        prompts = [r.prompt_ids for r in members]
-        shortest = min(map(len, prompts))
-        common = next((i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1), shortest)
-        common = min(common, shortest - 1)
-        rest = max(map(len, prompts)) - common  # the most padding a row gets after the prefix
+
+    def add(members: list[Request], common: int) -> None:
+        rest = max(len(r.prompt_ids) for r in members) - common  # the most padding a row gets after the prefix
         fits = window is None or all(len(r.prompt_ids) + r.params.max_tokens + rest <= window for r in members)
         if len(members) > 1 and common >= MIN_SHARED_PREFIX and fits:
             groups.append((members, common))
         else:
-            plain += members
+            plain.extend(members)
+
+    for members in by_adapter.values():
+        same: dict[tuple[int, ...], list[Request]] = {}
+        for r in members:
+            same.setdefault(tuple(r.prompt_ids), []).append(r)
+        others = []
+        for prompt, copies in same.items():
+            if len(copies) > 1 and len(prompt) - 1 >= MIN_SHARED_PREFIX:
+                add(copies, len(prompt) - 1)
+            else:
+                others += copies
+        if others:
+            prompts = [r.prompt_ids for r in others]
+            shortest = min(map(len, prompts))
+            common = next((i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1), shortest)
+            add(others, min(common, shortest - 1))
     return groups, plain

@@ -44,6 +44,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, load tests)
+    top_k: int = 0  # sample among the k likeliest tokens only (0: no limit)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest one (0: none)
+    sample_logprobs: bool = False  # record each sampled token's log-prob under the distribution it came from
     logprobs: int | None = None  # log-prob of each new token and of its top-k alternatives (0: the token's only)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI's `echo` with `logprobs`)
 
@@ -80,6 +83,9 @@ class Request:
     t_first: float | None = None
     t_done: float | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for: one per prompt token (None first), set at prefill
+    # with `sample_logprobs`: log softmax(logits / temperature) of each sampled token, the stop token's included
+    sampled_logprobs: list[float] = field(default_factory=list)
+    stop_token: int | None = None  # the end-of-sequence token that finished the request, if one did
 
     def cancel(self) -> None:
         """Drop the row at the next step (a client that went away); a no-op once finished."""

@@ -1,10 +1,19 @@
-"""The next token of each row from its logits: greedy, or temperature + nucleus (top-p) sampling.
+"""The next token of each row from its logits: greedy, or temperature sampling with top-k, top-p, min-p.
 
-Greedy rows take the argmax. A sampling row draws from softmax(logits / T) restricted to the
-nucleus: the most likely tokens whose probabilities, in descending order, first reach top_p (the
-token that crosses top_p is kept, so the nucleus is never empty). Each row draws with its own
-seeded generator, so a seed gives the same text whatever else shares the batch. Everything stays
-on the logits' device.
+Greedy rows take the argmax. A sampling row draws from p = softmax(logits / T), restricted in this order
+(transformers' order of its logits warpers):
+
+    top_k   the k likeliest tokens (0: all)
+    top_p   the nucleus: the likeliest tokens whose probabilities, in descending order, first reach top_p
+            (the token that crosses top_p is kept, so the nucleus is never empty)
+    min_p   the tokens at least min_p times as likely as the likeliest one
+
+each step renormalising what is kept. Each row draws with its own seeded generator, so a seed gives the
+same text whatever else shares the batch. Everything stays on the logits' device.
+
+`sampled_logprobs` gives the log-probability of the sampled token under softmax(logits / T), before the
+truncations (greedy rows: T = 1): the quantity a trainer recomputes from its own forward (TRL's
+`selective_log_softmax(logits / temperature)`), so the two can be compared token for token.
 """
 
 from __future__ import annotations
@@ -26,6 +35,23 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
+def truncated(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """`probs` (vocab,) with what top_k, top_p and min_p drop set to 0 (not renormalised: multinomial
+    does not need it); unchanged when none of them is set."""
+    if p.top_k > 0 and p.top_k < probs.shape[0]:
+        kth = probs.topk(p.top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        mass = p.top_p * (sorted_p.sum() if p.top_k > 0 else 1.0)  # (top_k left an unnormalised distribution)
+        cut = sorted_p.cumsum(0) - sorted_p >= mass  # keep the smallest set reaching top_p
+        sorted_p[cut] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if p.min_p > 0:
+        probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
+    return probs
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """(B,) token ids from logits (B, vocab), row i drawn with params[i] and generators[i]."""
@@ -33,12 +59,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     for i, (p, generator) in enumerate(zip(params, generators)):
         if p.temperature <= 0:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)  # (vocab,)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(0) - sorted_p >= p.top_p  # keep the smallest set reaching top_p
-            sorted_p[drop] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs = truncated(torch.softmax(logits[i] / p.temperature, dim=-1), p)  # (vocab,)
         tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
     return tokens
 
@@ -55,3 +76,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list
     else:
         alts = [[] for _ in chosen]
     return [(t, lp, a) for t, lp, a in zip(tokens.tolist(), chosen, alts)]
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """(B,) fp32: log softmax(logits / T)[token] of each row (T = 1 for a greedy row), from logits (B, vocab)."""
+    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                               dtype=torch.float32, device=logits.device)
+    logp = torch.log_softmax(logits.float() / temperature[:, None], dim=-1)  # (B, vocab)
+    return logp.gather(-1, tokens[:, None])[:, 0]

@@ -30,6 +30,7 @@ def save_checkpoint(trainer) -> Path | None:
     the newest save_total_limit checkpoints stay, and the best one by validation loss."""
     optimizer = trainer.parallel.optimizer_state(trainer.optimizer)  # whole, keyed by name, on rank 0
     rngs = trainer.world.gather((torch.get_rng_state(), cuda_rng_states()))
+    objective = trainer.objective.state_dict()  # every rank: GRPO gathers its ranks' rollouts
     with trainer.parallel.full_params():
         if not trainer.world.is_main:
             return None
@@ -44,7 +45,7 @@ def save_checkpoint(trainer) -> Path | None:
                  "history": trainer.history, "best_val": trainer.best_val, "bad_evals": trainer.bad_evals,
                  "val_loss": val, "best_checkpoint": trainer.best_checkpoint,
                  "best_checkpoint_val": trainer.best_checkpoint_val, "nonfinite_run": trainer.nonfinite_run,
-                 "skipped": trainer.skipped, "config": asdict(trainer.config), "objective": trainer.objective.state_dict()}
+                 "skipped": trainer.skipped, "config": asdict(trainer.config), "objective": objective}
 
         def write(folder: Path) -> None:
             trainer._save_weights(folder)

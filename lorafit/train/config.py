@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
+from lorafit.train.grpo_config import GRPOConfig
 from lorafit.train.trackers import check_report_to
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
-METHODS = ("lora", "full", *PREFERENCE_METHODS)
+METHODS = ("lora", "full", *PREFERENCE_METHODS, "grpo")
 NONFINITE = ("skip", "stop")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -102,7 +103,8 @@ class TrainConfig:
     frozen, optionally quantized base; written to adapter/), "full" (supervised, every weight: the
     baseline adapters are compared against; needs an unquantized base and ~4x the model's fp32 size;
     written to model/), or a preference method training the adapter on paired or unpaired preference
-    data: "dpo" (and its loss family), "orpo", "simpo" or "kto" (the preference section). The lora
+    data: "dpo" (and its loss family), "orpo", "simpo" or "kto" (the preference section); or "grpo",
+    reinforcement learning of the adapter from prompts and reward functions (the grpo section). The lora
     section is ignored with "full"."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapter to train (ignored when `adapter` starts from an existing one)."""
@@ -110,13 +112,16 @@ class TrainConfig:
     """Start from this PEFT-format adapter folder (ours or PEFT's) instead of a new adapter: continued
     training for lora, or preference training on top of an SFT adapter. Its files say its rank and targets."""
     ref_adapter: str | None = None
-    """Preference methods: the reference policy is this adapter on the same base (held as a second,
-    frozen adapter slot). Default: the start `adapter` when there is one, else the base with adapters disabled."""
+    """Preference methods and grpo with beta > 0: the reference policy is this adapter on the same base (held
+    as a second, frozen adapter slot). Default: the start `adapter` when there is one, else the base with
+    adapters disabled."""
     precompute_ref_log_probs: bool = False
     """Preference methods: compute the reference log-probs of every sample once, before training, and cache
     them in output_dir (keyed by the data, the base and the reference, so a change recomputes them)."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """The preference losses (method dpo, orpo, simpo or kto)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Method grpo: sampling, rewards and the clipped policy loss (lorafit.train.grpo_config)."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -200,13 +205,17 @@ class TrainConfig:
             self.lora = LoraConfig.from_dict(self.lora)
         if isinstance(self.preference, dict):
             self.preference = PreferenceConfig.from_dict(self.preference)
+        if isinstance(self.grpo, dict):
+            self.grpo = GRPOConfig.from_dict(self.grpo)
         if self.method not in METHODS:
             raise LorafitError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.method in PREFERENCE_METHODS:
             self.preference.check(self.method)
-        elif self.ref_adapter or self.precompute_ref_log_probs:
+        elif self.precompute_ref_log_probs or (self.ref_adapter and self.method != "grpo"):
             raise LorafitError(f"ref_adapter and precompute_ref_log_probs apply to the preference methods "
-                               f"({', '.join(PREFERENCE_METHODS)}), not to method {self.method}")
+                               f"({', '.join(PREFERENCE_METHODS)}), not to method {self.method}"
+                               + (" (grpo samples new completions every step: its reference log-probs cannot be "
+                                  "precomputed)" if self.method == "grpo" else ""))
         if self.method == "full" and self.adapter:
             raise LorafitError("adapter: method full trains every weight of the base; an adapter to start from "
                                "applies to the adapter methods")
@@ -228,6 +237,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise LorafitError(f"TrainConfig.{name} must be a positive integer or null, got {value!r}")
+        if self.method == "grpo":
+            self.grpo.check(self.batch_size, self.grad_accum)
+            if self.early_stopping_patience is not None:
+                raise LorafitError("early_stopping_patience watches the validation loss; grpo evaluates rewards "
+                                   "(val_reward): leave early_stopping_patience unset")
         if not 0 <= self.warmup_ratio < 1:
             raise LorafitError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not self.learning_rate > 0:

@@ -1,5 +1,7 @@
 """The curves a run draws in its output folder: loss.png (training and validation loss) and, for the
-preference objectives, rewards.png (reward accuracy, chosen / rejected rewards and their margin)."""
+preference objectives, rewards.png (reward accuracy, chosen / rejected rewards and their margin); for GRPO,
+rewards.png holds the mean reward per step (and each reward function's), the validation reward, and the
+completions' mean length."""
 
 from __future__ import annotations
 
@@ -55,6 +57,33 @@ def plot_rewards(history: list[dict], path: Path, title: str | None = None) -> P
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return plots.save(fig, path)
+
+
+def plot_grpo_rewards(history: list[dict], path: Path, title: str | None = None) -> Path:
+    """GRPO: the mean reward of each generation batch (left; each reward function's mean when there are
+    several, the validation reward as points) and the completions' mean length (right), over steps."""
+    plt = plots.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=120)
+    rows = [h for h in history if "reward" in h]
+    steps = [h["step"] for h in rows]
+    left.plot(steps, [h["reward"] for h in rows], lw=1.2, label="reward")
+    names = sorted({k for h in rows for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    if len(names) > 1:
+        for name in names:
+            left.plot(steps, [h.get(name, float("nan")) for h in rows], lw=0.8, label=name.split("/")[1])
+    val = [h for h in history if "val_reward" in h]
+    if val:
+        left.plot([h["step"] for h in val], [h["val_reward"] for h in val], "o", label="validation reward")
+    left.set_ylabel("mean reward")
+    right.plot(steps, [h.get("completions/mean_length", float("nan")) for h in rows], lw=1.2)
+    right.set_ylabel("completion length (tokens)")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return plots.save(fig, path)

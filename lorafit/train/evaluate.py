@@ -20,10 +20,24 @@ from lorafit.train.objectives import Objective
 from lorafit.train.objectives.sft import SFT
 
 
+def extreme(name: str) -> str | None:
+    """"max" / "min" for a metric reduced by its largest / smallest value (its name ends so, as TRL's
+    clip_ratio/high_max or sampling/sampling_logp_difference/max), else None: a (sum, weight) average."""
+    return "max" if name.endswith("max") else "min" if name.endswith("min") else None
+
+
 def add_metrics(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Element-wise sums of (sum, weight) metric pairs."""
+    """Element-wise sums of (sum, weight) metric pairs; for an `extreme` metric, (value, weight) pairs
+    reduced by max / min (weight 0: nothing to reduce, the value is -inf / inf)."""
     for name, value in metrics.items():
-        sums[name] = value if name not in sums else sums[name] + value
+        kind = extreme(name)
+        if name not in sums:
+            sums[name] = value
+        elif kind is None:
+            sums[name] = sums[name] + value
+        else:
+            pick = torch.maximum if kind == "max" else torch.minimum
+            sums[name] = torch.stack([pick(sums[name][0], value[0]), torch.maximum(sums[name][1], value[1])])
     return sums
 
 

@@ -2,8 +2,9 @@
 
     1. add the adapter (unless the model already has it): a new one, or the PEFT-format adapter the run
        starts from (`adapter:`), and make it the active, trainable one; with `method: full`, make every
-       weight trainable instead (lorafit.train.full). Preference methods: the reference adapter (the start
-       adapter, or `ref_adapter:`) as a second, frozen, inactive slot on the same base (REFERENCE)
+       weight trainable instead (lorafit.train.full). Preference methods (and grpo with beta > 0): the reference
+       adapter (the start adapter, or `ref_adapter:`) as a second, frozen, inactive slot on the same base
+       (REFERENCE)
     2. the fused LoRA Function on or off (`TrainConfig.fused_lora`)
     3. gated MLPs as `GatedMLP` (`fused_mlp`), RMSNorms as the Triton kernel on CUDA
     4. per-layer activation checkpointing (by default on a GPU only), optionally offloaded to host memory
@@ -61,7 +62,8 @@ def add_adapters(model: nn.Module, config: TrainConfig, adapter: str = DEFAULT_A
     reference slot (`config.ref_adapter`, else the start adapter). Both files are read and checked
     against the model before it changes: an adapter for another base is a one-line AdapterError."""
     loaded = adapter_configs(model)
-    ref_path = config.ref_adapter or config.adapter if config.method in PREFERENCE_METHODS else None
+    wants_reference = config.method in PREFERENCE_METHODS or (config.method == "grpo" and config.grpo.beta > 0)
+    ref_path = config.ref_adapter or config.adapter if wants_reference else None
     wanted = [(adapter, config.adapter)] if config.adapter and adapter not in loaded else []
     if ref_path and REFERENCE not in loaded:
         wanted.append((REFERENCE, ref_path))

@@ -33,8 +33,9 @@ from lorafit.fieldinfo import check_value
 from lorafit.model import DEFAULT_MODEL
 from lorafit.train.config import PreferenceConfig, TrainConfig
 from lorafit.train.data import DataConfig
+from lorafit.train.grpo_config import GRPOConfig
 
-SECTIONS = {"data": DataConfig, "lora": LoraConfig, "preference": PreferenceConfig}
+SECTIONS = {"data": DataConfig, "lora": LoraConfig, "preference": PreferenceConfig, "grpo": GRPOConfig}
 QUANTIZE = ("nf4", "ternary")
 PATH_KEYS = ("model", "output_dir", "data.path", "data.val_path")  # read from a YAML file's folder
 
@@ -153,10 +154,12 @@ def parse_run_config(raw: dict[str, Any], source: str = "config", flags: dict[st
     top = {k: raw.pop(k) for k in TOP if k in raw}
     lora = raw.pop("lora", None) or {}
     preference = raw.pop("preference", None) or {}
+    grpo = raw.pop("grpo", None) or {}
     config = _build(RunConfig, top, source, flags=flags)  # model, quantize, device, dtype
     config.train = _build(TrainConfig, {**raw, "lora": _build(LoraConfig, lora, source, "lora", flags),
                                         "preference": _build(PreferenceConfig, preference, source, "preference",
-                                                             flags)},
+                                                             flags),
+                                        "grpo": _build(GRPOConfig, grpo, source, "grpo", flags)},
                           source, flags=flags)
     config.data = _build(DataConfig, data, source, "data", flags)
     return config
@@ -222,7 +225,7 @@ def apply_override(raw: dict[str, Any], dotted: str, value: str) -> None:
 
 def override_flags() -> list[tuple[str, type, str]]:
     """(dotted key, dataclass, field name) for every settable field, in the order --help shows them:
-    the run's own fields, TrainConfig's (top-level keys), then the data, lora and preference sections."""
+    the run's own fields, TrainConfig's (top-level keys), then the data, lora, preference and grpo sections."""
     flags = [(f.name, RunConfig, f.name) for f in fields(RunConfig) if f.name not in ("data", "train")]
     flags += [(f.name, TrainConfig, f.name) for f in fields(TrainConfig) if f.name not in SECTIONS]
     flags += [(f"{section}.{f.name}", cls, f.name) for section, cls in SECTIONS.items() for f in fields(cls)]
@@ -252,6 +255,8 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False) -> lis
 
     start = time.perf_counter()
     check_batch(config.train.batch_size, launched_size())
+    if config.train.method == "grpo":  # reward functions imported and checked against the data, before any model
+        check_grpo_rewards(config)
     world = init_world(config.device, config.train.collective_timeout)
     if world.is_main:
         check_output_dir(config.train.output_dir, resume, overwrite)  # checked again (and acted on) by the Trainer
@@ -329,6 +334,20 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def check_grpo_rewards(config: RunConfig) -> None:
+    """Method grpo: every reward function imports, has TRL's signature and finds the columns it needs in the
+    data file's records (one line naming the function otherwise), before the model loads."""
+    from lorafit.train.data import read_records
+    from lorafit.train.rewards import check_columns, load_rewards
+
+    rewards = load_rewards(config.train.grpo.reward_funcs)
+    records = read_records(config.data.path, config.data.format)
+    if records[0].shape != "prompt":
+        raise LorafitError(f"{records[0].source}: method grpo trains on prompt-only records ({{prompt, ...}}), but "
+                           f"the data holds {records[0].shape!r} records")
+    check_columns(rewards, {k for r in records for k in r.fields if k != "prompt"}, config.data.path)
 
 
 def _quantize_unadapted(model) -> None:

@@ -1,7 +1,7 @@
 """The training loop: adapter parameters only, exact accumulation, exact resume, one loop for every objective.
 
 What a batch is and what its loss is belong to the objective (lorafit.train.objectives: SFT, DPO and its
-family, ORPO, SimPO, KTO); the loop asks it for the step's batches, each batch's loss sum and metric
+family, ORPO, SimPO, KTO, GRPO); the loop asks it for the step's batches, each batch's loss sum and metric
 sums, and the count that normalises them. The loss of an optimizer step is the sum of the losses over
 *all* its micro-batches divided by the count of the whole accumulated batch (its target tokens for SFT,
 its pairs or examples for the preference objectives), so k micro-batches of b samples give exactly the
@@ -62,13 +62,13 @@ from lorafit.lora.inject import adapter_configs, adapter_parameters
 from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.checkpoints import load_best, load_checkpoint, save_checkpoint
 from lorafit.train.config import TrainConfig
-from lorafit.train.curves import plot_losses, plot_rewards
+from lorafit.train.curves import plot_grpo_rewards, plot_losses, plot_rewards
 from lorafit.train.data import Sample, pad_id_for
 from lorafit.train.distributed.share import check_batch, local_samples
 from lorafit.train.distributed.strategy import choose_strategy, quantization_of
 from lorafit.train.distributed.world import init_world
 from lorafit.train.distributed.wrap import Parallel
-from lorafit.train.evaluate import add_metrics, averages, evaluate
+from lorafit.train.evaluate import add_metrics, averages, evaluate, extreme
 from lorafit.train.fingerprint import training_fingerprint
 from lorafit.train.full import MODEL_DIR, save_model_folder
 from lorafit.train.interrupt import StopRequest
@@ -119,10 +119,13 @@ class Trainer:
                 dtype=next(model.parameters()).dtype, checkpointing=config.gradient_checkpointing)
             if world.is_main and config.distributed == "auto":  # (lorafit train decides and says so itself)
                 print(f"lorafit: {world.size} processes ({world.device.type}), distributed: {strategy} ({why})")
+        if strategy == "fsdp" and config.method == "grpo":
+            raise LorafitError("distributed: grpo runs under DDP (each process samples its rollouts with the whole "
+                               "model); use distributed: ddp, or fewer processes")
         if any(getattr(s, "position_ids", None) is not None for s in train + (val or [])):  # packed rows: proven isolated first
             check_packing(model, lambda batch: loss_sum(model, batch), model_device(model))
         prepare_model(model, config, device=world.device if strategy == "fsdp" else None)
-        self.objective = objective or make_objective(config, reference_slot(model), world)
+        self.objective = objective or make_objective(config, reference_slot(model), world, tokenizer)
         self.train_samples, self.val_samples = self.objective.prepare(train), self.objective.prepare(val or [])
         self.fingerprint = model_fingerprint(model) if config.precompute_ref_log_probs else ""  # before sharding
         self.parallel = Parallel(model, self.objective.loss, world, strategy)
@@ -131,9 +134,12 @@ class Trainer:
         self.params = adapter_parameters(model)  # after wrapping: FSDP replaced them by their shards
         groups = self.params if config.loraplus_lr_ratio is None else loraplus_param_groups(model, config.loraplus_lr_ratio)
         self.optimizer = make_optimizer(config.optimizer, groups, config.learning_rate, config.weight_decay)
-        self.order = EpochOrder(len(train), config.batch_size, config.seed)
+        # GRPO: a micro-batch holds batch_size completion slots, `group` per prompt, each prompt drawn once
+        # per num_iterations passes (`iterations`)
+        self.group = getattr(self.objective, "group", 1)
+        self.order = EpochOrder(len(train), config.batch_size // self.group, config.seed)
         self.batches_per_epoch = self.order.batches_per_epoch
-        per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        per_epoch = math.ceil(self.batches_per_epoch * getattr(self.objective, "iterations", 1) / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         self.warmup = int(config.warmup_ratio * self.total_steps)
         self.allocator = None  # AdaLoRA: regularizer in the loss, rank allocation after each optimizer step
@@ -145,6 +151,7 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (the data position)
         self.history: list[dict] = []
         self.metrics: dict[str, float] = {}  # the objective's metrics of the last step (`accumulate`)
+        self.step_tokens = 0  # tokens trained on in the last step, all processes (objectives that count them)
         self.best_val, self.bad_evals = math.inf, 0
         self.nonfinite_run, self.skipped = 0, 0  # non-finite steps in a row, and in all
         self.best_checkpoint: str | None = None  # the checkpoint folder with the lowest validation loss
@@ -158,6 +165,8 @@ class Trainer:
         """This rank's share of the samples of micro-batch number `index` of the run (see `EpochOrder`;
         one process: the whole micro-batch)."""
         samples = [self.train_samples[j] for j in self.order.indices(index)]
+        if self.group > 1:  # the objective shares the completion slots among the processes itself
+            return samples
         return local_samples(samples, self.world.rank, self.world.size, self.objective.empty)
 
     def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -176,7 +185,10 @@ class Trainer:
         are summed over all ranks, and each rank's loss is divided by count / N
         (lorafit.train.distributed.share)."""
         world = self.world
-        n_target = max(int(world.sum([sum(self.objective.count(b) for b in micro)])[0]), 1)
+        count_tokens = getattr(self.objective, "tokens", None)
+        counts = world.sum([sum(self.objective.count(b) for b in micro),
+                            sum(count_tokens(b) for b in micro) if count_tokens else 0])
+        n_target, self.step_tokens = max(int(counts[0]), 1), int(counts[1])
         share = n_target / world.size  # DDP / FSDP average the ranks' gradients: N / n_target each
         device = model_device(self.model)
         total, sums = None, {}  # fp32 sums on the device: one sync per step, at the end
@@ -188,9 +200,14 @@ class Trainer:
             sums = add_metrics(sums, metrics)
         if self.allocator is not None and self.allocator.config.orth_reg_weight > 0:  # AdaLoRA: once per step
             (self.allocator.config.orth_reg_weight * orthogonality_regularizer(self.model, DEFAULT_ADAPTER)).backward()
-        names = sorted(sums)
+        names = [n for n in sorted(sums) if extreme(n) is None]
         values = world.sum(torch.cat([total.reshape(1), *(sums[n] for n in names)]).tolist())
         self.metrics = averages(names, values[1:])
+        ends = [n for n in sorted(sums) if extreme(n) is not None]  # min / max metrics: reduced by min / max
+        if ends:
+            signs = [1.0 if extreme(n) == "max" else -1.0 for n in ends]
+            top = world.max([v for n, sign in zip(ends, signs) for v in (sign * float(sums[n][0]), float(sums[n][1]))])
+            self.metrics.update({n: sign * top[2 * i] for i, (n, sign) in enumerate(zip(ends, signs)) if top[2 * i + 1] > 0})
         return values[0] / n_target
 
     def clip_gradients(self) -> float:
@@ -271,7 +288,9 @@ class Trainer:
                 if fingerprint is not None:
                     write_fingerprint(saved, fingerprint)
                 plot_losses(self.history, self.out / "loss.png")
-                if self.history and any(k.startswith("rewards/") for k in self.history[-1]):
+                if any("reward" in h for h in self.history):  # GRPO
+                    plot_grpo_rewards(self.history, self.out / "rewards.png")
+                elif self.history and any(k.startswith("rewards/") for k in self.history[-1]):
                     plot_rewards(self.history, self.out / "rewards.png")
         return self.history
 
@@ -283,7 +302,8 @@ class Trainer:
         saved = None  # the step of the newest checkpoint written
         while self.step < self.total_steps:
             start = time.perf_counter()
-            indices = range(self.micro, self.micro + cfg.grad_accum)
+            draws = self.objective.draws(self.step, cfg.grad_accum) if hasattr(self.objective, "draws") else cfg.grad_accum
+            indices = range(self.micro, self.micro + draws)
             micro = self.objective.batches(model, [self._micro_samples(i) for i in indices], self.pad_id)
             loss = self.accumulate(micro)
             norm = self.clip_gradients()  # the same on every rank: loss and gradients are all-reduced
@@ -294,19 +314,24 @@ class Trainer:
                 lr = self.lr()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.nonfinite_run, self.skipped = self.nonfinite_run + 1, self.skipped + 1
-            tokens = sum(len(self.train_samples[j]) for i in indices for j in self.order.indices(i))  # all ranks'
-            self.step, self.micro = self.step + 1, self.micro + cfg.grad_accum
+            # all ranks' tokens (an objective that samples its own, GRPO, counts them in step_tokens)
+            tokens = self.step_tokens or sum(len(self.train_samples[j]) for i in indices for j in self.order.indices(i))
+            self.step, self.micro = self.step + 1, self.micro + draws
+            elapsed = time.perf_counter() - start
             record = {"step": self.step, **self.objective.finish({"loss": loss, **self.metrics}, eval=False),
-                      "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - start),
+                      "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time": elapsed,
                       "epoch": self.micro / self.batches_per_epoch}
             if not finite:
                 record["skipped"] = self.skipped
             stop = False
             if self.val_samples and ((cfg.eval_steps and self.step % cfg.eval_steps == 0) or self.step == self.total_steps):
-                record.update(evaluate(model, self.val_samples, self.pad_id, cfg.eval_batch_size or cfg.batch_size,
-                                       step=self.parallel.loss, world=world, objective=self.objective))
-                self.parallel.after_eval()
-                stop = self._early_stop(record["val_loss"])  # the same all-reduced loss on every rank
+                if hasattr(self.objective, "evaluate"):  # GRPO: rewards of sampled completions
+                    record.update(self.objective.evaluate(model, self.val_samples, self.step, self.out if main else None))
+                else:
+                    record.update(evaluate(model, self.val_samples, self.pad_id, cfg.eval_batch_size or cfg.batch_size,
+                                           step=self.parallel.loss, world=world, objective=self.objective))
+                    self.parallel.after_eval()
+                    stop = self._early_stop(record["val_loss"])  # the same all-reduced loss on every rank
             record = json_record(record)
             self.history.append(record)
             if main:

@@ -353,3 +353,21 @@ def test_dpo_demo_smoke(smollm2_dir, tmp_path):
         assert finite(*(h["rewards/accuracies"] for h in r["history"]), r["history"][-1]["val_rewards/accuracies"])
         assert ("adapter:" in config) == (name == "dpo-sft") and (out / name / "adapter").is_dir()
     assert not (set(tmp_path.iterdir()) - {out})  # nothing written where it ran
+
+
+def test_grpo_defaults():
+    args = bench("grpo").parse_args([])
+    assert (args.prompts, args.generations, args.new_tokens, args.steps) == (4, 8, 32, 4)  # the issue's sizes
+    assert args.model is None and not args.smoke
+
+
+def test_grpo_smoke(smollm2_dir, tmp_path):
+    """Both sides train the same number of steps on the toy model, and the report has every number."""
+    out = tmp_path / "grpo.json"
+    run_script("grpo", "--smoke", "--threads", "1", "--json", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    for side in ("lorafit", "trl"):
+        r = report[side]
+        assert len(r["steps"]) == 2 and finite(r["step_s"], r["generation_s"], r["training_s"], r["peak_rss_mib"])
+        assert r["tokens_per_step"] > 0
+    assert finite(report["speedup"], report["memory_ratio"]) and report["config"]["generations"] == 2

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from lorafit.ops.chunked_logps import chunked_logps
 
 
-def _reference(h, w, b, t, scale, softcap):
+def _reference(h, w, b, t, scale, softcap, temperature=1.0):
     z = F.linear(h, w, b).float() * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     logp = F.log_softmax(z, -1)
     p = logp.exp()
     return (logp.gather(-1, t[:, None]).squeeze(1), z.mean(-1), -(p * logp).sum(-1), z.argmax(-1) == t)
@@ -29,18 +30,20 @@ def _case(dtype, bias, seed=0):
 
 
 @pytest.mark.parametrize("head_trains", [False, True])
-@pytest.mark.parametrize("scale,softcap", [(1.0, None), (0.5, None), (1.0, 3.0)])
+@pytest.mark.parametrize("scale,softcap,temperature", [(1.0, None, 1.0), (0.5, None, 1.0), (1.0, 3.0, 1.0),
+                                                       (1.0, None, 0.7), (0.5, 3.0, 1.3)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_statistics_and_gradients_equal_full_logits(head_trains, scale, softcap, bias):
+def test_values_statistics_and_gradients_equal_full_logits(head_trains, scale, softcap, temperature, bias):
     h, w, b, t, g = _case(torch.float32, bias)
     if not head_trains:
         w.requires_grad_(False)
         if b is not None:
             b.requires_grad_(False)
     params = [x for x in (h, w, b) if x is not None and x.requires_grad]
-    ref = _reference(h, w, b, t, scale, softcap)
+    ref = _reference(h, w, b, t, scale, softcap, temperature)
     ref_grads = torch.autograd.grad((ref[0] * g).sum(), params)
-    got = chunked_logps(h, w, t, bias=b, scale=scale, softcap=softcap, stats=True, chunk_size=5)
+    got = chunked_logps(h, w, t, bias=b, scale=scale, softcap=softcap, stats=True, chunk_size=5,
+                        temperature=temperature)
     got_grads = torch.autograd.grad((got[0] * g).sum(), params)
     for x, r in zip(got[:3], ref[:3]):
         torch.testing.assert_close(x, r, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ Record shapes, one per file (detected from the first record, or forced with `for
     text      {"text": str}
     paired    {"prompt", "chosen", "rejected"} (or an implicit prompt), strings or chat messages
     unpaired  {"prompt", "completion", "label": bool}
+    prompt    {"prompt", ...}: prompt-only (GRPO), the other fields are the reward functions' columns
 
 Each record becomes a `Sample` of `input_ids` and `labels` (same length; -100 = no loss there).
 By default the loss is only on what the model should *produce*: the Alpaca output, the chat
@@ -19,6 +20,7 @@ One module per step, in the order `load_data` runs them:
     records    read and validate JSONL (one-line errors naming file:line and field), hold-out split
     tokenize   chat templates / the Alpaca prompt -> ids, response-only labels found on token ids
     preference preference pairs and KTO examples -> ids as TRL 1.16 tokenizes them
+    prompts    prompt-only records (GRPO) -> prompt ids, the other fields kept for the reward functions
     batches    length limits, packing, pad id, collate into (B, T) host tensors
     preview    describe_sample / n_tokens: what the model will see, before training
     load       load_data: all of the above, for the training and validation files
@@ -39,6 +41,7 @@ from lorafit.train.data.preference import (
     truncate,
 )
 from lorafit.train.data.preview import TRAINED_CLOSE, TRAINED_OPEN, describe_sample, n_tokens
+from lorafit.train.data.prompts import PromptSample, prompt_samples
 from lorafit.train.data.records import (
     FORMATS,
     PREFERENCE_SHAPES,
@@ -70,6 +73,7 @@ __all__ = [
     "TRAINED_OPEN",
     "DataConfig",
     "PairSample",
+    "PromptSample",
     "Record",
     "Sample",
     "Splits",
@@ -84,6 +88,7 @@ __all__ = [
     "pack",
     "pad_id_for",
     "preference_samples",
+    "prompt_samples",
     "read_records",
     "split_records",
     "tokenize_pair",

@@ -9,14 +9,15 @@ from lorafit.prompt import PromptFormat, default_format
 from lorafit.train.data.batches import fit_length, pack
 from lorafit.train.data.config import DataConfig
 from lorafit.train.data.preference import PairSample, UnpairedSample, preference_samples, record_format
+from lorafit.train.data.prompts import PromptSample, prompt_format, prompt_samples
 from lorafit.train.data.records import PREFERENCE_SHAPES, Record, read_records, split_records
 from lorafit.train.data.tokenize import Sample, tokenize_record
 
 
 @dataclass
 class Splits:
-    train: list[Sample] | list[PairSample] | list[UnpairedSample]
-    val: list[Sample] | list[PairSample] | list[UnpairedSample]
+    train: list[Sample] | list[PairSample] | list[UnpairedSample] | list[PromptSample]
+    val: list[Sample] | list[PairSample] | list[UnpairedSample] | list[PromptSample]
     prompt_format: PromptFormat | None = None
     """How the prompts were rendered (lorafit.prompt); the Trainer records it next to the adapter."""
 
@@ -33,9 +34,13 @@ def load_data(tokenizer, cfg: DataConfig, unpair: bool = False) -> Splits:
     elif cfg.val_fraction > 0:
         records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
     preference = records[0].shape in PREFERENCE_SHAPES
-    if val_records and (val_records[0].shape in PREFERENCE_SHAPES) != preference:
+    kinds = {"prompt" if r[0].shape == "prompt" else r[0].shape in PREFERENCE_SHAPES for r in (records, val_records) if r}
+    if len(kinds) > 1:  # (supervised, preference and prompt-only data train different methods)
         raise LorafitError(f"{val_records[0].source}: the validation data is {val_records[0].shape!r} records but "
                            f"the training data is {records[0].shape!r}: use the same kind of data for both")
+    if records[0].shape == "prompt":  # prompt-only (GRPO): nothing to truncate or pack
+        fmt = prompt_format(tokenizer, records[0])
+        return Splits(prompt_samples(tokenizer, records, fmt), prompt_samples(tokenizer, val_records, fmt), fmt)
     if preference:
         if cfg.packing:
             raise LorafitError(f"{cfg.path}: packing applies to supervised data; preference pairs are not packed "

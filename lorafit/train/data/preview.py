@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lorafit.train.data.preference import PairSample, UnpairedSample, describe_pair
+from lorafit.train.data.prompts import PromptSample
 from lorafit.train.data.tokenize import IGNORE, Sample
 
 TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
@@ -14,6 +15,11 @@ def describe_sample(tokenizer, sample: Sample | PairSample | UnpairedSample) -> 
     shows its prompt once and each completion marked."""
     if isinstance(sample, (PairSample, UnpairedSample)):
         return describe_pair(tokenizer, sample)
+    if isinstance(sample, PromptSample):
+        columns = ", ".join(f"{k}={v!r}" for k, v in sample.columns.items())
+        return (f"{sample.source}: a {len(sample)}-token prompt; its completions are sampled during training"
+                + (f" (columns for the rewards: {columns})" if columns else "") + "\n"
+                + tokenizer.decode(sample.prompt_ids))
     n = len(sample)
     header = (
         f"{sample.source}: {n} tokens, {sample.n_trained} trained "

@@ -1,6 +1,6 @@
 """JSONL records: reading, validating and splitting a training file (before any tokenizer runs).
 
-Five record shapes, one per file (detected from the first record, or forced with `format=`):
+Six record shapes, one per file (detected from the first record, or forced with `format=`):
 
     alpaca    {"instruction": str, "input": str (optional), "output": str}
     chat      {"messages": [{"role": str, "content": str}, ...]}
@@ -9,6 +9,8 @@ Five record shapes, one per file (detected from the first record, or forced with
               strings, or both lists of chat messages; without "prompt" (implicit prompt) "chosen" and
               "rejected" are whole texts or conversations whose common start is the prompt
     unpaired  {"prompt": P, "completion": C, "label": true | false}   KTO's format
+    prompt    {"prompt": P, ...}   prompt-only (GRPO): P a string or chat messages; the other fields are
+              columns the reward functions read
 
 Every mistake is a one-line `LorafitError` naming the file, the line and the field.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 from lorafit.errors import LorafitError
 
-SHAPES = ("alpaca", "chat", "text", "paired", "unpaired")
+SHAPES = ("alpaca", "chat", "text", "paired", "unpaired", "prompt")
 PREFERENCE_SHAPES = ("paired", "unpaired")
 FORMATS = ("auto", *SHAPES)
 ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")  # chat templates' roles
@@ -48,6 +50,8 @@ def _detect_shape(obj: dict) -> str | None:
         return "paired"
     if "label" in obj and ("completion" in obj or "prompt" in obj):
         return "unpaired"
+    if "prompt" in obj and "completion" not in obj:
+        return "prompt"
     if "instruction" in obj or "output" in obj:
         return "alpaca"
     if "text" in obj:
@@ -126,9 +130,25 @@ def _validate_preference(obj: dict, shape: str, where: str) -> None:
                            "are chat messages: use strings everywhere or messages everywhere")
 
 
+def _validate_prompt(obj: dict, where: str) -> None:
+    """A prompt-only record: "prompt" a non-empty string or a non-empty list of chat messages."""
+    if "prompt" not in obj or obj["prompt"] is None:
+        raise LorafitError(f"{where}: field 'prompt' is missing: add the prompt to sample completions of")
+    prompt = obj["prompt"]
+    if isinstance(prompt, list):
+        _messages(prompt, "prompt", where)
+    elif not isinstance(prompt, str):
+        raise LorafitError(f"{where}: field 'prompt' must be a string or a list of chat messages, "
+                           f"got {_type_name(prompt)}")
+    elif not prompt.strip():
+        raise LorafitError(f"{where}: field 'prompt' is empty: give the prompt to sample completions of")
+
+
 def _validate(obj: dict, shape: str, where: str) -> None:
     """Raise a one-line LorafitError if `obj` lacks the fields of `shape` or has wrong types."""
-    if shape in PREFERENCE_SHAPES:
+    if shape == "prompt":
+        _validate_prompt(obj, where)
+    elif shape in PREFERENCE_SHAPES:
         _validate_preference(obj, shape, where)
     elif shape == "alpaca":
         _need_str(obj, "instruction", where)
@@ -203,7 +223,7 @@ def read_records(path: str | Path, format: str = "auto") -> list[Record]:
             if shape is None:  # first record of an auto-detected file decides
                 if found is None:
                     hint = _SHAREGPT_HINT if "conversations" in obj else (
-                        "use 'instruction'+'output' (alpaca), 'messages' (chat) or 'text'")
+                        "use 'instruction'+'output' (alpaca), 'messages' (chat) or 'text', or 'prompt' (prompt-only, for grpo)")
                     raise LorafitError(f"{where}: cannot tell the record shape from fields {sorted(obj)}: {hint}")
                 shape, first_line = found, lineno
             elif format == "auto" and found is not None and found != shape:

@@ -58,6 +58,14 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of `values` over all ranks (float64)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (a small picklable object)."""
         if not self.distributed:

@@ -8,6 +8,9 @@ how samples become a batch and a batch becomes a loss, and that is all an object
     preference.py   pairs (method dpo / orpo / simpo): chosen and rejected in one forward
     kto.py          unpaired examples (method kto), with the KL estimate from mismatched completions
     losses.py       the preference losses as pure functions of log-prob tensors, formulas and papers
+    grpo.py         reinforcement learning from prompts and rewards (method grpo): rollouts, advantages,
+                    the clipped policy loss; grpo_loss.py its math, rollout.py its sampling (the serving
+                    engine on the training model)
     logps.py        per-token log-probs through the chunked head; the reference policy context
 
 An objective is any object with these members (a Protocol: nothing to inherit):
@@ -32,7 +35,17 @@ An objective is any object with these members (a Protocol: nothing to inherit):
     finish(values, eval)    derived values from the averaged ones (SFT: perplexity on validation)
     reference_logps(model, batch)   (preference objectives) each sample's two reference log-probs (B, 2):
                             what `precompute_ref_log_probs` caches and the batch then carries as "ref"
-    state_dict() / load_state_dict(state)   what a checkpoint must keep of it (empty for these)
+    state_dict() / load_state_dict(state)   what a checkpoint must keep of it (empty for these; GRPO's
+                            sampling RNG and unfinished generation batch; called on every process)
+
+and, optionally (GRPO has them; the loop's defaults in brackets):
+
+    group                   completion slots per sample: a micro-batch holds batch_size / group samples, and
+                            the objective shares the slots among processes itself [1]
+    iterations              optimizer passes over each drawn micro-batch (num_iterations) [1]
+    draws(step, grad_accum) sample micro-batches optimizer step `step` consumes [grad_accum]
+    tokens(batch)           tokens a micro-batch trains on, for tokens_per_s [the samples' lengths]
+    evaluate(model, samples, step, out)   its own validation numbers instead of the loss of `loss`
 
 The loop divides the summed loss of a step by the summed count, so k micro-batches of b items give the
 gradient of one batch of k*b (the per-batch statistics that some losses take, e.g. the "sft" term's token
@@ -48,7 +61,7 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.train.config import TrainConfig
-from lorafit.train.data import PairSample, UnpairedSample
+from lorafit.train.data import PairSample, PromptSample, UnpairedSample
 
 
 class Objective(Protocol):
@@ -76,9 +89,15 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def make_objective(config: TrainConfig, reference_adapter: str | None = None, world=None) -> Objective:
+def make_objective(config: TrainConfig, reference_adapter: str | None = None, world=None,
+                   tokenizer=None) -> Objective:
     """The objective of `config.method`; `reference_adapter`: the adapter slot of the reference policy
-    (None: the base with adapters disabled); `world`: the processes (KTO's KL estimate spans them)."""
+    (None: the base with adapters disabled); `world`: the processes (KTO's KL estimate spans them, GRPO
+    gathers rewards over them); `tokenizer`: GRPO decodes its completions for the reward functions."""
+    if config.method == "grpo":
+        from lorafit.train.objectives.grpo import GRPO
+
+        return GRPO(config, tokenizer, reference_adapter, world)
     if config.method in ("lora", "full"):
         from lorafit.train.objectives.sft import SFT
 
@@ -95,14 +114,20 @@ def make_objective(config: TrainConfig, reference_adapter: str | None = None, wo
 def check_samples(method: str, samples: list) -> None:
     """Refuse, before anything changes, data the method cannot train on (one line naming the record)."""
     first = samples[0]
-    kind = "pairs" if isinstance(first, PairSample) else "unpaired" if isinstance(first, UnpairedSample) else "sft"
-    want = {"lora": "sft", "full": "sft", "kto": "unpaired"}.get(method, "pairs")
+    kind = "pairs" if isinstance(first, PairSample) else "unpaired" if isinstance(first, UnpairedSample) else \
+        "prompts" if isinstance(first, PromptSample) else "sft"
+    want = {"lora": "sft", "full": "sft", "kto": "unpaired", "grpo": "prompts"}.get(method, "pairs")
     if kind == want:
         return
     described = {"sft": "supervised records (alpaca, chat or text)",
                  "pairs": "preference pairs ({prompt, chosen, rejected})",
-                 "unpaired": "unpaired preference examples ({prompt, completion, label})"}
-    if want == "sft":
+                 "unpaired": "unpaired preference examples ({prompt, completion, label})",
+                 "prompts": "prompt-only records ({prompt, ...})"}
+    if want == "prompts":
+        hint = "give it records with a prompt and the columns its reward functions read"
+    elif kind == "prompts":
+        hint = "use method grpo"
+    elif want == "sft":
         hint = "use method dpo, orpo, simpo or kto"
     elif kind == "sft":
         hint = "give it records with chosen and rejected" if want == "pairs" else "give it records with a label"

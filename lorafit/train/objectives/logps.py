@@ -48,9 +48,11 @@ def output_head(model: nn.Module) -> tuple[nn.Linear, float, float | None] | Non
 
 
 def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], scored: torch.Tensor,
-                stats: bool = False) -> TokenLogps:
+                stats: bool = False, temperature: float = 1.0) -> TokenLogps:
     """log p of each scored token of `batch` (input_ids, attention_mask, position_ids on the model's
-    device) given the tokens before it; `scored` (B, T) marks the tokens (1 = scored, position 0 never)."""
+    device) given the tokens before it; `scored` (B, T) marks the tokens (1 = scored, position 0 never).
+    `temperature`: the logits are divided by it first (GRPO scores tokens under the distribution they
+    were sampled from, as TRL does)."""
     ids = batch["input_ids"]  # (B, T)
     mask = scored[:, 1:].bool()  # (B, T-1): position t predicts token t + 1
     targets = ids[:, 1:][mask]  # (N,)
@@ -60,9 +62,9 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], scored: torch.
         linear, scale, softcap = head
         hidden = decoder(model)(**inputs).last_hidden_state  # (B, T, H)
         values = chunked_logps(hidden[:, :-1][mask], linear.weight, targets, bias=linear.bias, scale=scale,
-                               softcap=softcap, stats=stats)  # each (N,)
+                               softcap=softcap, stats=stats, temperature=temperature)  # each (N,)
     else:
-        logits = model(**inputs).logits[:, :-1][mask].float()  # (N, V): only the scored rows
+        logits = model(**inputs).logits[:, :-1][mask].float() / temperature  # (N, V): only the scored rows
         logp_all = F.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, targets[:, None]).squeeze(1)
         values = (logp, None, None, None)

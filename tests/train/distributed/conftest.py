@@ -17,7 +17,7 @@ import pytest
 from lorafit.train.trainer import Trainer
 from tests.train.distributed import kit
 
-PHASES = ["ddp", "fsdp", "dpo", "kto", "ternary", "resume", "refuse", "raise"]
+PHASES = ["ddp", "fsdp", "dpo", "kto", "grpo", "ternary", "resume", "refuse", "raise"]
 
 
 @dataclass
@@ -69,5 +69,8 @@ def one_rank(tokenizer, dist_samples, dist_data, tmp_path_factory) -> dict[str, 
     unpaired = kit.pair_samples(tokenizer, dist_data, unpair=True)
     kto = Trainer(kit.config(root / "kto", method="kto", adapter=str(kit.adapter_path(dist_data)), eval_steps=5),
                   kit.tiny_llama(quant="nf4"), tokenizer, unpaired.train, unpaired.val).train()
+    prompts = kit.prompt_samples(tokenizer, dist_data)
+    grpo = Trainer(kit.grpo_config(root / "grpo", eval_steps=3), kit.tiny_llama(), tokenizer, prompts.train,
+                   prompts.val).train()
     return {"ddp": (root / "ddp", ddp), "fsdp": (root / "fsdp", fsdp), "ternary": (root / "ternary", ternary),
-            "dpo": (root / "dpo", dpo), "kto": (root / "kto", kto)}
+            "dpo": (root / "dpo", dpo), "kto": (root / "kto", kto), "grpo": (root / "grpo", grpo)}

@@ -49,6 +49,7 @@ def write_data(path: Path) -> Path:
               "chosen": [{"role": "assistant", "content": r["output"]}],
               "rejected": [{"role": "assistant", "content": r["output"][:8] + "99"}]} for r in records]
     write_jsonl(pairs_path(path), pairs)
+    write_jsonl(prompts_path(path), [{"prompt": p["prompt"], "answer": r["output"]} for p, r in zip(pairs, records)])
     model = lf.apply_lora(tiny_llama(seed=1), lf.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"))
     lf.save_adapter(model, adapter_path(path))
     return write_jsonl(path, records)
@@ -56,6 +57,23 @@ def write_data(path: Path) -> Path:
 
 def pairs_path(data: Path) -> Path:
     return Path(data).with_name("pairs.jsonl")
+
+
+def prompts_path(data: Path) -> Path:
+    return Path(data).with_name("prompts.jsonl")
+
+
+def prompt_samples(tok, data: Path) -> Splits:
+    """The same questions as GRPO prompts (the ISO date as the `answer` column)."""
+    return load_data(tok, DataConfig(path=str(prompts_path(data)), val_fraction=0.24, seed=0))
+
+
+def grpo_config(out: Path, **kw) -> TrainConfig:
+    """GRPO, 8 completion slots per micro-batch (2 prompts x 4), 2 micro-batches per step, 3 steps; the reward
+    (a length target in characters) varies within every group, so every step has a gradient."""
+    return config(out, method="grpo", batch_size=8, grad_accum=2, max_steps=3,
+                  grpo={"num_generations": 4, "max_completion_length": 6, "loss_type": "bnpo",
+                        "reward_funcs": [{"name": "length_target", "target": 20, "unit": "chars"}]}, **kw)
 
 
 def adapter_path(data: Path) -> Path:

@@ -70,6 +70,20 @@ def test_kto_fsdp_from_an_adapter_equals_one_rank(two_ranks, one_rank):
     assert_same_adapter(two_ranks.out / "kto" / "adapter", out / "adapter")
 
 
+def test_grpo_on_two_ranks_equals_one_rank(two_ranks, one_rank):
+    """Each rank samples its share of the completion slots (per-slot seeds), the rewards are gathered before
+    grouping, bnpo counts the tokens of every rank: the losses, rewards, validation reward and adapter of one
+    process."""
+    out, reference = one_rank["grpo"]
+    assert any(r > 0 for r in (h["reward_std"] for h in reference if "reward_std" in h))  # the rewards vary
+    for rank in two_ranks.ranks:
+        assert rank["grpo"] == pytest.approx([h["loss"] for h in reference], abs=TOL)
+        assert rank["grpo_reward"] == pytest.approx([h["reward"] for h in reference], abs=TOL)
+        assert rank["grpo_entropy"] == pytest.approx([h["entropy"] for h in reference], abs=1e-4)
+        assert rank["grpo_val"] == pytest.approx(reference[-1]["val_reward"], abs=TOL)
+    assert_same_adapter(two_ranks.out / "grpo" / "adapter", out / "adapter")
+
+
 def test_fsdp_shards_a_ternary_base_too(two_ranks, one_rank):
     """The packed ternary codes and their scales are sharded by rows like NF4's storage."""
     out, reference = one_rank["ternary"]

@@ -12,6 +12,8 @@ compare in OUT/rank<r>.json (rewritten after every phase):
              validation loss and reward accuracy
     kto      method kto, fsdp on an NF4 base, from a start adapter (the reference slot): losses, KL estimates,
              validation loss
+    grpo     method grpo, ddp, 3 steps of 2 micro-batches of 8 completion slots (each rank samples its share),
+             validation at the end: losses, rewards, entropies, validation reward
     ternary  distributed: fsdp on a ternary base, 3 steps: losses, and the ternary storage this rank
              holds, before (whole) and after sharding
     resume   fsdp + NF4 with LoRA dropout: 6 steps checkpointing at 3, then a second run resumed from
@@ -87,6 +89,12 @@ def main(data: str, out: str, phases: list[str]) -> None:
                              eval_steps=5)
             history = Trainer(cfg, kit.tiny_llama(quant="nf4"), tok, unpaired.train, unpaired.val).train()
             record(kto=[h["loss"] for h in history], kto_kl=[h["kl"] for h in history], kto_val=history[-1]["val_loss"])
+        elif phase == "grpo":  # DDP; the completion slots shared among the ranks, rewards gathered before grouping
+            prompts = kit.prompt_samples(tok, Path(data))
+            history = Trainer(kit.grpo_config(out_dir / "grpo", distributed="ddp", eval_steps=3), kit.tiny_llama(), tok, prompts.train,
+                              prompts.val).train()
+            record(grpo=[h["loss"] for h in history], grpo_reward=[h["reward"] for h in history],
+                   grpo_entropy=[h["entropy"] for h in history], grpo_val=history[-1]["val_reward"])
         elif phase == "ternary":
             model = kit.tiny_llama(quant="ternary")
             whole = packed_bytes(model)
