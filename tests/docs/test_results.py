@@ -99,3 +99,11 @@ def test_the_results_page_shows_the_summary_linked_to_the_log(site):
         assert f'id="{anchor}"' in log
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (ROOT / "docs" / "results.md").read_text()):
         assert (site / figure).is_file(), figure
+
+
+def test_the_home_pages_figures_are_the_summarys():
+    home = (ROOT / "docs" / "index.md").read_text()
+    table = home[home.index("## Measured"):home.index("\n## ", home.index("## Measured") + 3)]
+    shown = {n for line in table.splitlines()[4:] if line.startswith("|") for n in numbers(line.split("|")[2])}
+    ratios = {n for row in summary_rows() for n in numbers(row["ratio"])}
+    assert shown and shown <= ratios, shown - ratios
