@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import yaml
@@ -62,24 +64,45 @@ def test_the_public_api_is_documented(site: Path):
         assert f'id="{target}"' in html, target
 
 
-def test_every_config_field_is_documented_with_its_docstring(site: Path):
-    """Each field of every config dataclass appears in the API reference with its docstring's text."""
-    from dataclasses import fields
-
+def config_classes() -> list[type]:
+    """Every config dataclass a user writes: a `lorafit train` YAML file (RunConfig) and every dataclass its
+    fields hold, found by walking their type hints (a config added later is found too), and the adapter
+    configs."""
     from lorafit.config import AdaLoraConfig, IA3Config, LoraConfig
-    from lorafit.fieldinfo import field_docs
-    from lorafit.train.config import TrainConfig
-    from lorafit.train.data import DataConfig
     from lorafit.train.run import RunConfig
 
-    pages = {"configs": (LoraConfig, IA3Config, AdaLoraConfig), "training": (TrainConfig, DataConfig, RunConfig)}
-    for page, classes in pages.items():
-        text = plain_text((site / "reference" / "api" / f"{page}.html").read_text())
-        for cls in classes:
-            docs = field_docs(cls)
-            for f in fields(cls):
-                assert f.name in docs, f"{cls.__name__}.{f.name} has no docstring"
-                assert squash(docs[f.name]) in text, f"{cls.__name__}.{f.name}: docstring not on {page}.html"
+    def types_in(hint):
+        yield hint
+        for arg in typing.get_args(hint):
+            yield from types_in(arg)
+
+    found, todo = [], [RunConfig, LoraConfig, IA3Config, AdaLoraConfig]
+    while todo:
+        cls = todo.pop(0)
+        if cls not in found:
+            found.append(cls)
+            hints = typing.get_type_hints(cls)
+            todo += [t for f in dataclasses.fields(cls) for t in types_in(hints[f.name]) if dataclasses.is_dataclass(t)]
+    return found
+
+
+def test_every_config_field_is_documented_with_its_docstring(site: Path):
+    """Every config dataclass has its section in the API reference, and each of its fields appears there
+    with its docstring's text."""
+    from lorafit.fieldinfo import field_docs
+
+    pages = {p.name: p.read_text() for p in (site / "reference" / "api").glob("*.html")}
+    classes = config_classes()
+    assert len(classes) >= 6
+    for cls in classes:
+        target = f"{cls.__module__}.{cls.__qualname__}"
+        page = next((name for name, html in pages.items() if f'id="{target}"' in html), None)
+        assert page, f"{target} has no section in docs/reference/api/ (add `::: {target}`)"
+        text = plain_text(pages[page])
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in docs, f"{cls.__name__}.{f.name} has no docstring"
+            assert squash(docs[f.name]) in text, f"{cls.__name__}.{f.name}: docstring not on {page}"
 
 
 def plain_text(html: str) -> str:
