@@ -5,6 +5,9 @@ docs/ (and those added since), each with the page (and section) that now covers 
 from __future__ import annotations
 
 import re
+import subprocess
+
+import pytest
 
 from tests.docs.conftest import ROOT
 
@@ -49,6 +52,21 @@ def test_every_former_readme_heading_has_a_docs_page(site):
         assert "<h1" in html, (heading, page)
         if anchor:
             assert f'id="{anchor}"' in html, f"{heading!r}: no section #{anchor} on {page}"
+
+
+def test_every_heading_the_readme_ever_had_is_listed_above():
+    """The README's history (git log) gives every heading it has had: each is in FORMER_HEADINGS (so the
+    test above checks its page) or one of today's. A section added to the README and later moved out is
+    caught here too."""
+    try:
+        log = subprocess.run(["git", "log", "-p", "-U0", "--format=", "--", "README.md"], cwd=ROOT,
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the README's history is unknown")
+    ever = set(re.findall(r"^\+#{2,3} (.+?)\s*$", log, re.M))
+    today = set(re.findall(r"^#{2,} (.+)$", README.read_text(), re.M))
+    assert ever, "no README history"
+    assert ever - today <= set(FORMER_HEADINGS), sorted(ever - today - set(FORMER_HEADINGS))
 
 
 def test_every_readme_heading_today_is_a_former_one_or_short():
