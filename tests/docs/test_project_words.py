@@ -20,7 +20,7 @@ WORDS = {  # what the pattern finds -> the pattern (case-insensitive)
     "the tool's status fields": r"\bcan_start_another\b|\bbudget_left_s?\b|\bgive_back\b|\bidle_release\b|\bfiles_fetch\b",
     "development sessions": r"\b(?:this|that|these|those|both|other|first|second|next|earlier|later|previous|"
                             r"development|dev|coding)\s+sessions?\b(?!\s*(?:fixture|scope))|\bsession\s+\d\b",
-    "the people building it": r"\b(?:other|fellow)\s+engineers?\b|\blead\s+engineer\b|\(lead\b|\bhelper\s+run\b",
+    "the people building it": r"\b(?:other|fellow)\s+engineers?\b|\blead\s+engineer\b|(?<!\w)\(lead\)|\bhelper\s+run\b",
     "whether a task was drawn for a GPU": r"\bnot\s+drawn\b|\bdrawn\s+for\s+a\s+gpu\b",
     "the development machine's folders": r"/work/(?:wt|main|notes|shared)\b|\bworktrees?\b",
 }
@@ -85,6 +85,7 @@ def test_no_tracked_file_keeps_merge_conflict_markers():
     "this task is not drawn for a GPU (`can_start_another: false`)",
     "(/work/wt-before, the last commit)",
     "borrowed a GPU machine",
+    "kept both sides (lead) when merging",
 ])
 def test_the_words_it_looks_for_are_found(text):
     assert findings(text)
@@ -98,6 +99,7 @@ def test_the_words_it_looks_for_are_found(text):
     "trained once per session (a pytest fixture)",
     "on any CUDA machine: bash bench/gpu_check.sh",
     "the engine's HTTP session",
+    "header = lead[: len(lead) - len(user_before)]",
 ])
 def test_ordinary_words_pass(text):
     assert not findings(text)
