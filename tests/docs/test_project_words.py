@@ -61,19 +61,6 @@ def test_no_tracked_file_speaks_of_how_the_project_is_developed():
     assert not problems, "\n".join(problems)
 
 
-def test_no_tracked_file_keeps_merge_conflict_markers():
-    marker = re.compile(r"^(?:<{7}|>{7})(?: |$)|^={7}$", re.M)
-    found = []
-    for path in tracked_files():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if path.suffix in (".md", ".py", ".sh", ".yml", ".yaml", ".toml", ".txt", "") and marker.search(text):
-            found.append(str(path.relative_to(ROOT)))
-    assert not found
-
-
 @pytest.mark.parametrize("text", [
     "bash bench/gpu_check.sh            on the lent H200",
     "The device tool's `status` said",
