@@ -22,6 +22,7 @@ FORMER_HEADINGS = {
     "QLoRA: NF4 and ternary bases": "guides/quantization.md",
     "Which models fit: `lorafit estimate --method ternary`": "guides/estimate.md#which-models-fit-on-a-ternary-base",
     "Training": "guides/training.md",
+    "Preference training: DPO (and its loss family), ORPO, SimPO, KTO": "preference.md",
     "Watch the run: TensorBoard, MLflow, W&B, trackio":
         "guides/tracking.md#experiment-trackers-tensorboard-mlflow-wb-trackio",
     "Model cards": "guides/tracking.md#model-cards",
