@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh                    on any CUDA machine with lorafit installed (make setup)
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    on the CPU: the same steps at toy sizes, to check the script
 #
-# 1. the tests marked `gpu` (and the Triton kernel tests, which run on the GPU when there is one)
+# 1. the tests marked `gpu` (and the Triton kernel tests, which run on the GPU when there is one), packing
+#    with SDPA, flex and flash attention (flash when flash-attn is installed) among them
 # 2. `lorafit demo` on CUDA end to end: accuracy before and after, wall time
 # 3. bench/gpu_train.py at the Llama 1B shape, then 8B while time is left: lorafit against
 #    transformers + PEFT + bitsandbytes in one run (tokens/s, peak memory, the estimate, MFU against the
@@ -54,6 +55,7 @@ if [ "$DRY" = 1 ]; then DEVICE=cpu; SHAPES=tiny; STEPS=2; else DEVICE=cuda; SHAP
 
 say "1/3 tests marked gpu, and the Triton kernel tests"
 timeout "$(left 150)" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/quant tests/ops tests/train tests/lora \
+    tests/families/test_packing.py \
     tests/test_model.py > "$OUT/pytest.txt" 2>&1
 echo "exit $?" >> "$OUT/pytest.txt"
 tail -4 "$OUT/pytest.txt" | tee -a "$OUT/summary.txt"

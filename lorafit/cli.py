@@ -1,4 +1,4 @@
-"""The `lorafit` command: one function per subcommand.
+"""The `lorafit` command: one function per subcommand (a function may return the exit status).
 
 A user's mistake (a missing file, a bad field) is a `LorafitError`: printed as one line, exit
 status 2, no traceback. Anything else is a bug and keeps its traceback. Warnings are one line too
@@ -17,6 +17,8 @@ from lorafit.errors import LorafitError
 from lorafit.flags import dashed, unknown_options
 from lorafit.model import DEFAULT_MODEL
 from lorafit.terminal import Help, Parser, TrainHelp, one_line_warnings, pipeable
+from lorafit.verify.args import OPTIONS
+from lorafit.verify.args import add_arguments as add_verify_arguments
 
 DEFAULT_METHOD = "qlora"  # lorafit estimate's, when --method is not given
 
@@ -55,12 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) of --model on --device in --dtype (both checked before anything loads)."""
+    """(model, tokenizer) of --model on --device in --dtype (both checked before anything loads), quantized
+    with --quantize when the command has it."""
     from lorafit.device import resolve_device, resolve_dtype
     from lorafit.model import load_model
 
     device = resolve_device(args.device)
-    return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    return load_model(args.model, quantize=getattr(args, "quantize", None), dtype=resolve_dtype(args.dtype, device),
+                      device=device)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -88,6 +92,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(("" if i == 0 else "---\n") + f"### prompt {i + 1}: {prompt}")
         if not text:
             print(f"lorafit generate: prompt {i + 1}: {why_empty(tokenizer, ids)}", file=sys.stderr)
+        elif len(ids) >= args.max_new_tokens:  # no end-of-turn / EOS token within the limit
+            print(f"lorafit generate: prompt {i + 1}: cut at --max-new-tokens {args.max_new_tokens} before the "
+                  "model ended its turn", file=sys.stderr)
         print(text, flush=True)
         if len(ids) >= args.max_new_tokens:
             print(f"lorafit generate: prompt {i + 1}: the answer was cut at --max-new-tokens {args.max_new_tokens} "
@@ -177,6 +184,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
                  limit=args.limit)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lorafit.verify.run import Options, verify_command
+
+    return verify_command(Options(**{name: getattr(args, name) for name in OPTIONS}))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from lorafit.serve.__main__ import run
 
@@ -218,7 +231,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lorafit import __version__
 
-    parser = Parser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, estimate, serve.",
+    parser = Parser(prog="lorafit", description="LoRA fine-tuning: train, generate, merge, verify, estimate, serve.",
                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "training placed it")
     p.add_argument("--no-chat", action="store_true",
                    help="send the prompt as raw text (BOS only), without the chat template or instruction format")
+    p.add_argument("--quantize", choices=["nf4", "ternary"],
+                   help="load the base quantized, as in QLoRA training (an NF4-trained adapter on its NF4 base)")
     add_placement(p)
     p.set_defaults(func=cmd_generate)
 
@@ -368,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="lm-eval: at most N documents per task")
     add_placement(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("verify", help="prove an adapter is what users will run: fingerprint vs adapter, PEFT, merges, "
+                       "GGUF, a server; engine checks; an Ollama Modelfile")
+    add_verify_arguments(p)
+    p.set_defaults(func=cmd_verify)
 
     from lorafit.serve.__main__ import add_arguments as add_serve_arguments
 

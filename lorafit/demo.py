@@ -99,7 +99,8 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, float]:
     print_trainable_parameters(model)
     t_phase = time.perf_counter()
     history = trainer.train(overwrite=True)  # the demo's folder is its own: a second demo replaces the first
-    first, last = history[0]["loss"], sum(h["loss"] for h in history[-5:]) / min(5, len(history))
+    losses = [h["loss"] for h in history if h["loss"] is not None]  # (a skipped non-finite step has none)
+    first, last = losses[0], sum(losses[-5:]) / min(5, len(losses))
     print(f"      training loss {first:.3f} -> {last:.3f} (mean of the last 5 steps; {time.perf_counter() - t_phase:.0f} s)\n")
 
     print("[5/5] after training: the same held-out examples...")

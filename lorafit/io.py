@@ -22,6 +22,7 @@ from torch import nn
 from lorafit.card import adapter_card, write_card
 from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig, IA3Config, LoraConfig
 from lorafit.errors import AdapterError, BaseMismatch, LorafitError
+from lorafit.fingerprint import FINGERPRINT_NAME
 from lorafit.lora.base import kind_of
 from lorafit.lora.inject import adapter_configs, adapter_layers, add_adapter, delete_adapter, set_adapter
 from lorafit.lora.state import AdapterState, check_fits, get_adapter_state, set_adapter_state
@@ -281,7 +282,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     the base model is not saved.
 
     `prompt_format`: how its training data was rendered, written to `lorafit_prompt.json` (the Trainer
-    passes it); None writes none and removes an older one, so the folder describes this save only.
+    passes it); None writes none and removes an older one, so the folder describes this save only. An
+    older fingerprint (`lorafit_fingerprint.json`, lorafit.fingerprint) is removed too: the Trainer
+    writes the new weights' own after saving them.
     `training`: the run that trained it (the Trainer's `run_info` and history), for the card."""
     configs = adapter_configs(model)
     if adapter not in configs:
@@ -302,6 +305,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     atomic_save_safetensors(state_to_peft(state), directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "lorafit_format_version": str(FORMAT_VERSION)})
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+    (directory / FINGERPRINT_NAME).unlink(missing_ok=True)  # it described the weights this save replaces
     if prompt_format is None:
         (directory / PROMPT_NAME).unlink(missing_ok=True)
     else:

@@ -9,6 +9,12 @@ on probe tokens. `merge_to_dense` instead writes the exact merged weights into 1
 
 Relative change of one layer: mean |y_requantized - y_exact| / mean |y_exact| over a Gaussian probe
 batch x, with y_exact = x (W_base + s B A)^T computed in fp32 before requantizing.
+
+What of the update survives, per layer: with ΔW = s B A the exact update, W the (dequantized) base
+and W' the requantized merge, the update the file actually carries is D = W' - W, and
+
+    survival = <D, ΔW> / ||ΔW||²        the share of ΔW's direction kept (1: all of it; ~0: rounded away)
+    residual = ||D - ΔW|| / ||ΔW||      how far the carried update is from the trained one
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class MergeError:
     max_abs: float
     mean_abs: float
     rel: float  # mean |error| / mean |exact output|
+    survival: float = 1.0  # <D, ΔW> / ||ΔW||² (module docstring)
+    residual: float = 0.0  # ||D - ΔW|| / ||ΔW||
 
 
 def _exact_merged(layer: LoraLayer) -> torch.Tensor:
@@ -53,13 +61,19 @@ def merge_quantized(model: nn.Module, probe_tokens: int = 64, seed: int = 0) -> 
         if layer.is_embedding or not is_quantized(layer.base_layer):
             layer.merge()
             continue
+        before = dense_weight(layer.base_layer, torch.float32)
         exact = _exact_merged(layer)
         layer.merge()
-        x = torch.randn(probe_tokens, layer.in_features, generator=g)  # (N, in)
+        after = dense_weight(layer.base_layer, torch.float32)
+        x = torch.randn(probe_tokens, layer.in_features, generator=g).to(exact.device)  # (N, in)
         y_exact = x @ exact.t()  # (N, out)
-        err = (x @ dense_weight(layer.base_layer, torch.float32).t() - y_exact).abs()
+        err = (x @ after.t() - y_exact).abs()
+        update, carried = exact - before, after - before  # ΔW, D
+        norm2 = (update * update).sum().clamp_min(1e-30)
         report.append(MergeError(path, err.max().item(), err.mean().item(),
-                                 (err.mean() / y_exact.abs().mean().clamp_min(1e-12)).item()))
+                                 (err.mean() / y_exact.abs().mean().clamp_min(1e-12)).item(),
+                                 ((carried * update).sum() / norm2).item(),
+                                 ((carried - update).norm() / norm2.sqrt()).item()))
     return report
 
 
@@ -101,7 +115,10 @@ def format_report(report: list[MergeError] | MergeReport, worst: int = 3) -> str
     ranked = sorted(layers, key=lambda e: e.rel, reverse=True)
     lines = [f"merged into {len(layers)} quantized layers and requantized them; relative change of each layer's "
              f"output on a random probe: mean {100 * mean_rel:.3g}%, max {100 * ranked[0].rel:.3g}%",
-             "  worst layers: " + ", ".join(f"{e.layer} {100 * e.rel:.3g}%" for e in ranked[:worst])]
+             "  worst layers: " + ", ".join(f"{e.layer} {100 * e.rel:.3g}%" for e in ranked[:worst]),
+             f"  share of the trained update that survives requantization: mean "
+             f"{100 * sum(e.survival for e in layers) / len(layers):.3g}%, lowest "
+             + ", ".join(f"{e.layer} {100 * e.survival:.3g}%" for e in sorted(layers, key=lambda e: e.survival)[:worst])]
     if isinstance(report, MergeReport):
         lines.append(f"  logits on {report.n_probe_tokens} probe tokens: mean relative change "
                      f"{100 * report.logits_rel:.3g}%, max abs change {report.logits_max_abs:.3g}")

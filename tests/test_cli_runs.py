@@ -113,7 +113,7 @@ def test_outputs_get_the_umasks_permissions(tiny_model_dir, tmp_path):  # noqa: 
               "--out", str(tmp_path / "model.gguf"))
     written = [run / "adapter", run / "checkpoints", tmp_path / "merged", tmp_path / "model.gguf"]
     written += [p for folder in written[:3] for p in folder.rglob("*")]
-    assert len(written) > 15 and (run / "checkpoints" / "step-00000002" / "trainer_state.pt") in written
+    assert len(written) > 15 and (run / "checkpoints" / "step-00000002" / "trainer_state.json") in written
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
     assert modes == {name: "0o755" if (tmp_path / name).is_dir() else "0o644" for name in modes}
 

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded together")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long an idle server waits for more requests to start a batch together")
+    parser.add_argument("--quantize", choices=["nf4", "ternary"], default=None,
+                        help="quantize the base while loading, as in QLoRA training (serve an adapter on the base "
+                             "it was trained on: an NF4-trained adapter on the NF4 base)")
     parser.add_argument("--dtype", default="auto",
                         help="the base model's dtype: auto (bfloat16 or float16 on a GPU, float32 on the CPU), "
                              "float32, bfloat16 or float16")
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = resolve_dtype(args.dtype, device)
     sock = bind(args.host, args.port)  # a taken port is found now, not after loading the model
     try:
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+        model, tokenizer = load_model(args.model, quantize=args.quantize, dtype=dtype, device=device)
         name = args.served_name or served_name(args.model)
         engine = Engine(model, tokenizer, base_name=name, max_batch_size=args.max_batch_size,
                         max_wait_ms=args.max_wait_ms)

@@ -58,6 +58,7 @@ class SamplingBody(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens tokens
+    return_tokens_as_token_ids: bool = False  # extension (as in vLLM): logprobs name tokens "token_id:<id>"
 
     @property
     def include_usage(self) -> bool:

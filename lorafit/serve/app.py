@@ -158,7 +158,8 @@ async def completions(body: CompletionBody, http: Request):
     job.echo = body.echo  # the prompt as sent (token ids: decoded), then the completion
     job.prompt_texts = [t if t is not None else srv.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
     http.state.lorafit_log = (body.model if adapter else None, job)
-    return await respond(job, http, Answer(body.model, chat=False), body.stream, body.include_usage)
+    answer = Answer(body.model, chat=False, token_ids=body.return_tokens_as_token_ids)
+    return await respond(job, http, answer, body.stream, body.include_usage)
 
 
 async def chat_completions(body: ChatBody, http: Request):
@@ -171,7 +172,8 @@ async def chat_completions(body: ChatBody, http: Request):
     job = Job(srv.engine, [ids], adapter, body.params(body.max_completion_tokens or body.max_tokens, 256, logprobs),
               "messages")
     http.state.lorafit_log = (body.model if adapter else None, job)
-    return await respond(job, http, Answer(body.model, chat=True), body.stream, body.include_usage)
+    answer = Answer(body.model, chat=True, token_ids=body.return_tokens_as_token_ids)
+    return await respond(job, http, answer, body.stream, body.include_usage)
 
 
 async def tokenize(body: TokenizeBody, http: Request):

@@ -4,6 +4,9 @@ Completions and chat share everything but the shape of a choice: a completion ch
 `text`, a chat choice a `message` (whole answer) or a `delta` (stream chunk). A stream starts,
 for chat, with one chunk per choice announcing the assistant role, sends each piece of text as
 it comes, then each choice's finish reason, optionally the usage, and ends with `data: [DONE]`.
+
+Log-probs name a token by its text, or "token_id:<id>" with vLLM's `return_tokens_as_token_ids` (exact
+where several ids decode to the same text; `lorafit verify --serve` asks for it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Answer:
     chat: bool
     id: str = ""
     created: int = 0
+    token_ids: bool = False  # log-probs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -55,29 +59,30 @@ class Answer:
                 "finish_reason": finish}
 
 
-def _token(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+def _token(tokenizer, token_id: int, as_id: bool = False) -> str:
+    return f"token_id:{token_id}" if as_id else tokenizer.decode([token_id])
 
 
-def legacy_logprobs(tokenizer, entries: list[TokenLogprob | None], ids: list[int], offset: int) -> dict:
+def legacy_logprobs(tokenizer, entries: list[TokenLogprob | None], ids: list[int], offset: int,
+                    as_ids: bool = False) -> dict:
     """OpenAI's legacy completion `logprobs`: tokens, token_logprobs, top_logprobs ({token: logprob}) and
     text_offset (each token's start in the choice's text, counted from `offset`). An entry of None (the
     prompt's first token, which nothing predicts) gives null log-probs."""
     tokens, logps, tops, offsets = [], [], [], []
     for token_id, entry in zip(ids, entries):
         text = _token(tokenizer, token_id)
-        tokens.append(text)
+        tokens.append(_token(tokenizer, token_id, as_ids))
         offsets.append(offset)
         offset += len(text)
         logps.append(None if entry is None else entry[1])
-        tops.append(None if entry is None else {_token(tokenizer, t): lp for t, lp in entry[2]})
+        tops.append(None if entry is None else {_token(tokenizer, t, as_ids): lp for t, lp in entry[2]})
     return {"tokens": tokens, "token_logprobs": logps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+def chat_logprobs(tokenizer, entries: list[TokenLogprob], as_ids: bool = False) -> dict:
     """Chat completions' `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
     def one(token_id: int, logprob: float) -> dict:
-        text = _token(tokenizer, token_id)
+        text = _token(tokenizer, token_id, as_ids)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
     return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts]} for t, lp, alts in entries]}
 
@@ -85,8 +90,8 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
 def _logprobs(job: Job, answer: Answer, entries: list[TokenLogprob], offset: int) -> dict:
     """An event's (or a whole answer's) generated tokens' log-probs in the answer's shape."""
     if answer.chat:
-        return chat_logprobs(job.tokenizer, entries)
-    return legacy_logprobs(job.tokenizer, entries, [e[0] for e in entries], offset)
+        return chat_logprobs(job.tokenizer, entries, answer.token_ids)
+    return legacy_logprobs(job.tokenizer, entries, [e[0] for e in entries], offset, answer.token_ids)
 
 
 async def respond(job: Job, http: Request, answer: Answer, stream: bool, include_usage: bool):
@@ -140,7 +145,8 @@ async def collected(job: Job, http: Request, answer: Answer):
         if request.params.logprobs is not None:  # text_offset counts from the prompt's start, as OpenAI's
             logprobs = _logprobs(job, answer, entries[i], len(prompt_text))
             if request.prompt_logprobs is not None:  # echo: the prompt's tokens first
-                prompt = legacy_logprobs(job.tokenizer, request.prompt_logprobs, request.prompt_ids, 0)
+                prompt = legacy_logprobs(job.tokenizer, request.prompt_logprobs, request.prompt_ids, 0,
+                                         answer.token_ids)
                 logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
         choices.append(answer.choice(i, echo + "".join(p), f, logprobs))
     return {**answer.head("chat.completion" if answer.chat else "text_completion"), "choices": choices,

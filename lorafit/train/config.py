@@ -18,6 +18,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
 METHODS = ("lora", "full", *PREFERENCE_METHODS)
+NONFINITE = ("skip", "stop")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -140,6 +141,13 @@ class TrainConfig:
     suggestion); None trains both at learning_rate."""
     max_grad_norm: float | None = 1.0
     """Clip the adapter gradients' global norm (None: no clipping)."""
+    nonfinite: str = "skip"
+    """A step whose loss or gradient norm (before clipping) is inf or nan: "skip" it (the adapter and
+    the optimizer state are left as they were, the data position and the schedule move on, the step is
+    counted and logged with "nonfinite": true), or "stop" the run there, after writing a checkpoint."""
+    max_nonfinite_steps: int = 3
+    """With nonfinite: skip, this many non-finite steps in a row stop the run (after writing a
+    checkpoint of the last good adapter and optimizer state, which --resume continues from)."""
     gradient_checkpointing: bool | None = None
     """Recompute block activations in backward: much less memory for ~30% more compute. None: on for
     a model on a GPU (where memory is what runs out), off on the CPU."""
@@ -162,7 +170,11 @@ class TrainConfig:
     save_steps: int | None = None
     """Write a resumable checkpoint every N steps (an interrupted run, Ctrl-C, writes one either way)."""
     save_total_limit: int = 2
-    """Keep only the newest N checkpoints."""
+    """Keep only the newest N checkpoints, and the one with the best validation loss besides."""
+    load_best_at_end: bool = False
+    """At the end, make adapter/ (or model/) the checkpoint with the lowest validation loss, when it
+    beats the final weights. Needs eval_steps and save_steps, save_steps a multiple of eval_steps (so
+    every checkpoint has its validation loss), and validation data."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a new best validation loss."""
     logging_steps: int = 1
@@ -204,9 +216,11 @@ class TrainConfig:
             raise LorafitError(f"TrainConfig.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         if not self.collective_timeout > 0:
             raise LorafitError(f"TrainConfig.collective_timeout must be positive, got {self.collective_timeout!r}")
+        if self.nonfinite not in NONFINITE:
+            raise LorafitError(f"TrainConfig.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         if self.optimizer not in OPTIMIZERS:
             raise LorafitError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LorafitError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
@@ -228,3 +242,7 @@ class TrainConfig:
         check_report_to(self.report_to)
         if self.epochs <= 0:
             raise LorafitError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")
+        if self.load_best_at_end and not (self.eval_steps and self.save_steps and self.save_steps % self.eval_steps == 0):
+            raise LorafitError(f"TrainConfig.load_best_at_end needs eval_steps and save_steps with save_steps a multiple "
+                               f"of eval_steps (so each checkpoint has its validation loss), got eval_steps="
+                               f"{self.eval_steps}, save_steps={self.save_steps}")

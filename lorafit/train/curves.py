@@ -17,8 +17,9 @@ def loss_figure(history: list[dict]):
     """The figure of `plot_losses`: loss against optimizer step, whole steps on the axis."""
     plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1)
-    val = [h for h in history if "val_loss" in h]
+    train = [h for h in history if h.get("loss") is not None]  # (a skipped non-finite step has none)
+    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", lw=1)
+    val = [h for h in history if h.get("val_loss") is not None]
     if val:
         ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
@@ -42,8 +43,9 @@ def plot_rewards(history: list[dict], path: Path, title: str | None = None) -> P
     for ax, (names, label) in zip(axes[0], panels):
         for name in names:
             if any(name in h for h in history):
-                line, = ax.plot(steps, [h.get(name, float("nan")) for h in history], lw=1, label=name)
-                val = [h for h in history if f"val_{name}" in h]
+                values = [h.get(name) for h in history]  # (null: a non-finite step)
+                line, = ax.plot(steps, [float("nan") if v is None else v for v in values], lw=1, label=name)
+                val = [h for h in history if h.get(f"val_{name}") is not None]
                 if val:
                     ax.plot([h["step"] for h in val], [h[f"val_{name}"] for h in val], "o", color=line.get_color(),
                             label=f"validation {name.split('/')[1]}")

@@ -15,6 +15,7 @@ from torch import nn
 from lorafit.device import model_device, to_device
 from lorafit.ops.chunked_loss import causal_lm_loss
 from lorafit.train.data import IGNORE
+from lorafit.train.packing import model_inputs
 
 
 def n_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -45,6 +46,7 @@ def decoder(model: nn.Module) -> nn.Module | None:
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token losses over the target tokens of a batch already on the model's device (fp32).
 
+    A batch of packed rows runs with each sample isolated (`lorafit.train.packing.model_inputs`).
     When the output head is a plain nn.Linear, the loss is computed from the last hidden states in
     chunks of tokens (lorafit.ops.chunked_loss), so the (B, T, V) fp32 logits never exist at once;
     otherwise from the model's logits, upcast to fp32 before the cross-entropy.
@@ -55,13 +57,12 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     plain_head = (isinstance(head, nn.Linear) and getattr(config, "final_logit_softcapping", None) is None
                   and getattr(config, "logit_scale", None) is None and getattr(config, "logits_scaling", 1.0) == 1.0
                   and body is not None)  # Granite divides its logits by logits_scaling
+    inputs = model_inputs(model, batch)  # packed rows: each sample attends to itself only
     if plain_head:
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+        hidden = body(**inputs).last_hidden_state  # (B, T, H)
         return causal_lm_loss(hidden, head.weight, batch["labels"], bias=head.bias, reduction="sum",
                               ignore_index=IGNORE)  # fp32: the chunks' logits are upcast before the softmax
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits  # (B, T, V)
+    logits = model(**inputs).logits  # (B, T, V)
     targets = batch["labels"][:, 1:]  # (B, T-1)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum")

@@ -8,8 +8,9 @@
                   to load its model or data deletes nothing)
 
 Checkpoints are `checkpoints/step-NNNNNNNN` folders, each written whole (lorafit.paths.write_folder) and
-complete when its trainer state is there. Rotation keeps the newest `save_total_limit` checkpoints up to
-the step just saved and never deletes that one; a folder is deleted by renaming it to a dot name first
+complete when its trainer state is there (lorafit.train.state_files). Rotation keeps the newest
+`save_total_limit` checkpoints up to the step just saved, never deletes that one nor the best one by
+validation loss; a folder is deleted by renaming it to a dot name first
 (lorafit.paths.remove_folder), so an interrupt never leaves half a checkpoint under a `step-*` name, and
 what interrupted writes and deletions leave behind is removed when a run starts.
 """
@@ -22,9 +23,9 @@ from typing import Any
 
 from lorafit.errors import LorafitError
 from lorafit.paths import clean_leftovers, remove_folder
+from lorafit.train.state_files import has_state
 
 RUN_FILES = ("adapter", "model", "checkpoints", "metrics.jsonl", "loss.png")  # what a run writes
-STATE_NAME = "trainer_state.pt"  # the file that makes a checkpoint folder complete (written with it)
 # settings a checkpoint must share with the run resuming it: the adapter's shape and the data's order
 SAME_ON_RESUME = ("method", "batch_size", "grad_accum", "seed", "lora")
 
@@ -38,7 +39,7 @@ def checkpoint_step(folder: Path) -> int | None:
 def checkpoints(output_dir: str | Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first."""
     found = [p for p in (Path(output_dir) / "checkpoints").glob("step-*")
-             if checkpoint_step(p) is not None and (p / STATE_NAME).is_file()]
+             if checkpoint_step(p) is not None and has_state(p)]
     return sorted(found, key=checkpoint_step)
 
 
@@ -97,11 +98,14 @@ def prepare_output_dir(output_dir: str | Path, resume: bool = False, overwrite: 
     return checkpoint
 
 
-def rotate_checkpoints(output_dir: str | Path, current: Path, keep: int) -> list[Path]:
+def rotate_checkpoints(output_dir: str | Path, current: Path, keep: int, best: str | None = None) -> list[Path]:
     """Delete all but the newest `keep` checkpoints up to `current` (the one just written, never deleted);
-    a checkpoint of a later step is not this run's to delete. Returns the folders deleted."""
+    a checkpoint of a later step is not this run's to delete, nor `best` (the folder name of the one with
+    the best validation loss). Returns the folders deleted."""
     step = checkpoint_step(current)
     older = [p for p in checkpoints(output_dir) if p != current and checkpoint_step(p) < step]
+    if best is not None and any(p.name == best for p in older[:max(0, len(older) - (keep - 1))]):
+        older = [p for p in older if p.name != best]  # kept besides the newest ones
     doomed = older[:max(0, len(older) - (keep - 1))]
     for folder in doomed:
         remove_folder(folder)

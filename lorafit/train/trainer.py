@@ -14,7 +14,17 @@ continues with the same losses the uninterrupted run would have had. Ctrl-C ends
 writes one too (lorafit.train.interrupt), `save_steps` or not. What output_dir may hold when a run
 starts (no earlier run unless `resume` or `overwrite`) and checkpoint rotation: lorafit.train.outdir.
 The RNG state is the CPU generator's and, when CUDA is in use, every CUDA device's (dropout masks on a
-GPU draw from those).
+GPU draw from those). Its files are safetensors and JSON only (`lorafit.train.state_files`): resuming runs no code from
+them. Rotation keeps the newest `save_total_limit` checkpoints and the one with the best validation
+loss; `load_best_at_end` makes that one the saved adapter when it beats the final weights. Writing,
+rotating and reading checkpoints: lorafit.train.checkpoints.
+
+Non-finite steps: the loss and the gradient norm before clipping are checked at every optimizer
+step. With `nonfinite: skip` a step where either is inf / nan changes neither the adapter nor the
+optimizer state, but the data position and the schedule move on; `max_nonfinite_steps` of them in a
+row (or the first one, with `nonfinite: stop`) stop the run with one line after a checkpoint.
+metrics.jsonl holds `grad_norm` at every step and stays strict JSON: a non-finite value is null,
+with `"nonfinite": true`.
 
 Devices: the model stays where the caller put it. Batches are built on the host (`collate`), their
 target tokens counted there (no device sync), then moved to the model's device (`lorafit.device.
@@ -44,13 +54,13 @@ from tqdm.auto import tqdm
 from lorafit.config import DEFAULT_ADAPTER, AdaLoraConfig
 from lorafit.device import model_device, to_device
 from lorafit.errors import LorafitError
-from lorafit.io import read_adapter, save_adapter
+from lorafit.fingerprint import write_fingerprint
+from lorafit.io import save_adapter
 from lorafit.lora.adalora import orthogonality_regularizer
 from lorafit.lora.allocator import RankAllocator
 from lorafit.lora.inject import adapter_configs, adapter_parameters
-from lorafit.lora.state import set_adapter_state
-from lorafit.paths import write_folder
 from lorafit.prompt import PromptFormat, default_format
+from lorafit.train.checkpoints import load_best, load_checkpoint, save_checkpoint
 from lorafit.train.config import TrainConfig
 from lorafit.train.curves import plot_losses, plot_rewards
 from lorafit.train.data import Sample, pad_id_for
@@ -59,58 +69,23 @@ from lorafit.train.distributed.strategy import choose_strategy, quantization_of
 from lorafit.train.distributed.world import init_world
 from lorafit.train.distributed.wrap import Parallel
 from lorafit.train.evaluate import add_metrics, averages, evaluate
-from lorafit.train.full import MODEL_DIR, load_model_weights, save_model_folder
+from lorafit.train.fingerprint import training_fingerprint
+from lorafit.train.full import MODEL_DIR, save_model_folder
 from lorafit.train.interrupt import StopRequest
 from lorafit.train.loraplus import loraplus_param_groups
 from lorafit.train.loss import loss_sum, n_targets, token_loss_sum
+from lorafit.train.metrics import json_record
 from lorafit.train.objectives import Objective, check_samples, make_objective
 from lorafit.train.objectives.precompute import model_fingerprint, precompute_reference
 from lorafit.train.order import EpochOrder
-from lorafit.train.outdir import (
-    STATE_NAME,
-    latest_checkpoint,
-    prepare_output_dir,
-    resume_mismatch,
-    rotate_checkpoints,
-)
+from lorafit.train.outdir import latest_checkpoint, prepare_output_dir
+from lorafit.train.packing import check_packing
 from lorafit.train.prepare import prepare_model, reference_slot
+from lorafit.train.schedule import lr_factor, make_optimizer
 from lorafit.train.trackers import Trackers
 
 __all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoint", "loss_sum", "lr_factor",
            "make_optimizer", "n_targets", "token_loss_sum"]
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1 - progress
-    return 1.0
-
-
-def make_optimizer(name: str, params: list[nn.Parameter] | list[dict], lr: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer `TrainConfig.optimizer` names, over `params` (parameters, or parameter groups).
-
-    "adamw" is torch's AdamW; when every parameter is on CUDA it runs fused (`fused=True`): the same
-    update, written by one kernel over all parameters instead of a chain of elementwise ones per step.
-    "adamw8bit" / "paged_adamw8bit" are bitsandbytes' (8-bit states, ~2 B per parameter instead of 8).
-    """
-    if name == "adamw":
-        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
-        fused = bool(flat) and all(p.is_cuda for p in flat)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise LorafitError(f"optimizer {name!r} needs bitsandbytes: `pip install bitsandbytes`, "
-                           "or use optimizer: adamw") from None
-    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
-    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 class Trainer:
@@ -151,6 +126,8 @@ class Trainer:
                 dtype=next(model.parameters()).dtype, checkpointing=config.gradient_checkpointing)
             if world.is_main and config.distributed == "auto":  # (lorafit train decides and says so itself)
                 print(f"lorafit: {world.size} processes ({world.device.type}), distributed: {strategy} ({why})")
+        if any(getattr(s, "position_ids", None) is not None for s in train + (val or [])):  # packed rows: proven isolated first
+            check_packing(model, lambda batch: loss_sum(model, batch), model_device(model))
         prepare_model(model, config, device=world.device if strategy == "fsdp" else None)
         self.objective = objective or make_objective(config, reference_slot(model), world)
         self.train_samples, self.val_samples = self.objective.prepare(train), self.objective.prepare(val or [])
@@ -176,7 +153,12 @@ class Trainer:
         self.history: list[dict] = []
         self.metrics: dict[str, float] = {}  # the objective's metrics of the last step (`accumulate`)
         self.best_val, self.bad_evals = math.inf, 0
-        self.grad_norm: float | None = None  # of the last optimizer step, when clipping is on
+        self.nonfinite_run, self.skipped = 0, 0  # non-finite steps in a row, and in all
+        self.best_checkpoint: str | None = None  # the checkpoint folder with the lowest validation loss
+        self.best_checkpoint_val = math.inf
+        if config.load_best_at_end and not self.val_samples:
+            raise LorafitError("load_best_at_end needs validation data (data.val_path or data.val_fraction) to "
+                               "tell the best checkpoint")
 
     # -- data order -------------------------------------------------------------------------
     def _micro_samples(self, index: int) -> list:
@@ -218,12 +200,21 @@ class Trainer:
         self.metrics = averages(names, values[1:])
         return values[0] / n_target
 
+    def clip_gradients(self) -> float:
+        """Clip the adapter gradients to max_grad_norm (when set); returns their global norm (all shards,
+        all ranks) before clipping. A non-finite norm leaves the gradients unusable: the step is skipped."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        if self.config.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
     def _optimizer_step(self) -> float:
-        cfg = self.config
-        if cfg.max_grad_norm:  # the norm before clipping, logged as grad_norm (a DTensor under FSDP)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
+        """Set the scheduled learning rate, step, clear the gradients; returns the learning rate."""
+        lr = self.lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs at a multiple
         self.optimizer.step()
@@ -231,6 +222,11 @@ class Trainer:
             self.allocator.update_and_allocate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return lr
+
+    def lr(self) -> float:
+        """The scheduled learning rate of the current optimizer step."""
+        cfg = self.config
+        return cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, resume: bool = False, overwrite: bool = False) -> list[dict]:
@@ -257,7 +253,7 @@ class Trainer:
             raise LorafitError(f"{self.out}: resuming an AdaLoRA run is not supported (the rank allocator's importance "
                                "averages are not checkpointed); start it again, or load its checkpoint's adapter")
         if checkpoint is not None:
-            self._load_checkpoint(checkpoint)
+            load_checkpoint(self, checkpoint)
             if main:
                 print(f"lorafit: resumed from {checkpoint} (step {self.step} of {self.total_steps})")
         elif main:
@@ -274,10 +270,18 @@ class Trainer:
             finally:  # an interrupt too: the bar ends its line, the trackers flush what they have
                 bar.close()
                 trackers.close()
+        if self.skipped and main:
+            print(f"lorafit: {self.skipped} non-finite step(s) skipped (\"nonfinite\": true in {metrics_path})")
+        if cfg.load_best_at_end:
+            load_best(self)
         model.eval()
+        fingerprint = None if cfg.method == "full" else training_fingerprint(  # every rank takes part
+            self.parallel, self.val_samples or self.train_samples, self.pad_id, self.step, bool(self.val_samples))
         with self.parallel.full_params():  # every rank takes part in gathering the shards; rank 0 writes
             if main:
-                self._save_weights(self.out, tokenizer=self.tokenizer)
+                saved = self._save_weights(self.out, tokenizer=self.tokenizer)
+                if fingerprint is not None:
+                    write_fingerprint(saved, fingerprint)
                 plot_losses(self.history, self.out / "loss.png")
                 if self.history and any(k.startswith("rewards/") for k in self.history[-1]):
                     plot_rewards(self.history, self.out / "rewards.png")
@@ -294,35 +298,54 @@ class Trainer:
             indices = range(self.micro, self.micro + cfg.grad_accum)
             micro = self.objective.batches(model, [self._micro_samples(i) for i in indices], self.pad_id)
             loss = self.accumulate(micro)
-            lr = self._optimizer_step()
+            norm = self.clip_gradients()  # the same on every rank: loss and gradients are all-reduced
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if finite:
+                lr, self.nonfinite_run = self._optimizer_step(), 0
+            else:  # nothing changes but the position: the adapter and the optimizer state stay as they were
+                lr = self.lr()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_run, self.skipped = self.nonfinite_run + 1, self.skipped + 1
             tokens = sum(len(self.train_samples[j]) for i in indices for j in self.order.indices(i))  # all ranks'
             self.step, self.micro = self.step + 1, self.micro + cfg.grad_accum
             record = {"step": self.step, **self.objective.finish({"loss": loss, **self.metrics}, eval=False),
-                      "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - start),
-                      **({"grad_norm": self.grad_norm} if self.grad_norm is not None else {}),
+                      "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - start),
                       "epoch": self.micro / self.batches_per_epoch}
+            if not finite:
+                record["skipped"] = self.skipped
             stop = False
             if self.val_samples and ((cfg.eval_steps and self.step % cfg.eval_steps == 0) or self.step == self.total_steps):
                 record.update(evaluate(model, self.val_samples, self.pad_id, cfg.eval_batch_size or cfg.batch_size,
                                        step=self.parallel.loss, world=world, objective=self.objective))
                 self.parallel.after_eval()
                 stop = self._early_stop(record["val_loss"])  # the same all-reduced loss on every rank
+            record = json_record(record)
             self.history.append(record)
             if main:
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(record, allow_nan=False) + "\n")
                 trackers.log(record)
             if self.step % cfg.logging_steps == 0:
                 shown = self.objective.progress
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                **({shown[1]: f"{record[shown[0]]:.2f}"} if shown and shown[0] in record else {}),
-                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                                **({shown[1]: f"{record[shown[0]]:.2f}"} if shown and record.get(shown[0]) is not None
+                                   else {}),
+                                **({"val": f"{record['val_loss']:.3f}"} if record.get("val_loss") is not None else {}))
             bar.update(1)
-            if cfg.save_steps and self.step % cfg.save_steps == 0:
-                self._save_checkpoint()
+            halt = not finite and (cfg.nonfinite == "stop" or self.nonfinite_run >= cfg.max_nonfinite_steps)
+            if halt or (cfg.save_steps and self.step % cfg.save_steps == 0):
+                save_checkpoint(self)
                 saved = self.step
+            if halt:
+                first = self.step - self.nonfinite_run + 1
+                steps = f"step {self.step}" if first == self.step else f"steps {first}-{self.step}"
+                raise LorafitError(
+                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at {steps} "
+                    f"(nonfinite: {cfg.nonfinite}, max_nonfinite_steps: {cfg.max_nonfinite_steps}); the run stopped "
+                    f"with the last good adapter in {latest_checkpoint(self.out) or self.out / 'checkpoints'}: lower "
+                    "learning_rate or check the data, then continue with --resume")
             if interrupt.requested if not world.distributed else world.sum([float(interrupt.requested)])[0] > 0:
-                folder = self._save_checkpoint() if saved != self.step else latest_checkpoint(self.out)
+                folder = save_checkpoint(self) if saved != self.step else latest_checkpoint(self.out)
                 if main:
                     print(f"lorafit: interrupted after step {self.step} of {self.total_steps}; checkpoint {folder} "
                           "written: run the same command with --resume to continue", flush=True)
@@ -351,7 +374,7 @@ class Trainer:
                 self.world, name))
 
     def _early_stop(self, val_loss: float) -> bool:
-        if val_loss < self.best_val:
+        if math.isfinite(val_loss) and val_loss < self.best_val:
             self.best_val, self.bad_evals = val_loss, 0
             return False
         self.bad_evals += 1
@@ -374,79 +397,3 @@ class Trainer:
             return save_model_folder(self.model, folder / MODEL_DIR, tokenizer)
         return save_adapter(self.model, folder / "adapter", prompt_format=self.prompt_format,
                             training={**self.run_info(), "history": self.history})
-
-    def _save_checkpoint(self) -> Path | None:
-        """Every rank calls it (the optimizer states, RNG states and adapter shards are gathered);
-        rank 0 writes the checkpoint and returns its folder, the others return None."""
-        optimizer = self.parallel.optimizer_state(self.optimizer)  # whole, keyed by name, on rank 0
-        rngs = self.world.gather((torch.get_rng_state(), _cuda_rng_states()))
-        with self.parallel.full_params():
-            if not self.world.is_main:
-                return None
-            root = self.out / "checkpoints"
-            state = {"step": self.step, "micro": self.micro, "optimizer": optimizer, "torch_rng": rngs[0][0],
-                     "cuda_rng": rngs[0][1], "rank_rng": rngs, "world_size": self.world.size,
-                     "history": self.history, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                     "config": asdict(self.config), "objective": self.objective.state_dict()}
-
-            def write(folder: Path) -> None:
-                self._save_weights(folder)
-                torch.save(state, folder / STATE_NAME)
-            # atomic: a checkpoint folder is either complete or absent
-            final = write_folder(root / f"step-{self.step:08d}", write)
-        rotate_checkpoints(self.out, final, self.config.save_total_limit)  # never `final`, never a later step
-        return final
-
-    def _load_checkpoint(self, path: Path) -> None:
-        """Rank 0 reads the checkpoint and sends every rank its part: the adapter (into each rank's
-        shard or replica), the optimizer states, its own RNG state and the loop's position. A checkpoint
-        of another number of processes resumes too (everything in it is whole, and the global batches
-        do not depend on the number of processes); only ranks beyond the saved ones start new RNG streams."""
-        main, world = self.world.is_main, self.world
-        # on the host first: the optimizer moves its states to its parameters' devices itself
-        state = torch.load(path / STATE_NAME, weights_only=False, map_location="cpu") if main else {}
-        differ = resume_mismatch(state.get("config") or {}, asdict(self.config)) if main else None
-        differ = world.broadcast(differ)  # every rank stops, not rank 0 alone
-        if differ:
-            raise LorafitError(f"{path}: this checkpoint was written with {differ}; resume with the settings it "
-                               "was trained with, or start over with --overwrite (or another output_dir)")
-        with self.parallel.full_params(write_back=True):
-            if main and self.config.method == "full":
-                load_model_weights(self.model, path / MODEL_DIR)
-            elif main:
-                _, adapter_state = read_adapter(path / "adapter")
-                set_adapter_state(self.model, DEFAULT_ADAPTER, adapter_state)
-        self.parallel.load_optimizer_state(self.optimizer, state.pop("optimizer", None))
-        rngs = state.get("rank_rng") or [(state.get("torch_rng"), state.get("cuda_rng"))]
-        mine = world.scatter([rngs[r] if r < len(rngs) else None for r in range(world.size)] if main else None)
-        if mine is not None:
-            torch.set_rng_state(mine[0])
-            _set_cuda_rng_states(mine[1])
-        self.objective.load_state_dict(world.broadcast(state.get("objective", {}) if main else None))
-        keys = ("step", "micro", "history", "best_val", "bad_evals")
-        meta = world.broadcast({**{k: state[k] for k in keys}, "world_size": state.get("world_size", 1)} if main else None)
-        self.step, self.micro, self.history = meta["step"], meta["micro"], meta["history"]
-        self.best_val, self.bad_evals = meta["best_val"], meta["bad_evals"]
-        if main:
-            metrics = self.out / "metrics.jsonl"  # drop lines written after the checkpoint by the dead run
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            if meta["world_size"] != world.size:
-                print(f"lorafit: {path} was written by {meta['world_size']} process(es), resuming on {world.size}: "
-                      "adapter, optimizer states and data position carry over")
-
-
-def _cuda_rng_states() -> list[torch.Tensor] | None:
-    """Every CUDA device's generator state, or None when this process has not initialised CUDA (a CPU
-    run on a machine with a GPU must not create a CUDA context just to save an unused state)."""
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-
-def _set_cuda_rng_states(states: list[torch.Tensor] | None) -> None:
-    """Restore what `_cuda_rng_states` saved, on the devices this process sees (a checkpoint of a CPU
-    run has none, and a CPU-only process resuming a GPU run has nothing to restore them to)."""
-    if not states or not torch.cuda.is_available():
-        return
-    for index, rng in enumerate(states[:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(rng, index)
-
-

@@ -92,7 +92,7 @@ def test_ablate_a_2x2_grid_killed_after_the_first_point_resumes(config, tmp_path
     (["--grid", "lora.r="], "empty value list"),
     (["--grid", "lora.r=1,,2"], "empty value list"),
     (["--methods", "lora,qlorra"], "unknown method 'qlorra'"),
-    (["--grid", "lora.r=0,4"], "LoraConfig.r must be a positive integer"),
+    (["--grid", "lora.r=0,4"], "lora.r must be a positive integer"),
 ])
 def test_a_bad_grid_spec_is_one_line_and_exit_2_before_training(config, tmp_path, capsys, flags, message):
     out = tmp_path / "out"

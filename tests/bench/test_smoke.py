@@ -297,6 +297,19 @@ def test_eval_adapters_smoke(smollm2_dir, tmp_path):
     assert [len(t) for t in report["times"].values()] == [1, 1] and "ratio (4 runs / one run)" in out
 
 
+# -- bench/packing.py: packed training, before (a git revision) and after (this tree), one subprocess per side -
+def test_packing_smoke(smollm2_dir, tmp_path):
+    """Both sides import their own lorafit (the script checks it), train on packed rows and score them; this
+    tree's packed validation loss is each sample's loss alone."""
+    out = run_script("packing", "--before", "HEAD", "--train-samples", "4", "--val-samples", "2", "--batch-size", "2",
+                     cwd=tmp_path)
+    report = json.loads(out.strip().splitlines()[-1])
+    assert set(report) == {"before", "after"} and "lorafit-before-" in report["before"]["lorafit"]
+    after = report["after"]["packed"]
+    assert after["samples"] == 4 and after["steps"] >= 1 and finite(after["val_loss_each_alone"])
+    assert after["val_loss_packed_rows"] == pytest.approx(after["val_loss_each_alone"], rel=1e-5)
+
+
 # -- bench/prefs.py: DPO, lorafit train vs TRL's DPOTrainer + PEFT + bitsandbytes, one subprocess per side ------
 def test_prefs_defaults(smollm2_dir, tmp_path):
     prefs = bench("prefs")

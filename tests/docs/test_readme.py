@@ -34,6 +34,7 @@ FORMER_HEADINGS = {
     "Several GPUs or machines": "guides/distributed.md",
     "Export to GGUF (llama.cpp, Ollama, LM Studio)": "guides/export.md#export-to-gguf-llamacpp-ollama-lm-studio",
     "Serve many adapters at once": "guides/serving.md",
+    "Is it what users will run? `lorafit verify`": "guides/verify.md",
     "Layout": "development.md#the-code",
 }
 

@@ -18,12 +18,13 @@ from tests.export.kit import FAMILIES, bpe_tokenizer, random_adapter, tiny_model
 
 @pytest.fixture(scope="session")
 def smollm2_merged(demo_adapter):
-    """(SmolLM2 + the demo adapter merged exactly in fp32, its tokenizer)."""
+    """(SmolLM2 + the demo adapter merged exactly in fp32 into the NF4 base it trained on, dequantized; its
+    tokenizer): what `lorafit export` writes for it."""
     from lorafit.io import load_adapter
     from lorafit.merge import merge_to_dense
     from lorafit.model import load_model
 
-    model, tokenizer = load_model(None)
+    model, tokenizer = load_model(None, quantize="nf4")
     load_adapter(model, demo_adapter[0])
     return merge_to_dense(model, torch.float32).eval(), tokenizer
 

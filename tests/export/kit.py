@@ -192,9 +192,10 @@ DEMO_LR = 2e-3
 
 
 def train_demo_adapter(out, steps: int = DEMO_STEPS, lr: float = DEMO_LR, quantize: str | None = None):
-    """lorafit demo's recipe, shortened (`lorafit demo --quantize none --steps 20`, at twice the rate):
-    LoRA r=16 on every projection of the bundled SmolLM2-135M, the generated dates task (seed 0),
-    batch 8. Returns (adapter folder, held-out records)."""
+    """lorafit demo's recipe, shortened (`lorafit demo --steps 20`, at twice the rate, without LoRA+):
+    LoRA r=16 on every projection of the bundled SmolLM2-135M (NF4 with quantize="nf4", as the demo),
+    the generated dates task (seed 0), batch 8; 40 of the held-out examples as validation data (the
+    fingerprint's probes). Returns (adapter folder, held-out records)."""
     from pathlib import Path
 
     from lorafit.config import LoraConfig
@@ -207,9 +208,10 @@ def train_demo_adapter(out, steps: int = DEMO_STEPS, lr: float = DEMO_LR, quanti
     torch.manual_seed(0)
     train_records, eval_records = make_splits(600, 40, seed=0)
     train_path = write_jsonl(out / "data" / "train.jsonl", train_records)
+    val_path = write_jsonl(out / "data" / "val.jsonl", eval_records)
     model, tokenizer = load_model(None, quantize=quantize)
-    splits = load_data(tokenizer, DataConfig(path=str(train_path), max_seq_length=256))
+    splits = load_data(tokenizer, DataConfig(path=str(train_path), val_path=str(val_path), max_seq_length=256))
     config = TrainConfig(output_dir=str(out), lora=LoraConfig(r=16, alpha=16), max_steps=steps, batch_size=8,
                          learning_rate=lr, warmup_ratio=0.1, seed=0)
-    Trainer(config, model, tokenizer, splits.train).train()
+    Trainer(config, model, tokenizer, splits.train, splits.val).train()
     return out / "adapter", eval_records

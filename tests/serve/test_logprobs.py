@@ -129,3 +129,25 @@ def test_tokenizer_routes_in_vllms_shapes(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": "hi", "echo": True,
                                                           "stream": True}, headers=AUTH, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_return_tokens_as_token_ids_names_every_token_by_its_id(server, tiny):
+    """vLLM's `return_tokens_as_token_ids`: "token_id:<id>" for the tokens and their alternatives (exact
+    where two ids decode alike; `lorafit verify --serve` reads them), the same log-probs as by text."""
+    model_dir, adapters = tiny
+    ids = _post(server, "/tokenize", {"prompt": TEXTS[1], "add_special_tokens": False})["tokens"]
+    body = {"model": "alpha", "prompt": ids, "max_tokens": 2, "logprobs": 3, "echo": True, "ignore_eos": True}
+    by_text = _post(server, "/v1/completions", body)["choices"][0]["logprobs"]
+    by_id = _post(server, "/v1/completions", {**body, "return_tokens_as_token_ids": True})["choices"][0]["logprobs"]
+    assert by_id["tokens"][:len(ids)] == [f"token_id:{t}" for t in ids]
+    assert by_id["token_logprobs"] == by_text["token_logprobs"] and by_id["text_offset"] == by_text["text_offset"]
+    ref, tokenizer = load_model(model_dir)
+    for named, texts in zip(by_id["top_logprobs"][1:], by_text["top_logprobs"][1:]):  # by text, alike ones merge
+        assert len(named) == 3 and {tokenizer.decode([int(n.removeprefix("token_id:"))]): lp
+                                    for n, lp in named.items()} == texts
+    chat = _post(server, "/v1/chat/completions", {"model": "beta", "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 2, "logprobs": True, "top_logprobs": 2,
+                                                  "ignore_eos": True, "return_tokens_as_token_ids": True})
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert all(c["token"].startswith("token_id:") and len(c["top_logprobs"]) == 2 for c in content)
+    assert all(a["token"].startswith("token_id:") for c in content for a in c["top_logprobs"])

@@ -4,19 +4,18 @@ rotated without ever deleting the current run's, leftovers of interrupted writes
 import os
 
 import pytest
-import torch
 
 from lorafit.errors import LorafitError
 from lorafit.train.data import DataConfig, load_data
 from lorafit.train.demo_task import make_dataset, write_jsonl
 from lorafit.train.outdir import (
-    STATE_NAME,
     check_output_dir,
     checkpoints,
     prepare_output_dir,
     resume_mismatch,
     rotate_checkpoints,
 )
+from lorafit.train.state_files import STATE_JSON, load_state
 from lorafit.train.trainer import Trainer
 from tests.train.test_trainer import _config, tiny_llama
 
@@ -31,7 +30,7 @@ def _checkpoint(out, step: int, complete: bool = True):
     folder = out / "checkpoints" / f"step-{step:08d}"
     (folder / "adapter").mkdir(parents=True)
     if complete:
-        (folder / STATE_NAME).write_bytes(b"state")
+        (folder / STATE_JSON).write_text("{}")
     return folder
 
 
@@ -104,4 +103,4 @@ def test_permissions_of_written_checkpoints_follow_the_umask(tokenizer, samples,
     checkpoint = checkpoints(tmp_path / "run")[-1]
     assert checkpoint.stat().st_mode & 0o777 == 0o750
     assert (checkpoint / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o640
-    assert torch.load(checkpoint / STATE_NAME, weights_only=False)["step"] == 2
+    assert load_state(checkpoint)["step"] == 2

@@ -2,7 +2,8 @@
 
     fit_length   truncate (keep the start) or skip samples over max_seq_length, warn once with counts
     pack         concatenate short samples into rows, no loss across a sample boundary
-    collate      right-pad a batch into host tensors: input_ids, labels, attention_mask, position_ids
+    collate      right-pad a batch into host tensors: input_ids, labels, position_ids, and the padding
+                 mask of unpacked rows (packed rows are isolated per sample: lorafit.train.packing)
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def pack(samples: list[Sample], max_len: int) -> list[Sample]:
     No loss crosses a sample boundary: the label of each sample's first token (which the shifted
     loss would predict from the previous sample's last token) is set to IGNORE; unpacked, that
     label is never used either, so packed and unpacked losses see the same targets.
-    `position_ids` restart at 0 per sample, ready for per-sample attention.
+    `position_ids` restart at 0 per sample: that is how attention is cut at the boundaries too
+    (`collate` gives packed rows no 2-D mask; `lorafit.train.packing.model_inputs` says what each
+    attention implementation gets), so a packed sample's logits are its logits unpacked.
     """
     rows: list[Sample] = []
     row: Sample | None = None
@@ -77,7 +80,12 @@ def pad_id_for(tokenizer) -> int:
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest sample. Returns (B, T) long tensors: input_ids, labels
-    (IGNORE on padding), attention_mask (1 = real token) and position_ids.
+    (IGNORE on padding), position_ids and, unless the batch holds packed rows, attention_mask
+    (1 = real token).
+
+    Packed rows (samples with `position_ids`) get no attention_mask: the positions alone mark the
+    samples (`lorafit.train.packing`), and the padding after a row's last sample restarts at 0, a run
+    of its own that no real token attends to (it comes after them, and attention is causal).
 
     The tensors are host tensors, on the CPU whatever the default device is: the trainer counts
     target tokens on them, then moves them to the model's device (`lorafit.device.to_device`).
@@ -89,6 +97,7 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((B, T), IGNORE, dtype=torch.long, device=host)
     attention_mask = torch.zeros((B, T), dtype=torch.long, device=host)
     position_ids = torch.arange(T, dtype=torch.long, device=host).repeat(B, 1)
+    packed = any(s.position_ids is not None for s in samples)
     for b, s in enumerate(samples):
         n = len(s)
         input_ids[b, :n] = torch.tensor(s.input_ids, device=host)
@@ -96,10 +105,10 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[b, :n] = 1
         if s.position_ids is not None:
             position_ids[b, :n] = torch.tensor(s.position_ids, device=host)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-    }
+        if packed:
+            position_ids[b, n:] = torch.arange(T - n, dtype=torch.long, device=host)  # the pad run: its own
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if not packed:
+        batch["attention_mask"] = attention_mask
+    return batch
 

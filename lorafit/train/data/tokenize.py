@@ -16,6 +16,7 @@ prompt at inference is exactly the masked start of a training sample (BOS once, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from lorafit.errors import LorafitError
@@ -79,9 +80,16 @@ def _chat_sample(
     Turns after the last assistant message carry nothing to learn and are dropped, as is the
     whitespace the template writes after the final end-of-turn token. `spans=False` skips the
     per-turn span search (for train_on_prompt, where every token is trained anyway).
+
+    Reasoning (a `<think>...</think>` block in the content, or a `reasoning_content` field, as
+    Qwen3-style templates read it) is rendered by the template and trained like the rest of the turn.
+    Such templates drop the reasoning of *earlier* assistant turns from the history, so an earlier turn
+    is not in the conversation as the model would write it; it is then left untrained (with a warning)
+    rather than taught without its reasoning. The last turn always keeps it.
     """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages[: last + 1]]
+    messages = [{k: m[k] for k in ("role", "content", "reasoning_content") if isinstance(m.get(k), str)}
+                for m in messages[: last + 1]]
     where = f"{source}: field 'messages'"
     full = conversation_ids(tokenizer, fmt, messages, False, where)
     if not spans:  # train on everything: no per-turn spans needed
@@ -89,18 +97,27 @@ def _chat_sample(
         return full[:end], full[:end]
     labels = [IGNORE] * len(full)
     end = 0
+    rewritten = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt = conversation_ids(tokenizer, fmt, messages[:i], True, where)
         turn = conversation_ids(tokenizer, fmt, messages[: i + 1], False, where)
-        if not (_is_prefix(prompt, turn) and _is_prefix(turn, full)):
+        if not _is_prefix(prompt, full):
             raise LorafitError(
                 f"{source}: field 'messages[{i}]': the chat template does not render this turn as a token "
                 "prefix of the conversation, so its span cannot be masked: use train_on_prompt=True"
             )
+        if not (_is_prefix(prompt, turn) and _is_prefix(turn, full)):
+            rewritten += 1  # the history shows this turn otherwise than the model writes it (reasoning dropped)
+            continue
         end = turn_end(tokenizer, turn, len(prompt))
         labels[len(prompt) : end] = full[len(prompt) : end]
+    if rewritten:
+        # one message for all records (shown once): the template, not the record, is the cause
+        warnings.warn("the chat template renders earlier assistant turns differently in the history than as a reply "
+                      "(e.g. without their reasoning), so those turns are not trained; put each turn to learn last "
+                      "in a record of its own", stacklevel=3)
     return full[:end], labels[:end]
 
 

@@ -48,16 +48,17 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], object]
 
 
 class StepModule(nn.Module):
-    """forward(batch) = loss_fn(model, batch) (the objective's loss): the module DDP and FSDP wrap (the model is its child
-    `model`, so its own parameters keep their names under it)."""
+    """forward(batch) = loss_fn(model, batch) (the objective's loss): the module DDP and FSDP wrap (the
+    model is its child `model`, so its own parameters keep their names under it). forward(batch, fn)
+    runs another function of the model the same way (an evaluation or a reference pass)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: dict[str, torch.Tensor], fn: Callable | None = None):
+        return (fn or self.loss_fn)(self.model, batch)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -109,13 +110,10 @@ class Parallel:
         return self.runner(batch)
 
     def call(self, fn: LossFn, batch: dict[str, torch.Tensor]):
-        """`fn(model, batch)` through the wrapper instead of the loss (a reference pass before training:
-        FSDP gathers the parameters as for the loss); every rank must call it."""
-        saved, self.step.loss_fn = self.step.loss_fn, fn
-        try:
-            return self.runner(batch)
-        finally:
-            self.step.loss_fn = saved
+        """fn(model, batch) through the wrapper, on every rank (FSDP gathers what the forward needs):
+        forwards without backward (an evaluation, a reference pass before training); call `after_eval`
+        afterwards."""
+        return self.runner(batch, fn)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Around the forward and backward of one micro-batch: DDP all-reduces the gradients only in

@@ -73,6 +73,11 @@ def test_collate_right_pads_and_masks(tokenizer):
         assert batch["position_ids"][b, :n].tolist() == list(range(n))
     packed = collate(pack(make_samples([3, 2]), 8), pad)
     assert packed["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
+    # packed rows: no 2-D mask (it would switch transformers' per-sample attention off); padding after a
+    # row's last sample restarts at 0, a run of its own
+    packed = collate(pack(make_samples([3, 2, 4]), 5), pad)
+    assert "attention_mask" not in packed and "attention_mask" in batch
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert pad_id_for(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7  # no pad token: pad with EOS
 
 

@@ -94,3 +94,63 @@ def test_template_that_rewrites_earlier_turns_is_refused(tokenizer, monkeypatch)
         sample_of(tokenizer, "chat")
     s = sample_of(tokenizer, "chat", train_on_prompt=True)  # the suggested way out works
     assert s.labels == s.input_ids and s.input_ids[-1] == tokenizer.eos_token_id
+
+
+# A template that, as Qwen3's does, renders an assistant turn's reasoning (a <think> block in the content or a
+# reasoning_content field) only for turns after the last user message, and drops it from earlier turns.
+THINKING = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set content = m.content -%}"
+    "{%- set reasoning = m.reasoning_content if m.reasoning_content is defined else '' -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{%- if loop.index0 > ns.last_user -%}"
+    "{{ '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}")
+
+
+@pytest.mark.parametrize("where", ["content", "field"])
+def test_thinking_is_trained_and_served_as_rendered(tokenizer, monkeypatch, where):
+    from lorafit.prompt import PromptFormat, prompt_ids
+
+    monkeypatch.setattr(tokenizer, "chat_template", THINKING)
+    reply = ({"role": "assistant", "content": "<think>\nsix times seven\n</think>\n\n42"} if where == "content" else
+             {"role": "assistant", "content": "42", "reasoning_content": "six times seven"})
+    s = sample_of(tokenizer, "chat", {"messages": [{"role": "user", "content": "6*7?"}, reply]})
+    assert trained_runs(tokenizer, s) == ["<think>\nsix times seven\n</think>\n\n42<|im_end|>"]
+    # generate and serve prompt with exactly the untrained start of the sample: the reply begins with the thinking
+    prompt = prompt_ids(tokenizer, PromptFormat("chat"), "6*7?")
+    assert s.input_ids[:len(prompt)] == prompt and set(s.labels[:len(prompt)]) == {IGNORE}
+    assert s.labels[len(prompt)] != IGNORE
+
+
+def test_earlier_turns_whose_reasoning_the_template_drops_are_not_trained(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", THINKING)
+    messages = [{"role": "user", "content": "6*7?"}, {"role": "assistant", "content": "<think>\nsix sevens\n</think>\n\n42"},
+                {"role": "user", "content": "and 6*8?"}, {"role": "assistant", "content": "<think>\nsix eights\n</think>\n\n48"}]
+    with pytest.warns(UserWarning, match="earlier assistant turns differently in the history .* not trained"):
+        s = sample_of(tokenizer, "chat", {"messages": messages})
+    assert trained_runs(tokenizer, s) == ["<think>\nsix eights\n</think>\n\n48<|im_end|>"]
+    assert "six sevens" not in tokenizer.decode(s.input_ids)  # the history as the template shows it
+
+
+def test_the_stop_token_stays_a_trained_label_when_pad_is_eos(tokenizer):
+    """SmolLM2's pad token is its EOS, <|im_end|>, which also ends every turn: padding never masks it."""
+    from lorafit.train.data import collate
+    from lorafit.train.loss import n_targets
+
+    assert tokenizer.eos_token == "<|im_end|>"
+    short, long = sample_of(tokenizer, "alpaca"), sample_of(tokenizer, "chat")
+    batch = collate([short, long], pad_id=tokenizer.eos_token_id)
+    n = len(short)
+    assert batch["labels"][0, n - 1] == tokenizer.eos_token_id == batch["input_ids"][0, n - 1]
+    assert (batch["input_ids"][0, n:] == tokenizer.eos_token_id).all() and (batch["labels"][0, n:] == IGNORE).all()
+    assert n_targets(batch) == short.n_trained + long.n_trained  # the stop tokens included

@@ -17,6 +17,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.train.distributed.world import SINGLE, World, init_world, launched_size, rank_device
+from lorafit.train.state_files import load_state
 from lorafit.train.trainer import Trainer, latest_checkpoint
 from tests.train.distributed import kit
 
@@ -64,7 +65,7 @@ def test_a_rank_stopped_by_a_signal_stops_the_other_and_the_last_checkpoint_resu
     if signum == signal.SIGSTOP:
         assert f"Timed out waiting {int(TIMEOUT * 1000)}ms" in (tmp_path / "rank0.log").read_text()
     checkpoint = latest_checkpoint(tmp_path / "long")
-    step = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"]
+    step = load_state(checkpoint)["step"]
     assert step >= 1
     # the survivor's last checkpoint resumes (here on one process: FSDP's shards were saved whole)
     history = Trainer(kit.config(tmp_path / "long", max_steps=step + 2), kit.tiny_llama(quant="nf4"), tokenizer,
