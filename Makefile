@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup llama-cpp demo test lint bench clean lock lock-latest test-latest test-oldest
+.PHONY: setup llama-cpp demo test lint bench docs docs-serve clean lock lock-latest test-latest test-oldest
 
 setup: $(VENV)/.installed
 
@@ -110,11 +110,19 @@ demo: setup
 	$(BIN)/lorafit demo
 
 test: setup
-	$(BIN)/ruff check lorafit tests bench
+	$(BIN)/ruff check lorafit tests bench docs/hooks.py
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python bench/lora_step.py
 
+# The documentation site (mkdocs.yml, docs/) built into site/, failing on any warning: open site/index.html.
+# tests/docs/ build it the same way and read it in headless Chromium (Debian's chromium, chromium-driver).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) $(LATEST) $(OLDEST) $(LOCKENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST) $(OLDEST) $(LOCKENV) build site *.egg-info

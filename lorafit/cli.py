@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or --resume, a folder holding a run is refused")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="train with N processes on this machine (one per GPU; on the CPU they share the cores), "
-                        "started through torchrun; several machines: run torchrun yourself (see the README)")
+                        "started through torchrun; several machines: run torchrun yourself (docs/guides/distributed.md)")
     add_train_flags(p)
     p.set_defaults(func=cmd_train, overrides=[])
 

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 # bitsandbytes (a dev reference) tries to fetch a CPU kernel from the Hub on import when the `kernels`
 # package is installed (transformers >= 5.25 depends on it) and logs a warning when it cannot: offline,
-# its own fallback runs, and the message says nothing about lorafit (README, "Versions").
+# its own fallback runs, and the message says nothing about lorafit (docs/development.md, "Versions").
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 LLAMA = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

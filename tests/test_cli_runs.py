@@ -1,5 +1,5 @@
-"""`lorafit` runs as a new user makes them: the README's run file trains, Ctrl-C then --resume gives the
-adapter of an uninterrupted run, outputs get the umask's permissions, every command's output can be
+"""`lorafit` runs as a new user makes them: the run file of docs/guides/training.md trains, Ctrl-C then
+--resume gives the adapter of an uninterrupted run, outputs get the umask's permissions, every command's output can be
 piped, and the commands say what they did (final losses, cut answers, the method estimated)."""
 
 import json
@@ -25,14 +25,14 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lorafit.cli", *args]
 
 
-def test_the_readme_run_file_is_the_one_train_help_shows_and_it_trains(tiny_model_dir, tmp_path):  # noqa: F811
-    """The YAML example of the README, as it is, for two steps on a tiny model with SmolLM2's tokenizer
-    (the flags override the file: a CPU runs the real 135M model's steps in tens of seconds each); its
+def test_the_training_guides_run_file_is_the_one_train_help_shows_and_it_trains(tiny_model_dir, tmp_path):  # noqa: F811
+    """The YAML example of docs/guides/training.md, as it is, for two steps on a tiny model with SmolLM2's
+    tokenizer (the flags override the file: a CPU runs the real 135M model's steps in tens of seconds each); its
     relative paths are read from the file's folder, not from the working directory."""
     from lorafit.train.run import EXAMPLE
 
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"A run file for `lorafit train run.yaml`.*?\n```yaml\n(.*?)```", readme, re.S).group(1)
+    guide = (ROOT / "docs" / "guides" / "training.md").read_text()
+    block = re.search(r"A run file for `lorafit train run.yaml`.*?\n```yaml\n(.*?)```", guide, re.S).group(1)
     assert block == EXAMPLE
     shown = lorafit("train", "--help").stdout
     assert all(line in shown for line in EXAMPLE.splitlines())

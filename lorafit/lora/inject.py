@@ -237,6 +237,7 @@ def _set_bias_trainable(model: nn.Module, mode: str) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters the model's adapted layers currently apply (`set_adapter` chooses them); [] if none."""
     for _, layer in adapter_layers(model):
         return list(layer.active)
     return []
@@ -305,6 +306,8 @@ def merge_adapter(model: nn.Module, adapter: str | list[str] | None = None) -> N
 
 
 def unmerge_adapter(model: nn.Module) -> None:
+    """Undo `merge_adapter`: take the merged updates back out of the base weights (to float rounding;
+    a quantized base is requantized)."""
     for _, layer in adapter_layers(model):
         layer.unmerge()
 
@@ -359,6 +362,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
     trainable, total = trainable_parameters(model)
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
     print(line)

@@ -189,6 +189,9 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
                sink: Callable[[Event], None]) -> Request:
+        """Queue a request: `prompt_ids` on `adapter` (None: the base), sampled with `params`. Returns at
+        once; `sink` then receives Events from the scheduler thread, the last with its finish_reason.
+        Raises UnknownAdapter, PromptTooLong or ServerBusy (LorafitErrors) instead of queueing."""
         self.check_prompt(len(prompt_ids))
         request = Request(list(prompt_ids), adapter, params, sink,
                           stream=TextStream(self._decode, params.stop),
@@ -224,6 +227,8 @@ class Engine:
         self._release(request)
 
     def stats(self) -> dict[str, int]:
+        """Counters for monitoring: running and waiting requests, loaded adapters, completed requests,
+        tokens generated, and the process's resident memory in bytes."""
         adapters = len(self.registry.names())
         with self._state:
             return {"running": self._running, "waiting": len(self._waiting), "adapters": adapters,
@@ -266,6 +271,7 @@ class Engine:
 
     # -- scheduler --------------------------------------------------------------------------
     def start(self) -> Engine:
+        """Start the scheduler thread (once; later calls do nothing) and return the engine."""
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="lorafit-scheduler", daemon=True)
@@ -273,6 +279,7 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        """End the scheduler thread and wait for it."""
         with self._state:
             self._stopping = True
             self._state.notify_all()

@@ -1,7 +1,7 @@
 """One fine-tuning run from a YAML file (and flag overrides): what `lorafit train` executes.
 
-`EXAMPLE` below is a commented run file (the README shows the same text, and a test trains with it).
-Every other top-level key is a `TrainConfig` field. The flags come from the same dataclasses
+`EXAMPLE` below is a commented run file (docs/guides/training.md shows the same text, and a test trains
+with it). Every other top-level key is a `TrainConfig` field. The flags come from the same dataclasses
 (`--learning-rate 1e-4`, `--lora.r 8`, `--data.path other.jsonl`, `--data other.jsonl`), so there is one
 list of options; their help is the docstring under each field (lorafit.fieldinfo), and values are
 checked against the fields' declared types. A mistake names the key as the user wrote it: the flag

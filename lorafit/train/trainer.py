@@ -91,7 +91,14 @@ __all__ = ["EpochOrder", "TrainConfig", "Trainer", "evaluate", "latest_checkpoin
 class Trainer:
     """Train one LoRA adapter (or, with `method: full`, every weight) on tokenized samples under the
     objective of `config.method` (or `objective`). Call `train()`; results land in output_dir (adapter/,
-    or model/ for a full fine-tune)."""
+    or model/ for a full fine-tune).
+
+    `model` is the base as `lorafit.model.load_model` returns it (quantized or not); the Trainer
+    applies `config.lora` itself unless the model already has an adapter. `train` and `val` are the
+    tokenized samples of `lorafit.train.data.load_data` (`Splits.train`, `Splits.val`), and
+    `prompt_format` how their prompts were rendered (`Splits.prompt_format`; saved beside the adapter so
+    generation and serving prompt as training did). Under torchrun it joins the process group itself.
+    """
 
     def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, train: list[Sample],
                  val: list[Sample] | None = None, prompt_format: PromptFormat | None = None,
@@ -240,10 +247,15 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, resume: bool = False, overwrite: bool = False) -> list[dict]:
-        """Train; `resume`: continue from the newest checkpoint in output_dir (there must be one);
-        `overwrite`: delete an earlier run's files there first (without either, output_dir must hold
-        no earlier run: lorafit.train.outdir). Ctrl-C ends the current step, writes a checkpoint and
-        raises KeyboardInterrupt."""
+        """Run the loop to `max_steps` (or `epochs`), then write the adapter (or model/), loss.png and the
+        model card to output_dir; returns the per-step records also written to metrics.jsonl (step,
+        loss, lr, tokens_per_s, grad_norm, epoch; val_loss and val_ppl at evaluations).
+
+        `resume=True` continues from the newest checkpoint in output_dir (there must be one: the adapter,
+        the optimizer's states, the RNG states and the data position), so the run goes on as if it had
+        never stopped; `overwrite=True` deletes an earlier run's files there first (without either,
+        output_dir must hold no earlier run: lorafit.train.outdir). Ctrl-C ends the current step, writes a
+        checkpoint and raises KeyboardInterrupt."""
         cfg, model, world = self.config, self.model, self.world
         main = world.is_main
         metrics_path = self.out / "metrics.jsonl"

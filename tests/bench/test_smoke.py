@@ -42,7 +42,7 @@ def finite(*values) -> bool:
 
 def run_script(name: str, *args: str, cwd: Path) -> str:
     """`python bench/<name>.py ARGS` in a fresh interpreter, from `cwd`, without PYTHONPATH; its stdout.
-    LORAFIT_CACHE is this session's (set by the smollm2_dir fixture), so the bundled model is converted once."""
+    LORAFIT_CACHE is the test run's own (set by the smollm2_dir fixture), so the bundled model is converted once."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], cwd=cwd, env=env,

@@ -5,7 +5,7 @@ What runs is torchrun itself, printed first so that it can be reused or extended
     python -m torch.distributed.run --standalone --nproc-per-node N -m lorafit train [the same arguments]
 
 `--standalone` lets torchrun pick a free port for its rendezvous on this machine. Several machines:
-run torchrun on each of them with its own `--nnodes`, `--node-rank` / `--rdzv-endpoint` (README).
+run torchrun on each of them with its own `--nnodes`, `--node-rank` / `--rdzv-endpoint` (docs/guides/distributed.md).
 Everything that can be checked before the processes start is checked here (the config, the batch
 against N, the GPUs), so a mistake is one line and exit status 2, not N tracebacks. On the CPU each
 process gets an equal part of the cores (OMP_NUM_THREADS, unless set).
