@@ -25,9 +25,9 @@ class GRPOConfig:
     reward_funcs: list[str | dict] = field(default_factory=list)
     """The reward functions, summed with `reward_weights` into r_i: each `module:function`,
     `path/to/file.py:function`, or a shipped one (exact_match, regex_match, length_target, json_valid; see
-    lorafit.train.rewards); a mapping {name: <one of those>, <keyword>: <value>, ...} passes keywords to it
-    (e.g. {name: exact_match, column: answer}). TRL's signature: `f(prompts, completions, **columns) ->
-    list[float | None]`; the data file's other fields arrive as columns; a None reward is left out."""
+    lorafit.train.rewards); a mapping `{name: <one of those>, <keyword>: <value>, ...}` passes keywords to
+    it (e.g. `{name: exact_match, column: answer}`). TRL's signature: f(prompts, completions, ...) ->
+    list[float | None], the data file's other fields arriving as keyword arguments; a None reward is left out."""
     reward_weights: list[float] | None = None
     """One weight per reward function (default 1.0 each): r_i = sum_k w_k r_{i,k} (None terms left out)."""
     num_generations: int = 8
