@@ -19,7 +19,8 @@ number of processes (bnpo counts the micro-batch's tokens over every process, wh
 ones).
 
 Batch rows are [prompt left-padded | completion right-padded], positions counted from each row's first
-token as the engine counts them. Metrics (TRL's names): reward, reward_std, rewards/{f}/mean, /std,
+token as the engine counts them; the G copies of a prompt in a micro-batch run its tokens through the
+decoder once (`logps.shared_prompt_hidden`), in training as in the engine's prefill. Metrics (TRL's names): reward, reward_std, rewards/{f}/mean, /std,
 frac_reward_zero_std, completions/mean_length, min_length, max_length, clipped_ratio,
 mean_terminated_length, kl (beta > 0), entropy, clip_ratio/low_mean, low_min, high_mean, high_max,
 region_mean, sampling/sampling_logp_difference/mean and /max (|engine log-prob - trainer log-prob| over
@@ -214,7 +215,8 @@ class GRPO:
                 "dapo": float(loss_tokens.sum()) / self.spg}[cfg.loss_type]
         return {"input_ids": ids, "attention_mask": attention, "position_ids": positions, "completion_mask": completion,
                 "sampled_logps": sampled, "advantages": adv, "norm": torch.tensor(max(norm, 1.0)),
-                "count": torch.tensor(float(self.rank == 0)), "row_weight": torch.tensor([0.0 if stand_in else 1.0] * b)}
+                "count": torch.tensor(float(self.rank == 0)), "row_weight": torch.tensor([0.0 if stand_in else 1.0] * b),
+                "prompt_width": torch.tensor(width_p)}
 
     @torch.no_grad()
     def old_and_ref(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -229,12 +231,13 @@ class GRPO:
         try:
             for batch in batches:
                 on = to_device({k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}, device)
-                scored = batch["completion_mask"].to(device)
+                scored, width = batch["completion_mask"].to(device), int(batch["prompt_width"])
                 if need_old:
-                    batch["old_logps"] = token_logps(model, on, scored, temperature=T).logp.cpu()
+                    batch["old_logps"] = token_logps(model, on, scored, temperature=T, prompt_width=width).logp.cpu()
                 if self.config.beta:
                     with reference(model, self.reference_adapter):
-                        batch["ref_logps"] = token_logps(model, on, scored, temperature=T).logp.cpu()
+                        batch["ref_logps"] = token_logps(model, on, scored, temperature=T,
+                                                         prompt_width=width).logp.cpu()
         finally:
             model.train(was_training)
 
@@ -253,7 +256,8 @@ class GRPO:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
         mask = batch["completion_mask"].float()  # (B, T) the loss tokens
-        out = token_logps(model, batch, batch["completion_mask"], stats=True, temperature=cfg.temperature)
+        out = token_logps(model, batch, batch["completion_mask"], stats=True, temperature=cfg.temperature,
+                          prompt_width=int(batch["prompt_width"]))  # G copies of a prompt: one forward
         logp = out.logp  # (B, T)
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
         pl = policy_loss(logp, old, batch["advantages"], mask, eps_low=cfg.epsilon, eps_high=cfg.clip_high,

@@ -10,10 +10,19 @@
 A position is scored when the batch's `scored` mask is 1 there (completion tokens); position 0 has no
 prediction and is never scored. Values are aligned with the tokens (not shifted): row sums over a
 completion mask are sequence log-probabilities.
+
+Shared prompts (GRPO's G completions of one prompt): a batch of rows [prompt left-padded to `prompt_width` |
+completion] whose prompts repeat runs each distinct prompt through the decoder once, with a KV cache, and
+the completions after it, each row reading its prompt's keys and values (an index into the cache, so the
+gradients of the copies add up on the one prompt forward). The values equal the plain forward's (the same
+attention over the same keys); the work on the prompt tokens drops by the number of copies. Where it does
+not apply (an adapted or transformed head, a layer whose cache is not a plain append, activation
+checkpointing, every prompt distinct, a scored prompt token) the plain forward runs.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -21,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lorafit.lora.inject import adapter_layers, disable_adapters, saved_modules
 from lorafit.ops.chunked_logps import chunked_logps
@@ -48,11 +58,12 @@ def output_head(model: nn.Module) -> tuple[nn.Linear, float, float | None] | Non
 
 
 def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], scored: torch.Tensor,
-                stats: bool = False, temperature: float = 1.0) -> TokenLogps:
+                stats: bool = False, temperature: float = 1.0, prompt_width: int | None = None) -> TokenLogps:
     """log p of each scored token of `batch` (input_ids, attention_mask, position_ids on the model's
     device) given the tokens before it; `scored` (B, T) marks the tokens (1 = scored, position 0 never).
     `temperature`: the logits are divided by it first (GRPO scores tokens under the distribution they
-    were sampled from, as TRL does)."""
+    were sampled from, as TRL does). `prompt_width`: the rows' first `prompt_width` tokens are a prompt,
+    left-padded, none of it scored; repeated prompts then run once (the module docstring)."""
     ids = batch["input_ids"]  # (B, T)
     mask = scored[:, 1:].bool()  # (B, T-1): position t predicts token t + 1
     targets = ids[:, 1:][mask]  # (N,)
@@ -60,8 +71,10 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], scored: torch.
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if head is not None:
         linear, scale, softcap = head
-        hidden = decoder(model)(**inputs).last_hidden_state  # (B, T, H)
-        values = chunked_logps(hidden[:, :-1][mask], linear.weight, targets, bias=linear.bias, scale=scale,
+        hidden = shared_prompt_hidden(model, inputs, scored, prompt_width) if prompt_width else None
+        if hidden is None:
+            hidden = decoder(model)(**inputs).last_hidden_state[:, :-1]  # (B, T-1, H)
+        values = chunked_logps(hidden[mask], linear.weight, targets, bias=linear.bias, scale=scale,
                                softcap=softcap, stats=stats, temperature=temperature)  # each (N,)
     else:
         logits = model(**inputs).logits[:, :-1][mask].float() / temperature  # (N, V): only the scored rows
@@ -79,6 +92,40 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], scored: torch.
         return F.pad(full, (1, 0))  # (B, T): aligned with the tokens
 
     return TokenLogps(*(place(v) for v in values))
+
+
+def shared_prompt_hidden(model: nn.Module, inputs: dict[str, torch.Tensor], scored: torch.Tensor,
+                         width: int) -> torch.Tensor | None:
+    """The decoder's hidden states at positions 0..T-2 (B, T-1, H) with each distinct prompt (the first
+    `width` tokens of a row, with its mask) run once; None where sharing does not apply (then the caller
+    runs the plain forward). Only the positions from width - 1 on are computed: the prompt's own positions
+    are zeros (nothing there is scored)."""
+    ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+    body = decoder(model)
+    if width < 1 or width >= ids.shape[1] or bool(scored[:, :width].any()) or \
+            getattr(model, "is_gradient_checkpointing", False):
+        return None
+    prompts, inverse = torch.unique(torch.cat([ids[:, :width], attention[:, :width]], dim=1), dim=0,
+                                    return_inverse=True)  # (U, 2 width), (B,)
+    if prompts.shape[0] == ids.shape[0]:
+        return None  # every prompt distinct: nothing to share
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cache = DynamicCache(config=config)
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None  # sliding-window or recurrent layers keep what a plain append would not
+    first = torch.zeros(prompts.shape[0], dtype=torch.long, device=ids.device).scatter_(
+        0, inverse, torch.arange(ids.shape[0], device=ids.device))  # a row of each distinct prompt
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+        head = body(input_ids=ids[first, :width], attention_mask=attention[first, :width],
+                    position_ids=positions[first, :width], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:  # each row reads its prompt's keys and values (U -> B rows)
+            layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+        tail = body(input_ids=ids[:, width:], attention_mask=attention, position_ids=positions[:, width:],
+                    past_key_values=cache, use_cache=True).last_hidden_state  # (B, T - width, H)
+    last = head.last_hidden_state[inverse, -1:]  # (B, 1, H): predicts the first completion token
+    before = tail.new_zeros(tail.shape[0], width - 1, tail.shape[2])  # prompt positions: not scored
+    return torch.cat([before, last, tail[:, :-1]], dim=1)  # (B, T-1, H)
 
 
 @contextmanager
