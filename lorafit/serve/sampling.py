@@ -36,7 +36,7 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def truncated(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """`probs` (vocab,) with what top_k, top_p and min_p drop set to 0 (not renormalised: multinomial
+    """`probs` (vocab,) with what top_k, top_p and min_p drop set to 0 (not renormalised: the draw
     does not need it); unchanged when none of them is set."""
     if p.top_k > 0 and p.top_k < probs.shape[0]:
         kth = probs.topk(p.top_k).values[-1]
@@ -54,13 +54,26 @@ def truncated(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> torch.Tensor:
-    """(B,) token ids from logits (B, vocab), row i drawn with params[i] and generators[i]."""
+    """(B,) token ids from logits (B, vocab), row i drawn with params[i] and generators[i].
+
+    The sampling rows draw by inverting their cumulative distribution: one uniform u_i from the row's own
+    generator, and the first token whose cumulative (unnormalised, fp64) probability exceeds u_i times the
+    row's total. That is an exact draw from the truncated distribution, the rows' softmax and cumulative sums
+    run as one batch, and a row's token depends only on its logits, settings and generator."""
     tokens = logits.argmax(-1)
-    for i, (p, generator) in enumerate(zip(params, generators)):
-        if p.temperature <= 0:
-            continue
-        probs = truncated(torch.softmax(logits[i] / p.temperature, dim=-1), p)  # (vocab,)
-        tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return tokens
+    temperature = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=logits.device)
+    probs = torch.softmax(logits[rows] / temperature[:, None], dim=-1)  # (S, vocab)
+    for k, i in enumerate(rows):
+        if params[i].top_k > 0 or params[i].top_p < 1.0 or params[i].min_p > 0:
+            probs[k] = truncated(probs[k], params[i])
+    u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device, dtype=torch.float64)
+                   for i in rows])  # (S,) in [0, 1)
+    cdf = probs.double().cumsum(-1)  # (S, vocab)
+    drawn = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]  # first cdf > u * total
+    tokens[rows] = drawn.clamp(max=logits.shape[-1] - 1).to(tokens.dtype)
     return tokens
 
 
