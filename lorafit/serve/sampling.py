@@ -60,8 +60,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     generator, and the first token whose cumulative (unnormalised, fp64) probability exceeds u_i times the
     row's total. That is an exact draw from the truncated distribution, the rows' softmax and cumulative sums
     run as one batch, and a row's token depends only on its logits, settings and generator."""
-    tokens = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if len(rows) < len(params):
+        tokens = logits.argmax(-1)  # (B,) the greedy rows' tokens
+    else:
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if not rows:
         return tokens
     temperature = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=logits.device)
