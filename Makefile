@@ -52,14 +52,15 @@ test-latest: $(LATEST)/.installed
 
 # The suite on the lowest versions pyproject.toml claims (requirements-oldest.txt pins each floor of
 # lorafit's own dependencies). The dev references (peft, bitsandbytes, trl, ...) come from the lock, then
-# the floors replace their packages: resolving every dev reference against the floors from scratch is
-# more than pip's resolver can do. `pip check` then lists what a floor leaves unsatisfied, if anything.
+# the floors replace their packages, with what the floors themselves need (fastapi 0.110's starlette):
+# resolving every dev reference against the floors from scratch is more than pip's resolver can do.
+# `pip check` then lists what is left unsatisfied (the data packages' unused dependencies, for one).
 OLDEST := .venv-oldest
 $(OLDEST)/.installed: pyproject.toml Makefile requirements-oldest.txt $(LOCK)
 	rm -rf $(OLDEST) && $(PY) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q --upgrade pip
 	$(OLDEST)/bin/pip install -q --no-deps -r $(LOCK)
-	$(OLDEST)/bin/pip install -q --no-deps -r requirements-oldest.txt
+	$(OLDEST)/bin/pip install -q -r requirements-oldest.txt
 	$(OLDEST)/bin/pip install -q --no-deps -e .
 	-$(OLDEST)/bin/pip check
 	touch $@
