@@ -24,7 +24,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (trl's own dependency)
@@ -34,13 +33,13 @@ from safetensors.torch import load_file  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
 from lorafit.io import load_adapter  # noqa: E402
-from lorafit.model import default_gguf  # noqa: E402
 from lorafit.train.config import TrainConfig  # noqa: E402
 from lorafit.train.data import PromptSample  # noqa: E402
 from lorafit.train.objectives.grpo import GRPO  # noqa: E402
 from lorafit.train.objectives.rollout import Completion  # noqa: E402
 from lorafit.train.prepare import REFERENCE  # noqa: E402
 from lorafit.train.rewards import load_reward  # noqa: E402
+from tests.parity.test_trl_preference import tiny_base  # noqa: E402
 
 TOL, GRAD_TOL = 1e-5, 1e-4
 G, MAX_LEN = 4, 6
@@ -50,22 +49,6 @@ PROMPTS = ["Write the date 3 March 1998 as an ISO date:", "Two plus two is", "Th
 # function ties (zero std), the third prompt's completion 2 gets no reward from either function (unscorable)
 REWARDS_A = [[1.0, 0.0, 0.5, None], [1.0, 1.0, 1.0, 1.0], [0.2, 0.9, None, 0.4], [0.0, 1.0, 1.0, 0.0]]
 REWARDS_B = [[0.5, 0.1, None, 0.3], [None, 0.2, 0.8, 0.1], [0.7, 0.0, None, 0.6], [0.3, 0.3, 0.9, 0.2]]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    gguf = default_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def tiny_base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(config).float()
 
 
 def random_adapter(path, seed: int, std: float = 0.2) -> None:

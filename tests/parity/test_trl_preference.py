@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (trl's own dependency)
@@ -23,7 +23,6 @@ from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 
 from lorafit.io import load_adapter  # noqa: E402
-from lorafit.model import default_gguf  # noqa: E402
 from lorafit.train.config import DPO_LOSS_TYPES, PreferenceConfig  # noqa: E402
 from lorafit.train.data import DataConfig, PairSample, load_data  # noqa: E402
 from lorafit.train.objectives.kto import KTO  # noqa: E402
@@ -42,15 +41,6 @@ CHAT_PAIRS = [{"prompt": [{"role": "user", "content": p["prompt"]}],
                "rejected": [{"role": "assistant", "content": p["rejected"].strip()}]} for p in PAIRS]
 UNPAIRED = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
             for p in PAIRS for k in ("chosen", "rejected")][:7]  # 4 desirable, 3 undesirable
-
-
-@pytest.fixture(scope="module")
-def tok():
-    gguf = default_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def tiny_base() -> LlamaForCausalLM:
